@@ -1,0 +1,57 @@
+# Thin front door: every verb is an invoke task (tasks.py), after 'deps' has set things up.
+PROFILE ?= qemu-test
+PYTHON  ?= python3
+VENV    := .venv
+INVOKE  := $(VENV)/bin/invoke
+
+# Host packages: mkosi 24 comes from bookworm-backports (DESIGN.md section 9).
+APT_PACKAGES := mkosi bubblewrap systemd-container qemu-system-x86 qemu-utils zstd e2fsprogs \
+                cpio kmod debian-archive-keyring python3-venv
+BACKPORTS    := /etc/apt/sources.list.d/cbios-bookworm-backports.sources
+
+.PHONY: deps deps-apt deps-python image test test-unit test-vm bench clean distclean
+
+deps: deps-apt deps-python
+
+deps-apt:
+	@missing=$$(dpkg-query -W -f='$${Package} $${db:Status-Abbrev}\n' $(APT_PACKAGES) 2>/dev/null \
+	    | awk '$$2 != "ii" {print $$1}'; for p in $(APT_PACKAGES); do \
+	    dpkg-query -W $$p >/dev/null 2>&1 || echo $$p; done | sort -u); \
+	if [ -n "$$(mkosi --version 2>/dev/null | grep -E '^mkosi (2[4-9]|[3-9][0-9])')" ] && [ -z "$$missing" ]; then \
+	    echo "deps: host packages present"; exit 0; fi; \
+	set -e; \
+	if ! grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/; then \
+	    mirror=$$(grep -rhoE 'https?://[^ ]+/debian/?' /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null \
+	        | grep -v security | head -n1); \
+	    printf 'Types: deb\nURIs: %s\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
+	        "$${mirror:-http://deb.debian.org/debian}" > $(BACKPORTS); \
+	fi; \
+	apt-get update -q; \
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends -t bookworm-backports mkosi; \
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(APT_PACKAGES)
+
+deps-python: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+image: deps
+	$(INVOKE) build --profile $(PROFILE)
+
+test: deps
+	$(INVOKE) test
+
+test-unit: deps-python
+	$(INVOKE) test --unit
+
+bench: deps
+	$(INVOKE) bench --profile $(PROFILE)
+
+clean:
+	rm -rf build
+
+distclean: clean
+	rm -rf .cache $(VENV)

@@ -1,0 +1,181 @@
+"""The build of one profile: render, mkosi (initrd, then root), root.img, manifest.
+
+Artifacts are made in a staging folder and published together at the end, manifest
+last: a build that fails leaves no artifact that looks finished, and the previous
+build's artifacts, if any, stay consistent with their manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from cbios import __version__, image, manifest, mkosi
+from cbios.errors import StepError
+from cbios.profile import Profile, profile_hash
+from cbios.project import Project
+from cbios.render import mkosi_configs, render_overlays, write_tree
+
+log = logging.getLogger("cbios")
+
+ARTIFACTS = ["vmlinuz", "initrd.img", "root.img", "root.img.zst"]
+
+
+@dataclass(frozen=True)
+class BuildDirs:
+    out: Path  # build/NAME: the published artifacts
+    work: Path  # build/NAME/work: rendered configuration, mkosi outputs, logs
+
+    @classmethod
+    def of(cls, project: Project, profile: Profile) -> BuildDirs:
+        out = project.build / profile.name
+        return cls(out=out, work=out / "work")
+
+    @property
+    def staging(self) -> Path:
+        return self.work / "staging"
+
+    @property
+    def logs(self) -> Path:
+        return self.work / "logs"
+
+
+def build(project: Project, profile: Profile, *, force: bool = False) -> Path:
+    """Build PROFILE; return build/NAME. Skips all work when nothing changed."""
+    dirs = BuildDirs.of(project, profile)
+    dirs.work.mkdir(parents=True, exist_ok=True)
+    configs = mkosi_configs(project, profile)
+    overlay = dirs.work / "overlay"
+    render_overlays(project, profile, overlay)
+    inputs = _inputs_digest(project, profile, configs, overlay)
+    if not force and _up_to_date(dirs.out, inputs):
+        log.info("‣ %s %s is up to date (%s)", profile.name, profile.version, project.display(dirs.out))
+        return dirs.out
+
+    start = time.monotonic()
+    shutil.rmtree(dirs.staging, ignore_errors=True)
+    dirs.staging.mkdir(parents=True)
+    dirs.logs.mkdir(parents=True, exist_ok=True)
+    sde = _source_date_epoch(project)
+
+    images = {}
+    for name, files in configs.items():
+        write_tree(files, dirs.work / "mkosi" / name)
+        images[name] = mkosi.MkosiImage(
+            name=name,
+            config_dir=dirs.work / "mkosi" / name,
+            output_dir=dirs.work / "out" / name,
+            cache_dir=project.cache / "mkosi" / profile.name / name,
+            package_cache_dir=project.cache / "packages",
+        )
+    mkosi.build(images["initrd"], log_file=dirs.logs / "initrd.log",
+                extra_trees=[project.initrd / "tree"], source_date_epoch=sde)
+    initrd_cpio = images["initrd"].output_dir / "initrd.cpio.zst"
+    mkosi.build(images["root"], log_file=dirs.logs / "root.log", extra_trees=[overlay],
+                initrds=[initrd_cpio], source_date_epoch=sde)
+
+    root_out = images["root"].output_dir
+    tree = root_out / "root"
+    _expect(root_out / "root.vmlinuz", "mkosi root", "no kernel in the image: is kernel.package installed?")
+    _expect(root_out / "root.initrd", "mkosi root", "mkosi produced no initrd")
+    shutil.copy2(root_out / "root.vmlinuz", dirs.staging / "vmlinuz")
+    shutil.copy2(root_out / "root.initrd", dirs.staging / "initrd.img")
+    image.finish_tree(tree, profile, dirs.staging / "vmlinuz", dirs.staging / "initrd.img")
+    fs_uuid = uuid.uuid5(uuid.NAMESPACE_URL, f"cbios:{profile.name}:{profile.version}:{inputs}")
+    image.make_root_img(tree, profile, dirs.staging / "root.img", fs_uuid, dirs.logs / "image.log")
+    image.compress(dirs.staging / "root.img", dirs.staging / "root.img.zst", dirs.logs / "image.log")
+
+    data = {
+        "format": manifest.FORMAT,
+        "profile": profile.name,
+        "version": profile.version,
+        "profile_sha256": profile_hash(profile),
+        "inputs_sha256": inputs,
+        "cbios_version": __version__,
+        "kernel": _kernel_version(tree),
+        "root_label": image.ROOT_LABEL,
+        "root_uuid": str(fs_uuid),
+        "node": {"object_id": profile.node.object_id, "hostname": profile.node.hostname},
+        "slots": [
+            {"template": s.template, "eid": s.eid, "object_id": profile.slot_object_id(s.eid)}
+            for s in profile.slots
+        ],
+        "packages": {
+            "root": mkosi.packages(root_out / "root.manifest"),
+            "initrd": mkosi.packages(images["initrd"].output_dir / "initrd.manifest"),
+        },
+        "artifacts": manifest.describe(dirs.staging, ARTIFACTS),
+        "build_seconds": round(time.monotonic() - start, 1),
+    }
+    _publish(dirs, data)
+    log.info("‣ Built %s %s in %.0f s: %s", profile.name, profile.version,
+             time.monotonic() - start, project.display(dirs.out))
+    return dirs.out
+
+
+def _publish(dirs: BuildDirs, data: dict[str, object]) -> None:
+    (dirs.out / manifest.MANIFEST).unlink(missing_ok=True)
+    for name in ARTIFACTS:
+        os.replace(dirs.staging / name, dirs.out / name)
+    manifest.write(dirs.out / manifest.MANIFEST, data)
+
+
+def _up_to_date(out: Path, inputs: str) -> bool:
+    path = out / manifest.MANIFEST
+    if not path.is_file():
+        return False
+    try:
+        data = manifest.read(path)
+    except (OSError, ValueError):
+        return False
+    if data.get("inputs_sha256") != inputs:
+        return False
+    return all((out / n).is_file() and (out / n).stat().st_size == m["size"]
+               for n, m in data["artifacts"].items())
+
+
+def _inputs_digest(project: Project, profile: Profile, configs: dict[str, dict[str, str]],
+                   overlay: Path) -> str:
+    """Everything a build depends on: the profile, the rendered configuration, the trees."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"cbios": __version__, "profile": profile_hash(profile), "configs": configs},
+                        sort_keys=True).encode())
+    for tree in (overlay, project.initrd / "tree"):
+        for path in sorted(tree.rglob("*")):
+            st = path.lstat()
+            h.update(f"{path.relative_to(tree)}\0{st.st_mode:o}\0".encode())
+            if path.is_symlink():
+                h.update(os.readlink(path).encode())
+            elif path.is_file():
+                h.update(manifest.sha256_file(path).encode())
+    h.update((Path(image.__file__).read_bytes()))
+    return h.hexdigest()
+
+
+def _source_date_epoch(project: Project) -> int | None:
+    """$SOURCE_DATE_EPOCH, else the time of the checkout's last commit."""
+    if env := os.environ.get("SOURCE_DATE_EPOCH"):
+        return int(env)
+    try:
+        out = subprocess.run(["git", "-C", str(project.root), "log", "-1", "--format=%ct"],
+                             capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL)
+    except FileNotFoundError:
+        return None
+    return int(out.stdout.strip()) if out.returncode == 0 and out.stdout.strip() else None
+
+
+def _kernel_version(tree: Path) -> str:
+    versions = sorted(p.name for p in (tree / "usr/lib/modules").iterdir() if p.is_dir())
+    return versions[-1] if versions else ""
+
+
+def _expect(path: Path, step: str, reason: str) -> None:
+    if not path.is_file():
+        raise StepError(step, reason)

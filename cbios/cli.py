@@ -1,0 +1,120 @@
+"""The `cbios` command: profiles, builds and boots for release engineers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+import yaml
+
+from cbios import __version__
+from cbios.errors import CbiosError, ProfileError
+from cbios.project import Project
+
+log = logging.getLogger("cbios")
+
+
+def _profile(project: Project, name: str):  # type: ignore[no-untyped-def]
+    from cbios.profile import load_profile
+
+    return load_profile(project, name)
+
+
+def cmd_profile_list(args: argparse.Namespace, project: Project) -> int:
+    from cbios.profile import available
+
+    for name in available(project):
+        print(name)
+    return 0
+
+
+def cmd_profile_show(args: argparse.Namespace, project: Project) -> int:
+    profile = _profile(project, args.name)
+    data = profile.model_dump(mode="json")
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        print(yaml.safe_dump(data, sort_keys=False, default_flow_style=False), end="")
+    return 0
+
+
+def cmd_profile_schema(args: argparse.Namespace, project: Project) -> int:
+    from cbios.profile import load_schema
+
+    print(json.dumps(load_schema(), indent=2))
+    return 0
+
+
+def cmd_build(args: argparse.Namespace, project: Project) -> int:
+    from cbios.build import build
+
+    build(project, _profile(project, args.name), force=args.force)
+    return 0
+
+
+def cmd_boot(args: argparse.Namespace, project: Project) -> int:
+    from cbios.boot import boot
+
+    return boot(project, _profile(project, args.name), check=args.check, timeout=args.timeout)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cbios", description=__doc__)
+    p.add_argument("--debug", action="store_true", help="show commands as they run, and tracebacks")
+    p.add_argument("--version", action="version", version=f"cbios {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    prof = sub.add_parser("profile", help="list, show and describe profiles")
+    psub = prof.add_subparsers(dest="profile_command", required=True, metavar="SUBCOMMAND")
+    psub.add_parser("list", help="names of the profiles").set_defaults(func=cmd_profile_list)
+    show = psub.add_parser("show", help="print the resolved profile (extends applied, defaults filled)")
+    show.add_argument("name")
+    show.add_argument("--json", action="store_true", help="JSON instead of YAML")
+    show.set_defaults(func=cmd_profile_show)
+    psub.add_parser("schema", help="JSON Schema of a profile file, for editors").set_defaults(
+        func=cmd_profile_schema)
+
+    b = sub.add_parser("build", help="build the firmware of a profile into build/NAME/")
+    b.add_argument("name", metavar="PROFILE")
+    b.add_argument("--force", action="store_true", help="rebuild even when nothing changed")
+    b.set_defaults(func=cmd_build)
+
+    boot = sub.add_parser("boot", help="boot a built profile in QEMU (serial console on this terminal)")
+    boot.add_argument("name", metavar="PROFILE")
+    boot.add_argument("--check", action="store_true",
+                      help="wait for ready, power off, exit 0; non-zero with the console's tail on failure")
+    boot.add_argument("--timeout", type=int, default=None, help="seconds to wait for ready (profile's default)")
+    boot.set_defaults(func=cmd_boot)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(message)s",
+                        stream=sys.stderr)
+    try:
+        status: int = args.func(args, Project.find())
+        return status
+    except ProfileError as e:
+        if args.debug:
+            raise
+        for problem in e.problems:
+            print(problem, file=sys.stderr)
+        return e.status
+    except CbiosError as e:
+        if args.debug:
+            raise
+        print(f"cbios: {e.message}", file=sys.stderr)
+        if e.hint:
+            print(f"cbios: hint: {e.hint}", file=sys.stderr)
+        return e.status
+    except KeyboardInterrupt:
+        print("cbios: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

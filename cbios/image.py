@@ -1,0 +1,89 @@
+"""From mkosi's root tree to the firmware: root.img (ext4) and root.img.zst.
+
+The tree is finished here for a read-only root: /var moves to /usr/share/factory/var and
+is copied into the writable /var at boot; /boot holds this copy's own kernel and initrd."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from cbios.profile import Profile, parse_size
+from cbios.run import complete_step, run
+
+ROOT_LABEL = "cbios-root"
+FACTORY_VAR = "usr/share/factory/var"
+TMPFILES = "usr/lib/tmpfiles.d/cbios-factory-var.conf"
+ZSTD_LEVEL = 12
+
+
+def finish_tree(tree: Path, profile: Profile, vmlinuz: Path, initrd: Path) -> None:
+    """Make the tree what a node mounts read-only as /."""
+    boot = tree / "boot"
+    shutil.rmtree(boot, ignore_errors=True)
+    boot.mkdir()
+    shutil.copy2(vmlinuz, boot / "vmlinuz")
+    shutil.copy2(initrd, boot / "initrd.img")
+    _var_to_factory(tree)
+    _authorized_keys(tree, profile)
+
+
+def _var_to_factory(tree: Path) -> None:
+    var, factory = tree / "var", tree / FACTORY_VAR
+    if factory.exists():
+        shutil.rmtree(factory)
+    factory.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(var, factory)
+    var.mkdir(mode=0o755)
+    lines = ["# /var is writable and starts empty: fill it from the image at boot (cbios)."]
+    for entry in sorted(factory.iterdir()):
+        # 'C' copies only where the target is missing: a persistent /var keeps its data.
+        lines.append(f"C /var/{entry.name} - - - - /{FACTORY_VAR}/{entry.name}")
+    (tree / TMPFILES).parent.mkdir(parents=True, exist_ok=True)
+    (tree / TMPFILES).write_text("\n".join(lines) + "\n")
+
+
+def _authorized_keys(tree: Path, profile: Profile) -> None:
+    for user in profile.users:
+        if not user.ssh_keys:
+            continue
+        home = tree / "root" if user.name == "root" else tree / "home" / user.name
+        ssh = home / ".ssh"
+        ssh.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(ssh, 0o700)
+        keys = ssh / "authorized_keys"
+        keys.write_text("".join(k.strip() + "\n" for k in user.ssh_keys))
+        os.chmod(keys, 0o600)
+
+
+def tree_size(tree: Path) -> int:
+    """Bytes the tree occupies (allocated blocks, each inode at least one block)."""
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(tree):
+        for name in dirnames + filenames:
+            st = os.lstat(os.path.join(dirpath, name))
+            total += max(st.st_blocks * 512, 4096)
+    return total
+
+
+def make_root_img(tree: Path, profile: Profile, out: Path, fs_uuid: uuid.UUID, log_file: Path) -> int:
+    """An ext4 image of TREE sized to its contents plus the profile's headroom."""
+    used = tree_size(tree)
+    # ext4 metadata (inode tables, journal) takes about 10% of a small file system.
+    size = used + used // 10 + parse_size(profile.storage.root_headroom) + (16 << 20)
+    size = (size + (1 << 20) - 1) // (1 << 20) << 20
+    if out.exists():
+        out.unlink()
+    with complete_step(f"Making {out.name} ({size >> 20} MiB, contents {used >> 20} MiB)"):
+        run(["mkfs.ext4", "-q", "-F", "-L", ROOT_LABEL, "-U", str(fs_uuid),
+             "-E", f"hash_seed={fs_uuid}", "-O", "^orphan_file,^metadata_csum_seed",
+             "-d", tree, out, f"{size >> 10}K"],
+            step="mkfs.ext4", log_file=log_file)
+    return size
+
+
+def compress(src: Path, out: Path, log_file: Path) -> None:
+    with complete_step(f"Compressing {src.name}"):
+        run(["zstd", "-q", "-f", "-T0", f"-{ZSTD_LEVEL}", src, "-o", out], step="zstd", log_file=log_file)

@@ -1,0 +1,225 @@
+"""A QEMU guest under control: start it, wait for ready, run commands, power it off.
+
+The guest reports ready on a virtio-serial port backed by a file, never through the
+console the kernel writes to. Test images also carry a root shell on a second port
+(the 'test-backdoor' overlay), through which tests run commands. Every wait is bounded;
+every failure carries the last console lines and the path of the whole log."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import shlex
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+from cbios.errors import CbiosError
+from cbios.qemu import VmSpec
+from cbios.run import tail
+
+log = logging.getLogger("cbios")
+
+CONSOLE_TAIL = 25
+MARK = "__CBIOS__"
+
+
+class VmError(CbiosError):
+    status = 1
+
+
+class Machine:
+    def __init__(self, spec: VmSpec, logdir: Path, name: str = "vm") -> None:
+        self.name = name
+        self.logdir = logdir
+        self.sockdir = Path(tempfile.mkdtemp(prefix="cbios-vm-"))  # short paths for sockets
+        self.console_log = logdir / f"{name}.console.log"
+        self.qemu_log = logdir / f"{name}.qemu.log"
+        spec.serial = f"file:{self.console_log}"
+        spec.ready_file = logdir / f"{name}.ready"
+        spec.shell_socket = self.sockdir / "shell"
+        spec.qmp_socket = self.sockdir / "qmp"
+        self.spec = spec
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._shell: socket.socket | None = None
+        self._buf = b""
+        self.started_at = 0.0
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        for path in (self.console_log, self.qemu_log, self.spec.ready_file):
+            if path is not None:
+                path.unlink(missing_ok=True)
+        argv = self.spec.argv()
+        self.qemu_log.write_text("+ " + shlex.join(argv) + "\n")
+        log.info("‣ Booting %s (%s; console: %s)", self.name, self.spec.accel, self.console_log)
+        self.started_at = time.monotonic()
+        with open(self.qemu_log, "ab") as out:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        self._connect_shell()
+
+    def _connect_shell(self) -> None:
+        assert self.spec.shell_socket is not None
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            self._check_running("connecting to the guest's shell port")
+            if self.spec.shell_socket.exists():
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    sock.connect(str(self.spec.shell_socket))
+                except OSError:
+                    sock.close()
+                else:
+                    self._shell = sock
+                    return
+            time.sleep(0.1)
+        raise self._error("QEMU did not open its shell socket within 10 s")
+
+    def wait_ready(self, timeout: float) -> str:
+        """Wait for the guest's READY line; return it. FAILED, an exit or the bound: VmError."""
+        assert self.spec.ready_file is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.spec.ready_file.read_text(errors="replace") if self.spec.ready_file.exists() else ""
+            for line in text.splitlines():
+                if line.startswith("READY"):
+                    log.info("  %s ready after %.1f s: %s", self.name, self.uptime(), line)
+                    return line
+                if line.startswith("FAILED"):
+                    raise self._error(f"the guest reported: {line}")
+            self._check_running("waiting for ready")
+            if time.monotonic() > deadline:
+                raise self._error(f"not ready within {timeout:.0f} s")
+            time.sleep(0.5)
+
+    def uptime(self) -> float:
+        return time.monotonic() - self.started_at
+
+    def shutdown(self, timeout: float = 120) -> None:
+        """ACPI power-off, and wait (bounded) for QEMU to exit."""
+        if not self.running():
+            return
+        self._qmp("system_powerdown")
+        if not self.wait_exit(timeout):
+            self.kill()
+            raise self._error(f"did not power off within {timeout:.0f} s")
+
+    def wait_exit(self, timeout: float) -> bool:
+        assert self.proc is not None
+        try:
+            self.proc.wait(timeout=timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if self._shell is not None:
+            self._shell.close()
+            self._shell = None
+        shutil.rmtree(self.sockdir, ignore_errors=True)
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def __enter__(self) -> Machine:
+        self.start()
+        return self
+
+    def __exit__(self, typ: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.kill()
+
+    # -- commands in the guest ------------------------------------------------------
+
+    def execute(self, command: str, timeout: float = 60) -> tuple[int, str]:
+        """Run COMMAND (bash, under set -euo pipefail) as root in the guest."""
+        if self._shell is None:
+            raise self._error("no shell connection to the guest")
+        encoded = base64.b64encode(command.encode()).decode()
+        line = (f'__o=$(cd / && (set -euo pipefail; eval "$(printf %s {encoded} | base64 -d)") '
+                f'</dev/null 2>&1); __r=$?; '
+                f'printf "{MARK} %s %s\\n" "$__r" "$(printf %s "$__o" | base64 -w0)"\n')
+        self._shell.sendall(line.encode())
+        deadline = time.monotonic() + timeout
+        while True:
+            for raw in self._lines():
+                if raw.startswith(MARK + " "):
+                    _, rc, *rest = raw.split(" ", 2)
+                    out = base64.b64decode(rest[0]).decode(errors="replace") if rest else ""
+                    return int(rc), out
+            self._check_running(f"running {command!r}")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise self._error(f"{command!r} did not finish within {timeout:.0f} s")
+            self._shell.settimeout(min(remaining, 1.0))
+            with contextlib.suppress(TimeoutError):
+                chunk = self._shell.recv(65536)
+                if not chunk:
+                    raise self._error("the guest's shell port closed")
+                self._buf += chunk
+
+    def _lines(self) -> list[str]:
+        *complete, self._buf = self._buf.split(b"\n")
+        return [c.decode(errors="replace").strip() for c in complete]
+
+    def succeed(self, command: str, timeout: float = 60) -> str:
+        rc, out = self.execute(command, timeout)
+        if rc != 0:
+            raise self._error(f"{command!r} failed with status {rc}:\n{out}")
+        return out
+
+    def fail(self, command: str, timeout: float = 60) -> str:
+        rc, out = self.execute(command, timeout)
+        if rc == 0:
+            raise self._error(f"{command!r} succeeded but should have failed:\n{out}")
+        return out
+
+    def wait_until_succeeds(self, command: str, timeout: float = 60) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            rc, out = self.execute(command, timeout=max(deadline - time.monotonic(), 1))
+            if rc == 0:
+                return out
+            if time.monotonic() > deadline:
+                raise self._error(f"{command!r} did not succeed within {timeout:.0f} s; last output:\n{out}")
+            time.sleep(1)
+
+    # -- helpers --------------------------------------------------------------------
+
+    def _qmp(self, command: str) -> None:
+        assert self.spec.qmp_socket is not None
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(10)
+            sock.connect(str(self.spec.qmp_socket))
+            reader = sock.makefile("r")
+            reader.readline()  # greeting
+            for execute in ("qmp_capabilities", command):
+                sock.sendall(json.dumps({"execute": execute}).encode() + b"\n")
+                while "return" not in (reply := json.loads(reader.readline())):
+                    if "error" in reply:
+                        raise self._error(f"QMP {execute}: {reply['error']}")
+
+    def _check_running(self, doing: str) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise self._error(f"QEMU exited with status {self.proc.returncode} while {doing}")
+
+    def console_tail(self, lines: int = CONSOLE_TAIL) -> str:
+        return tail(self.console_log, lines)
+
+    def _error(self, message: str) -> VmError:
+        return VmError(
+            f"{self.name}: {message}\n"
+            f"--- last {CONSOLE_TAIL} console lines ---\n{self.console_tail()}\n"
+            f"--- console log: {self.console_log}; QEMU log: {self.qemu_log}"
+        )

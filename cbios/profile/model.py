@@ -1,0 +1,196 @@
+"""The profile model: one strict, frozen description of a node's firmware.
+
+Unknown keys and values of the wrong type are errors (pydantic, extra="forbid",
+strict=True). Cross-field rules live here too; rules that need the project's files
+(templates, overlays) live in loader.py."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Annotated, Any
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+)
+
+_SIZE = re.compile(r"^(\d+)([KMGT]?)$")
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'512M' -> bytes. Sizes are binary (K = 1024)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise ValueError(f"'{text}' is not a size (a whole number with K, M, G or T, e.g. 512M)")
+    return int(m.group(1)) * _UNITS[m.group(2)]
+
+
+def _check_size(text: str) -> str:
+    if parse_size(text) == 0:
+        raise ValueError("a size must be more than 0")
+    return text
+
+
+def _check_hostname(text: str) -> str:
+    if not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", text):
+        raise ValueError(f"'{text}' is not a host name (lower-case letters, digits and '-', 1 to 63)")
+    return text
+
+
+def _check_object_id(value: Any) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if isinstance(value, str) and not re.fullmatch(r"\d{11}", value):
+        raise ValueError(f"'{value}' is not an ObjectID (11 digits, e.g. 31000040010)")
+    return value
+
+
+def _check_interface(text: str) -> str:
+    try:
+        iface = ipaddress.IPv4Interface(text)
+    except ValueError as e:
+        raise ValueError(f"'{text}' is not an IPv4 address with prefix (e.g. 10.0.249.52/24)") from e
+    if "/" not in text:
+        raise ValueError(f"'{text}' needs a prefix length (e.g. {iface.ip}/24)")
+    return text
+
+
+def _check_mac(text: str) -> str:
+    if not re.fullmatch(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}", text):
+        raise ValueError(f"'{text}' is not a MAC address (lower-case, e.g. 52:54:00:12:34:56)")
+    return text
+
+
+def _check_mirror(text: str) -> str:
+    if not re.fullmatch(r"https?://[^\s]+", text):
+        raise ValueError(f"'{text}' is not an http(s) URL")
+    return text.rstrip("/")
+
+
+Size = Annotated[str, AfterValidator(_check_size)]
+Hostname = Annotated[str, AfterValidator(_check_hostname)]
+ObjectId = Annotated[str, BeforeValidator(_check_object_id)]
+Interface = Annotated[str, AfterValidator(_check_interface)]
+Mac = Annotated[str, AfterValidator(_check_mac)]
+Mirror = Annotated[str, AfterValidator(_check_mirror)]
+Name = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class Distribution(Strict):
+    """The Debian release and the mirror the image is built from."""
+
+    release: str = "bookworm"
+    mirror: Mirror = "http://deb.debian.org/debian"
+    security_mirror: Mirror = "http://deb.debian.org/debian-security"
+    components: list[Name] = ["main"]
+
+
+class Kernel(Strict):
+    """The kernel package, its command line, and which modules the root and initrd keep."""
+
+    package: Name = "linux-image-amd64"
+    cmdline: list[str] = []
+    modules: list[str] = Field(
+        default=[".*"],
+        description="regular expressions of module paths the root keeps (below kernel/); '.*' keeps all",
+    )
+    initrd_modules: list[str] = Field(
+        default=[], description="regular expressions of module paths the initrd needs to reach the root",
+    )
+
+
+class User(Strict):
+    name: Name
+    password_hash: str | None = Field(
+        default=None, description="crypt(3) hash; '' for an empty password; root only")
+    ssh_keys: list[str] = []
+
+
+class Node(Strict):
+    object_id: ObjectId = "31000040010"
+    hostname: Hostname = "cbios"
+
+
+class SlotVolume(Strict):
+    iid: Annotated[int, Field(ge=0, le=9)]
+    size: Size
+
+
+class Storage(Strict):
+    vg: Name = "lvm"
+    root_size: Size = "2G"
+    var_size: Size = "8G"
+    swap_size: Size = "1G"
+    root_headroom: Size = Field(default="64M", description="free space in root.img beyond its contents")
+
+
+class Nic(Strict):
+    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9]{0,14}$")]
+    mac: Mac
+
+
+class Network(Strict):
+    nics: list[Nic] = []
+    vlan: Annotated[int, Field(ge=1, le=4094)] = 249
+    vlan_parent: str = "ctl"
+    bridge: Annotated[str, Field(pattern=r"^br[0-9]+$")] = "br0"
+    stp: bool = True
+    address: Interface | None = None
+    gateway: str | None = None
+
+
+class Slot(Strict):
+    template: Name
+    eid: Annotated[int, Field(ge=1, le=9, description="the slot's number on its node (ObjectID digit)")]
+    address: Interface | None = None
+    hostname: Hostname | None = None
+    autostart: bool = True
+    volumes: list[SlotVolume] = []
+
+
+class Boot(Strict):
+    tries: Annotated[int, Field(ge=1, le=9)] = 3
+
+
+class Qemu(Strict):
+    """How tests boot the image in QEMU."""
+
+    memory: Annotated[int, Field(ge=256, description="MiB")] = 1024
+    cpus: Annotated[int, Field(ge=1, le=16)] = 2
+    ready_timeout: Annotated[int, Field(ge=10, description="seconds to wait for ready")] = 600
+
+
+class Profile(Strict):
+    """A node's firmware, as the release engineer declares it."""
+
+    name: Name
+    version: Annotated[str, Field(pattern=r"^\d+(\.\d+){0,3}$")]
+    description: str = ""
+    extends: Name | None = None
+    distribution: Distribution = Distribution()
+    kernel: Kernel = Kernel()
+    packages: list[Name] = []
+    overlays: list[Name] = []
+    users: list[User] = []
+    node: Node = Node()
+    storage: Storage = Storage()
+    network: Network = Network()
+    slots: list[Slot] = []
+    boot: Boot = Boot()
+    qemu: Qemu = Qemu()
+
+    def slot_object_id(self, eid: int) -> str:
+        """The source document's scheme: node 31000040010, slot 1 -> 31000040175.
+
+        A node's ObjectID ends in 010; its slots' replace those three digits with the
+        slot's eid and 75."""
+        return f"{self.node.object_id[:-3]}{eid}75"

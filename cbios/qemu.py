@@ -1,0 +1,115 @@
+"""QEMU command lines, and the choice between KVM and TCG.
+
+The build machines have a /dev/kvm on which guests hang, so KVM is probed once, with a
+bound, by booting the image's own kernel to a deliberate panic; CBIOS_ACCEL=kvm|tcg
+overrides the probe."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cbios.errors import CbiosError
+
+log = logging.getLogger("cbios")
+
+QEMU = "qemu-system-x86_64"
+PROBE_TIMEOUT = 30.0
+READY_PORT = "org.cbios.ready"
+SHELL_PORT = "org.cbios.shell"
+
+
+@dataclass
+class VmSpec:
+    """What to boot and how: everything a QEMU command line is made from."""
+
+    memory: int
+    cpus: int
+    accel: str
+    kernel: Path | None = None
+    initrd: Path | None = None
+    cmdline: str = ""
+    drives: list[str] = field(default_factory=list)  # -drive values
+    serial: str = "mon:stdio"  # or "file:PATH"
+    ready_file: Path | None = None
+    shell_socket: Path | None = None
+    qmp_socket: Path | None = None
+    netdev: str = "user,id=n0,restrict=on"
+
+    def argv(self) -> list[str]:
+        cpu = "host" if self.accel == "kvm" else "max"
+        argv = [QEMU, "-accel", self.accel, "-cpu", cpu, "-m", str(self.memory), "-smp", str(self.cpus),
+                "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+                "-serial", self.serial, "-device", "virtio-rng-pci",
+                "-netdev", self.netdev, "-device", "virtio-net-pci,netdev=n0"]
+        if self.kernel:
+            argv += ["-kernel", str(self.kernel)]
+        if self.initrd:
+            argv += ["-initrd", str(self.initrd)]
+        if self.cmdline:
+            argv += ["-append", self.cmdline]
+        for drive in self.drives:
+            argv += ["-drive", drive]
+        if self.ready_file or self.shell_socket:
+            argv += ["-device", "virtio-serial-pci"]
+        if self.ready_file:
+            argv += ["-chardev", f"file,id=ready,path={self.ready_file}",
+                     "-device", f"virtserialport,chardev=ready,name={READY_PORT}"]
+        if self.shell_socket:
+            argv += ["-chardev", f"socket,id=shell,path={self.shell_socket},server=on,wait=off",
+                     "-device", f"virtserialport,chardev=shell,name={SHELL_PORT}"]
+        if self.qmp_socket:
+            argv += ["-qmp", f"unix:{self.qmp_socket},server=on,wait=off"]
+        return argv
+
+
+def choose_accel(kernel: Path, state_dir: Path) -> str:
+    """'kvm' or 'tcg': $CBIOS_ACCEL, else a cached probe result for this boot of the host."""
+    forced = os.environ.get("CBIOS_ACCEL")
+    if forced:
+        if forced not in ("kvm", "tcg"):
+            raise CbiosError(f"CBIOS_ACCEL={forced}: must be 'kvm' or 'tcg'")
+        return forced
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "tcg"
+    cache = state_dir / "accel.json"
+    boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    try:
+        cached = json.loads(cache.read_text())
+        if cached.get("boot_id") == boot_id:
+            return str(cached["accel"])
+    except (OSError, ValueError, KeyError):
+        pass
+    accel = "kvm" if probe_kvm(kernel) else "tcg"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps({"boot_id": boot_id, "accel": accel}) + "\n")
+    return accel
+
+
+def probe_kvm(kernel: Path) -> bool:
+    """Does a KVM guest get anywhere? Boot KERNEL with no root to a panic, within a bound."""
+    log.info("‣ Probing KVM (at most %.0f s)", PROBE_TIMEOUT)
+    with tempfile.TemporaryDirectory(prefix="cbios-kvm-probe-") as tmp:
+        console = Path(tmp) / "console"
+        spec = VmSpec(memory=256, cpus=1, accel="kvm", kernel=kernel,
+                      cmdline="console=ttyS0 panic=-1 root=/dev/cbios-probe-none",
+                      serial=f"file:{console}", netdev="user,id=n0,restrict=on")
+        start = time.monotonic()
+        proc = subprocess.Popen(spec.argv(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        try:
+            proc.wait(timeout=PROBE_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        text = console.read_text(errors="replace") if console.exists() else ""
+        works = "Kernel panic" in text
+        log.info("  KVM %s (%.1f s); using %s", "works" if works else "does not work",
+                 time.monotonic() - start, "kvm" if works else "tcg")
+        return works

@@ -1,0 +1,63 @@
+"""The release engineer's verbs. Each task is a thin call into the cbios package.
+
+    invoke build --profile qemu-test
+    invoke boot --profile qemu-test [--check]
+    invoke test [--unit | --vm]
+    invoke bench --profile qemu-test [--cold]
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from invoke import Context, Exit, task
+
+
+def _cbios(*argv: str) -> None:
+    from cbios.cli import main
+
+    status = main(list(argv))
+    if status != 0:
+        raise Exit(code=status)
+
+
+@task(help={"profile": "profile to build (profiles/NAME.yaml)",
+            "force": "rebuild even when nothing changed"})
+def build(c: Context, profile: str = "qemu-test", force: bool = False) -> None:
+    """Build a profile's firmware into build/PROFILE/."""
+    _cbios("build", profile, *(["--force"] if force else []))
+
+
+@task(help={"profile": "profile to boot (built first if needed)",
+            "check": "wait for ready, power off; exit non-zero with the console's tail on failure",
+            "timeout": "seconds to wait for ready (default: the profile's qemu.ready_timeout)"})
+def boot(c: Context, profile: str = "qemu-test", check: bool = False, timeout: int = 0) -> None:
+    """Boot a profile in QEMU: interactive serial console, or --check."""
+    _cbios("build", profile)
+    _cbios("boot", profile, *(["--check"] if check else []), *(["--timeout", str(timeout)] if timeout else []))
+
+
+@task(help={"unit": "unit tests only (no root, no VM)", "vm": "VM tests only",
+            "k": "pytest -k expression"})
+def test(c: Context, unit: bool = False, vm: bool = False, k: str = "") -> None:
+    """Run the tests: unit tests and linters, then VM tests that build and boot images."""
+    args = [sys.executable, "-m", "pytest"]
+    if unit:
+        args += ["-m", "not vm"]
+    elif vm:
+        args += ["-m", "vm"]
+    if k:
+        args += ["-k", k]
+    status = subprocess.run(args, check=False).returncode
+    # pytest's 5 means "no tests collected": a suite that ran nothing has not passed.
+    if status != 0:
+        raise Exit(code=status)
+
+
+@task(help={"profile": "profile to measure", "cold": "also measure a build from empty caches"})
+def bench(c: Context, profile: str = "qemu-test", cold: bool = False) -> None:
+    """Measure build times, artifact sizes and boot time to ready; write build/PROFILE/bench.json."""
+    from cbios.bench import run_bench
+
+    run_bench(profile, cold=cold)
