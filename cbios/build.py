@@ -155,7 +155,7 @@ def _inputs_digest(project: Project, profile: Profile, configs: dict[str, dict[s
                 h.update(os.readlink(path).encode())
             elif path.is_file():
                 h.update(manifest.sha256_file(path).encode())
-    h.update((Path(image.__file__).read_bytes()))
+    h.update(Path(image.__file__).read_bytes())
     return h.hexdigest()
 
 

@@ -27,6 +27,7 @@ from cbios.run import tail
 log = logging.getLogger("cbios")
 
 CONSOLE_TAIL = 25
+SHELL_CONNECT_TIMEOUT = 10.0
 MARK = "__CBIOS__"
 
 
@@ -68,7 +69,7 @@ class Machine:
 
     def _connect_shell(self) -> None:
         assert self.spec.shell_socket is not None
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + SHELL_CONNECT_TIMEOUT
         while time.monotonic() < deadline:
             self._check_running("connecting to the guest's shell port")
             if self.spec.shell_socket.exists():
@@ -81,7 +82,7 @@ class Machine:
                     self._shell = sock
                     return
             time.sleep(0.1)
-        raise self._error("QEMU did not open its shell socket within 10 s")
+        raise self._error(f"QEMU did not open its shell socket within {SHELL_CONNECT_TIMEOUT:.0f} s")
 
     def wait_ready(self, timeout: float) -> str:
         """Wait for the guest's READY line; return it. FAILED, an exit or the bound: VmError."""

@@ -37,7 +37,7 @@ def run(
     """Run argv; on failure raise StepError naming the step, the command and its last output."""
     cmd = [os.fspath(a) for a in argv]
     log.debug("+ %s", shlex.join(cmd))
-    out_fh = open(log_file, "a") if log_file else None  # noqa: SIM115
+    out_fh = open(log_file, "a") if log_file else None
     try:
         if out_fh is not None:
             out_fh.write(f"+ {shlex.join(cmd)}\n")

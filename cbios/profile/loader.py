@@ -175,7 +175,7 @@ def _describe(err: Any, origins: dict[KeyPath, Origin], leaf: str) -> str:
 
 def _is_type_tag(part: Any) -> bool:
     # pydantic adds the member type of a union to the location: ("address", "str").
-    return isinstance(part, str) and part in {"str", "int", "function-after[_check_interface(), str]"} or (
+    return (isinstance(part, str) and part in {"str", "int", "function-after[_check_interface(), str]"}) or (
         isinstance(part, str) and part.startswith(("function-", "constrained-")))
 
 

@@ -45,8 +45,8 @@ def _check_hostname(text: str) -> str:
 def _check_object_id(value: Any) -> Any:
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
-    if isinstance(value, str) and not re.fullmatch(r"\d{11}", value):
-        raise ValueError(f"'{value}' is not an ObjectID (11 digits, e.g. 31000040010)")
+    if isinstance(value, str) and not re.fullmatch(r"\d{8}010", value):
+        raise ValueError(f"'{value}' is not a node ObjectID (11 digits ending in 010, e.g. 31000040010)")
     return value
 
 

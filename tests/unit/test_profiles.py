@@ -88,7 +88,8 @@ BAD = [
     ("template", 'extends: base\nslots:\n  - {template: dchp, eid: 1}\n',
      "profiles/template.yaml:3: slots[0].template: no slot template 'dchp' (did you mean 'dhcp'?)"),
     ("object-id", 'extends: base\nnode:\n  object_id: "3100"\n',
-     "profiles/object-id.yaml:3: node.object_id: '3100' is not an ObjectID (11 digits, e.g. 31000040010)"),
+     "profiles/object-id.yaml:3: node.object_id: '3100' is not a node ObjectID "
+     "(11 digits ending in 010, e.g. 31000040010)"),
     ("size", 'extends: base\nstorage:\n  root_size: 2 GB\n',
      "profiles/size.yaml:3: storage.root_size: '2 GB' is not a size (a whole number with K, M, G or T, "
      "e.g. 512M)"),

@@ -1,0 +1,52 @@
+"""The build's bookkeeping: manifests, publishing, and what a failed build leaves."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from cbios import build as build_mod
+from cbios import manifest
+from cbios.errors import StepError
+from cbios.profile import load_profile
+from cbios.project import Project
+
+
+def test_manifest_describe_and_verify(tmp_path: Path) -> None:
+    (tmp_path / "a").write_bytes(b"hello")
+    (tmp_path / "b").write_bytes(b"x" * 3_000_000)
+    data = {"artifacts": manifest.describe(tmp_path, ["b", "a"])}
+    assert data["artifacts"]["a"] == {"sha256": hashlib.sha256(b"hello").hexdigest(), "size": 5}
+    manifest.write(tmp_path / manifest.MANIFEST, data)
+    assert manifest.verify(tmp_path) == []
+    (tmp_path / "a").write_bytes(b"jello")
+    (tmp_path / "b").unlink()
+    assert manifest.verify(tmp_path) == ["a: sha256 does not match the manifest", "b: missing"]
+
+
+def test_failed_step_publishes_nothing_and_keeps_the_previous_build(
+        tmp_project: Project, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("CBIOS_BUILD_DIR", str(tmp_path / "build"))
+    monkeypatch.setenv("CBIOS_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_project.root / "initrd" / "tree").mkdir(parents=True)
+    (tmp_project.root / "initrd" / "mkosi.conf.j2").write_text("[Output]\nFormat=cpio\n")
+    profile = load_profile(tmp_project, "base")
+    out = tmp_project.build / "base"
+    out.mkdir(parents=True)
+    for name in build_mod.ARTIFACTS:
+        (out / name).write_text(f"old {name}")
+    manifest.write(out / manifest.MANIFEST, {"artifacts": manifest.describe(out, build_mod.ARTIFACTS)})
+    calls = []
+
+    def failing_mkosi(image: object, **kw: object) -> None:
+        calls.append(image)
+        raise StepError("mkosi initrd", "apt-get failed")
+
+    monkeypatch.setattr(build_mod.mkosi, "build", failing_mkosi)
+    with pytest.raises(StepError, match="mkosi initrd: apt-get failed"):
+        build_mod.build(tmp_project, profile)
+    assert calls
+    assert manifest.verify(out) == []  # the previous build, whole and consistent
+    assert (out / "root.img").read_text() == "old root.img"

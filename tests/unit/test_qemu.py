@@ -1,0 +1,103 @@
+"""The code that drives QEMU, against a fake QEMU binary (the real one runs in tests/vm)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from cbios import machine, qemu
+from cbios.machine import Machine, VmError
+from cbios.qemu import VmSpec, choose_accel
+
+FAKE = Path(__file__).parent / "fake_qemu.py"
+
+
+@pytest.fixture
+def fake_qemu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / qemu.QEMU).symlink_to(FAKE)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    argv_file = tmp_path / "argv"
+    monkeypatch.setenv("FAKE_QEMU_ARGV", str(argv_file))
+    return argv_file
+
+
+def spec(**kw: object) -> VmSpec:
+    base: dict[str, object] = {"memory": 512, "cpus": 1, "accel": "tcg", "kernel": Path("/k"),
+                               "initrd": Path("/i"), "cmdline": "root=LABEL=x ro"}
+    base.update(kw)
+    return VmSpec(**base)  # type: ignore[arg-type]
+
+
+def test_argv_uses_restricted_user_networking_and_virtio_ports(tmp_path: Path) -> None:
+    s = spec(ready_file=tmp_path / "r", shell_socket=tmp_path / "s", drives=["file=x,format=raw,if=virtio"])
+    argv = s.argv()
+    assert argv[:3] == [qemu.QEMU, "-accel", "tcg"]
+    assert argv[argv.index("-cpu") + 1] == "max"
+    assert "user,id=n0,restrict=on" in argv
+    assert f"virtserialport,chardev=ready,name={qemu.READY_PORT}" in argv
+    assert argv[argv.index("-append") + 1] == "root=LABEL=x ro"
+    assert spec(accel="kvm").argv()[3:5] == ["-cpu", "host"]
+
+
+def test_accel_environment_override(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("CBIOS_ACCEL", "tcg")
+    assert choose_accel(Path("/nonexistent"), tmp_path) == "tcg"
+    monkeypatch.setenv("CBIOS_ACCEL", "xen")
+    with pytest.raises(Exception, match="must be 'kvm' or 'tcg'"):
+        choose_accel(Path("/nonexistent"), tmp_path)
+
+
+@pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="needs /dev/kvm to reach the probe")
+def test_kvm_probe_is_bounded_and_cached(fake_qemu: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("CBIOS_ACCEL", raising=False)
+    monkeypatch.setenv("FAKE_QEMU", "hang")
+    monkeypatch.setattr(qemu, "PROBE_TIMEOUT", 1.0)
+    assert choose_accel(Path("/vmlinuz"), tmp_path) == "tcg"
+    assert "-accel\0kvm" in fake_qemu.read_text()
+    cached = json.loads((tmp_path / "accel.json").read_text())
+    assert cached["accel"] == "tcg"
+    fake_qemu.unlink()
+    assert choose_accel(Path("/vmlinuz"), tmp_path) == "tcg"
+    assert not fake_qemu.exists()  # answered from the cache, QEMU not run again
+
+
+def test_machine_runs_commands_through_the_shell_port(fake_qemu: Path, tmp_path: Path) -> None:
+    with Machine(spec(), tmp_path / "logs", name="fake") as m:
+        assert m.wait_ready(10).startswith("READY")
+        assert m.succeed("echo hello; echo world") == "hello\nworld"
+        assert m.execute("exit 3") == (3, "")
+        assert "boom" in m.fail("echo boom >&2; false")
+        with pytest.raises(VmError, match="failed with status 1"):
+            m.succeed("test -e /nonexistent-file")
+        # set -o pipefail holds in guest commands
+        assert m.execute("false | true")[0] == 1
+
+
+def test_machine_failure_shows_console_tail_and_log_path(
+        fake_qemu: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAKE_QEMU", "crash")
+    m = Machine(spec(), tmp_path / "logs", name="fake")
+    with pytest.raises(VmError) as err:
+        m.start()
+        m.wait_ready(10)
+    m.kill()
+    text = str(err.value)
+    assert "QEMU exited with status 1" in text
+    assert "console line 39" in text and "console line 14" not in text  # the last 25 lines
+    assert str(tmp_path / "logs" / "fake.console.log") in text
+
+
+def test_wait_ready_is_bounded(fake_qemu: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAKE_QEMU", "hang")
+    monkeypatch.setattr(machine, "SHELL_CONNECT_TIMEOUT", 1.0)
+    m = Machine(spec(), tmp_path / "logs", name="fake")
+    try:
+        with pytest.raises(VmError, match="within 1 s"):
+            m.start()  # the hanging fake never opens its shell socket
+    finally:
+        m.kill()
