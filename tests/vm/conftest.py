@@ -1,0 +1,62 @@
+"""VM tests: build the qemu-test profile once per session (mkosi's caches make a rebuild
+cheap) and boot it in QEMU. Chosen with `pytest -m vm`; they need root, mkosi and QEMU."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cbios import manifest
+from cbios.boot import kernel_boot_spec
+from cbios.build import build
+from cbios.machine import Machine
+from cbios.profile import Profile, load_profile
+from cbios.project import Project
+
+PROFILE = "qemu-test"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "/tests/vm/" in str(item.fspath):
+            item.add_marker(pytest.mark.vm)
+
+
+@pytest.fixture(scope="session")
+def vm_project() -> Project:
+    if os.geteuid() != 0:
+        pytest.fail("VM tests build images with mkosi and need root")
+    return Project.find()
+
+
+@pytest.fixture(scope="session")
+def profile(vm_project: Project) -> Profile:
+    return load_profile(vm_project, PROFILE)
+
+
+@pytest.fixture(scope="session")
+def built(vm_project: Project, profile: Profile) -> Path:
+    """build/qemu-test, built (or found up to date) once per session."""
+    return build(vm_project, profile)
+
+
+@pytest.fixture(scope="session")
+def build_manifest(built: Path) -> dict[str, object]:
+    return manifest.read(built / manifest.MANIFEST)
+
+
+@pytest.fixture(scope="module")
+def machine(vm_project: Project, profile: Profile, built: Path) -> Iterator[Machine]:
+    """qemu-test booted from kernel, initrd and root.img, ready; powered off after the module."""
+    spec = kernel_boot_spec(vm_project, profile, built)
+    m = Machine(spec, built / "work" / "vm-tests", name="qemu-test")
+    try:
+        m.start()
+        m.wait_ready(profile.qemu.ready_timeout)
+        yield m
+        m.shutdown()
+    finally:
+        m.kill()

@@ -1,0 +1,73 @@
+"""qemu-test, booted once: what a node's firmware must be, checked from inside the guest."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from cbios.machine import Machine
+from cbios.profile import Profile
+
+
+def test_ready_reports_profile_and_version(machine: Machine, profile: Profile) -> None:
+    text = (machine.spec.ready_file or Path()).read_text()
+    assert f"READY profile={profile.name} version={profile.version}" in text
+
+
+def test_boot_finished_with_no_failed_unit(machine: Machine) -> None:
+    assert machine.succeed("systemctl is-system-running") == "running"
+    assert machine.succeed("systemctl list-units --failed --plain --no-legend") == ""
+
+
+def test_root_is_the_image_mounted_read_only(machine: Machine) -> None:
+    source, fstype, options, label = machine.succeed(
+        "findmnt -n -o SOURCE,FSTYPE,OPTIONS / | tr -s ' ' '\\n' | head -3; "
+        "blkid -s LABEL -o value \"$(findmnt -n -o SOURCE /)\"").split("\n")
+    assert (source, fstype, label) == ("/dev/vda", "ext4", "cbios-root")
+    assert options.split(",")[0] == "ro"
+    assert "Read-only file system" in machine.fail("touch /usr/cbios-write-test")
+
+
+def test_var_and_tmp_are_writable_and_var_is_filled_from_the_image(machine: Machine) -> None:
+    assert machine.succeed("findmnt -n -o FSTYPE /var") == "tmpfs"
+    assert machine.succeed("findmnt -n -o FSTYPE /tmp") == "tmpfs"
+    machine.succeed("echo x > /var/lib/cbios-test && echo y > /tmp/cbios-test")
+    machine.succeed("test -s /var/lib/dpkg/status")  # copied from /usr/share/factory/var
+
+
+def test_node_identity_comes_from_the_profile(machine: Machine, profile: Profile) -> None:
+    assert machine.succeed("hostname") == profile.node.hostname
+    release = dict(line.split("=", 1) for line in machine.succeed("cat /usr/lib/cbios/release").splitlines())
+    assert release == {"CBIOS_PROFILE": profile.name, "CBIOS_VERSION": profile.version,
+                       "CBIOS_OBJECT_ID": profile.node.object_id}
+    cmdline = machine.succeed("cat /proc/cmdline").split()
+    assert set(profile.kernel.cmdline) <= set(cmdline)
+
+
+def test_no_first_boot_prompt(machine: Machine) -> None:
+    assert machine.execute("systemctl is-enabled systemd-firstboot.service")[1] == "masked"
+
+
+def test_root_carries_its_own_kernel_and_initrd(machine: Machine, build_manifest: dict[str, Any]) -> None:
+    sums = machine.succeed("sha256sum /boot/vmlinuz /boot/initrd.img | cut -d' ' -f1").split()
+    artifacts = build_manifest["artifacts"]
+    assert sums == [artifacts["vmlinuz"]["sha256"], artifacts["initrd.img"]["sha256"]]
+
+
+def test_kernel_modules_are_trimmed_to_the_profile(machine: Machine, build_manifest: dict[str, Any]) -> None:
+    kernel = build_manifest["kernel"]
+    assert machine.succeed("uname -r") == kernel
+    machine.succeed("modprobe bridge && modprobe 8021q && modprobe veth")
+    assert machine.execute(f"test -d /usr/lib/modules/{kernel}/kernel/sound")[0] != 0
+    assert machine.execute(f"test -d /usr/lib/modules/{kernel}/kernel/drivers/gpu")[0] != 0
+
+
+def test_manifest_package_versions_are_what_the_root_has(
+        machine: Machine, build_manifest: dict[str, Any]) -> None:
+    listed = {p["name"]: p["version"] for p in build_manifest["packages"]["root"]}
+    installed = dict(line.split("\t") for line in machine.succeed(
+        "dpkg-query -W -f '${Package}\\t${Version}\\n' systemd lvm2 python3 linux-image-amd64").splitlines())
+    assert installed == {name: listed[name] for name in installed}
+    assert json.dumps(build_manifest["packages"]["initrd"])  # the initrd's packages are recorded too
+    assert {"systemd", "lvm2", "udev"} <= {p["name"] for p in build_manifest["packages"]["initrd"]}
