@@ -14,21 +14,21 @@ BACKPORTS    := /etc/apt/sources.list.d/cbios-bookworm-backports.sources
 deps: deps-apt deps-python
 
 deps-apt:
-	@missing=$$(dpkg-query -W -f='$${Package} $${db:Status-Abbrev}\n' $(APT_PACKAGES) 2>/dev/null \
-	    | awk '$$2 != "ii" {print $$1}'; for p in $(APT_PACKAGES); do \
-	    dpkg-query -W $$p >/dev/null 2>&1 || echo $$p; done | sort -u); \
-	if [ -n "$$(mkosi --version 2>/dev/null | grep -E '^mkosi (2[4-9]|[3-9][0-9])')" ] && [ -z "$$missing" ]; then \
-	    echo "deps: host packages present"; exit 0; fi; \
+	@missing=$$(for p in $(APT_PACKAGES); do \
+	    dpkg-query -W -f='$${db:Status-Abbrev}' $$p 2>/dev/null | grep -q '^ii' || echo $$p; done); \
+	if [ -z "$$missing" ] && mkosi --version 2>/dev/null | grep -qE '^mkosi (2[4-9]|[3-9][0-9])'; then \
+	    exit 0; fi; \
 	set -e; \
 	if ! grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/; then \
-	    mirror=$$(grep -rhoE 'https?://[^ ]+/debian/?' /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null \
-	        | grep -v security | head -n1); \
-	    printf 'Types: deb\nURIs: %s\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
-	        "$${mirror:-http://deb.debian.org/debian}" > $(BACKPORTS); \
+	    printf 'Types: deb\nURIs: %s\nSuites: bookworm-backports\nComponents: main\nSigned-By: %s\n' \
+	        "$$(grep -rhoE 'https?://[^ ]+/debian/?$$' /etc/apt/sources.list /etc/apt/sources.list.d/ \
+	            2>/dev/null | head -n1 | grep . || echo http://deb.debian.org/debian)" \
+	        /usr/share/keyrings/debian-archive-keyring.gpg > $(BACKPORTS); \
 	fi; \
 	apt-get update -q; \
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends -t bookworm-backports mkosi; \
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(APT_PACKAGES)
+	export DEBIAN_FRONTEND=noninteractive; \
+	apt-get install -y -q --no-install-recommends -t bookworm-backports mkosi; \
+	apt-get install -y -q --no-install-recommends $(APT_PACKAGES)
 
 deps-python: $(VENV)/.installed
 

@@ -37,10 +37,18 @@ def _var_to_factory(tree: Path) -> None:
     factory.parent.mkdir(parents=True, exist_ok=True)
     os.rename(var, factory)
     var.mkdir(mode=0o755)
-    lines = ["# /var is writable and starts empty: fill it from the image at boot (cbios)."]
-    for entry in sorted(factory.iterdir()):
-        # 'C' copies only where the target is missing: a persistent /var keeps its data.
-        lines.append(f"C /var/{entry.name} - - - - /{FACTORY_VAR}/{entry.name}")
+    lines = ["# /var is writable and starts empty: fill it from the image at boot (cbios).",
+             "# 'C' copies only where the target is missing, so a persistent /var keeps its data;",
+             "# it works a level down because other tmpfiles.d lines create /var/lib and the like."]
+    for top in sorted(factory.iterdir()):
+        if top.is_dir() and not top.is_symlink():
+            lines.append(f"d /var/{top.name} {top.stat().st_mode & 0o7777:04o} root root -")
+            entries = sorted(top.iterdir())
+        else:
+            entries = [top]
+        for entry in entries:
+            rel = entry.relative_to(factory)
+            lines.append(f"C /var/{rel} - - - - /{FACTORY_VAR}/{rel}")
     (tree / TMPFILES).parent.mkdir(parents=True, exist_ok=True)
     (tree / TMPFILES).write_text("\n".join(lines) + "\n")
 

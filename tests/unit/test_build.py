@@ -50,3 +50,22 @@ def test_failed_step_publishes_nothing_and_keeps_the_previous_build(
     assert calls
     assert manifest.verify(out) == []  # the previous build, whole and consistent
     assert (out / "root.img").read_text() == "old root.img"
+
+
+def test_var_moves_to_factory_with_tmpfiles_lines_that_refill_it(tmp_path: Path) -> None:
+    from cbios.image import FACTORY_VAR, TMPFILES, _var_to_factory
+
+    tree = tmp_path / "root"
+    (tree / "var/lib/dpkg").mkdir(parents=True)
+    (tree / "var/lib/dpkg/status").write_text("Package: x\n")
+    (tree / "var/tmp").mkdir(mode=0o1777)
+    (tree / "var/tmp").chmod(0o1777)
+    (tree / "var/run").symlink_to("/run")
+    _var_to_factory(tree)
+    assert list((tree / "var").iterdir()) == []
+    assert (tree / FACTORY_VAR / "lib/dpkg/status").read_text() == "Package: x\n"
+    lines = (tree / TMPFILES).read_text().splitlines()
+    assert "d /var/lib 0755 root root -" in lines
+    assert f"C /var/lib/dpkg - - - - /{FACTORY_VAR}/lib/dpkg" in lines
+    assert f"C /var/run - - - - /{FACTORY_VAR}/run" in lines
+    assert "d /var/tmp 1777 root root -" in lines

@@ -4,6 +4,7 @@ cheap) and boot it in QEMU. Chosen with `pytest -m vm`; they need root, mkosi an
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,10 +49,20 @@ def build_manifest(built: Path) -> dict[str, object]:
     return manifest.read(built / manifest.MANIFEST)
 
 
+@pytest.fixture(scope="session")
+def scratch_disk(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A blank second disk (/dev/vdb in the guest) for tests that need one."""
+    path = tmp_path_factory.mktemp("disks") / "scratch.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "1G"], check=True)
+    return path
+
+
 @pytest.fixture(scope="module")
-def machine(vm_project: Project, profile: Profile, built: Path) -> Iterator[Machine]:
-    """qemu-test booted from kernel, initrd and root.img, ready; powered off after the module."""
+def machine(vm_project: Project, profile: Profile, built: Path, scratch_disk: Path) -> Iterator[Machine]:
+    """qemu-test booted from kernel, initrd and root.img (plus a scratch disk), ready;
+    powered off after the module."""
     spec = kernel_boot_spec(vm_project, profile, built)
+    spec.drives.append(f"file={scratch_disk},format=qcow2,if=virtio")
     m = Machine(spec, built / "work" / "vm-tests", name="qemu-test")
     try:
         m.start()
