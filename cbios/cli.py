@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import yaml
 
@@ -14,10 +15,13 @@ from cbios import __version__
 from cbios.errors import CbiosError, ProfileError
 from cbios.project import Project
 
+if TYPE_CHECKING:
+    from cbios.profile import Profile
+
 log = logging.getLogger("cbios")
 
 
-def _profile(project: Project, name: str):  # type: ignore[no-untyped-def]
+def _profile(project: Project, name: str) -> Profile:
     from cbios.profile import load_profile
 
     return load_profile(project, name)

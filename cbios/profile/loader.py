@@ -10,7 +10,6 @@ import hashlib
 import json
 import types
 import typing
-from pathlib import Path
 from typing import Any
 
 import pydantic
@@ -159,7 +158,7 @@ def _at(origins: dict[KeyPath, Origin], leaf: str, path: KeyPath, message: str) 
 
 
 def _describe(err: Any, origins: dict[KeyPath, Origin], leaf: str) -> str:
-    loc: KeyPath = tuple(p for p in err["loc"] if not _is_type_tag(p))
+    loc: KeyPath = tuple(err["loc"])
     kind = err["type"]
     if kind == "extra_forbidden":
         known = _fields_at(loc[:-1])
@@ -171,12 +170,6 @@ def _describe(err: Any, origins: dict[KeyPath, Origin], leaf: str) -> str:
         if kind not in ("value_error",) and not isinstance(err.get("input"), dict | list):
             message += f" (got {err['input']!r})"
     return _at(origins, leaf, loc, message)
-
-
-def _is_type_tag(part: Any) -> bool:
-    # pydantic adds the member type of a union to the location: ("address", "str").
-    return (isinstance(part, str) and part in {"str", "int", "function-after[_check_interface(), str]"}) or (
-        isinstance(part, str) and part.startswith(("function-", "constrained-")))
 
 
 def _suggest(word: str, choices: list[str]) -> str:
@@ -224,6 +217,3 @@ def load_schema() -> dict[str, Any]:
     schema["required"] = [r for r in schema.get("required", []) if r != "name"]
     return schema
 
-
-def resolve_path(project: Project, name: str) -> Path:
-    return project.profiles / f"{name}.yaml"

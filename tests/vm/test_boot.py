@@ -63,7 +63,7 @@ def test_kernel_modules_are_trimmed_to_the_profile(machine: Machine, build_manif
     machine.succeed("modprobe bridge && modprobe 8021q && modprobe veth")
     modules = f"/usr/lib/modules/{kernel}/kernel"
     assert machine.succeed(f"find {modules}/sound {modules}/drivers/gpu -name '*.ko*' | wc -l") == "0"
-    assert int(machine.succeed(f"find {modules} -name '*.ko*' | wc -l")) < 300
+    assert int(machine.succeed(f"find {modules} -name '*.ko*' | wc -l")) < 1000  # of about 4000
 
 
 def test_manifest_package_versions_are_what_the_root_has(
