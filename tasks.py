@@ -1,7 +1,8 @@
 """The release engineer's verbs. Each task is a thin call into the cbios package.
 
     invoke build --profile qemu-test
-    invoke boot --profile qemu-test [--check]
+    invoke disk --profile qemu-test
+    invoke boot --profile qemu-test [--check] [--disk [--persist]]
     invoke test [--unit | --vm]
     invoke bench --profile qemu-test [--cold]
 """
@@ -29,13 +30,27 @@ def build(c: Context, profile: str = "qemu-test", force: bool = False) -> None:
     _cbios("build", profile, *(["--force"] if force else []))
 
 
+@task(help={"profile": "profile whose node disk to make (built first if needed)",
+            "force": "remake the disk even when it is up to date"})
+def disk(c: Context, profile: str = "qemu-test", force: bool = False) -> None:
+    """Make build/PROFILE/disk.qcow2 by booting the flasher in QEMU on a blank disk."""
+    _cbios("build", profile)
+    _cbios("disk", profile, *(["--force"] if force else []))
+
+
 @task(help={"profile": "profile to boot (built first if needed)",
             "check": "wait for ready, power off; exit non-zero with the console's tail on failure",
-            "timeout": "seconds to wait for ready (default: the profile's qemu.ready_timeout)"})
-def boot(c: Context, profile: str = "qemu-test", check: bool = False, timeout: int = 0) -> None:
+            "timeout": "seconds to wait for ready (default: the profile's qemu.ready_timeout)",
+            "disk": "boot the node disk (made first if needed) instead of kernel, initrd and root.img",
+            "persist": "with --disk: keep the guest's writes to the disk"})
+def boot(c: Context, profile: str = "qemu-test", check: bool = False, timeout: int = 0,
+         disk: bool = False, persist: bool = False) -> None:
     """Boot a profile in QEMU: interactive serial console, or --check."""
     _cbios("build", profile)
-    _cbios("boot", profile, *(["--check"] if check else []), *(["--timeout", str(timeout)] if timeout else []))
+    if disk:
+        _cbios("disk", profile)
+    _cbios("boot", profile, *(["--check"] if check else []), *(["--timeout", str(timeout)] if timeout else []),
+           *(["--disk"] if disk else []), *(["--persist"] if persist else []))
 
 
 @task(help={"unit": "unit tests only (no root, no VM)", "vm": "VM tests only",

@@ -39,9 +39,31 @@ def kernel_boot_spec(project: Project, profile: Profile, out: Path) -> VmSpec:
     )
 
 
-def boot(project: Project, profile: Profile, *, check: bool, timeout: int | None) -> int:
+def disk_boot_spec(project: Project, profile: Profile, out: Path, disk: Path, *, persist: bool = False) -> VmSpec:
+    """The node disk as the only drive, booted by the firmware's BIOS and GRUB. Unless
+    PERSIST, writes go to a throw-away snapshot and the disk stays as it was built."""
+    drive = f"file={disk},format=qcow2,if=virtio" + ("" if persist else ",snapshot=on")
+    return VmSpec(
+        memory=profile.qemu.memory,
+        cpus=profile.qemu.cpus,
+        accel=choose_accel(out / "vmlinuz", project.build),
+        drives=[drive],
+        no_reboot=False,
+    )
+
+
+def boot(project: Project, profile: Profile, *, check: bool, timeout: int | None,
+         disk: bool = False, persist: bool = False) -> int:
     out = built(project, profile)
-    spec = kernel_boot_spec(project, profile, out)
+    if disk:
+        from cbios.disk import DISK
+
+        if not (out / DISK).is_file():
+            raise CbiosError(f"{project.display(out / DISK)}: no node disk",
+                             hint=f"run 'cbios disk {profile.name}' first")
+        spec = disk_boot_spec(project, profile, out, out / DISK, persist=persist)
+    else:
+        spec = kernel_boot_spec(project, profile, out)
     if not check:
         log.info("‣ Booting %s in QEMU (%s). Serial console here; Ctrl-A X quits.", profile.name, spec.accel)
         argv = spec.argv()

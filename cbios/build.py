@@ -19,13 +19,14 @@ from pathlib import Path
 
 from cbios import __version__, image, manifest, mkosi
 from cbios.errors import StepError
-from cbios.profile import Profile, profile_hash
+from cbios.profile import Profile, parse_size, profile_hash
 from cbios.project import Project
-from cbios.render import mkosi_configs, render_overlays, write_tree
+from cbios.render import add_node_package, boot_files, mkosi_configs, render_overlays, write_tree
 
 log = logging.getLogger("cbios")
 
-ARTIFACTS = ["vmlinuz", "initrd.img", "root.img", "root.img.zst"]
+ARTIFACTS = ["vmlinuz", "initrd.img", "root.img", "root.img.zst", "grub.cfg", "disk.conf"]
+SUMS = "SHA256SUMS"
 
 
 @dataclass(frozen=True)
@@ -52,8 +53,10 @@ def build(project: Project, profile: Profile, *, force: bool = False) -> Path:
     dirs = BuildDirs.of(project, profile)
     dirs.work.mkdir(parents=True, exist_ok=True)
     configs = mkosi_configs(project, profile)
+    configs["boot"] = boot_files(project, profile)
     overlay = dirs.work / "overlay"
     render_overlays(project, profile, overlay)
+    add_node_package(overlay)
     inputs = _inputs_digest(project, profile, configs, overlay)
     if not force and _up_to_date(dirs.out, inputs):
         log.info("‣ %s %s is up to date (%s)", profile.name, profile.version, project.display(dirs.out))
@@ -66,7 +69,8 @@ def build(project: Project, profile: Profile, *, force: bool = False) -> Path:
     sde = _source_date_epoch(project)
 
     images = {}
-    for name, files in configs.items():
+    for name in ("initrd", "root"):
+        files = configs[name]
         write_tree(files, dirs.work / "mkosi" / name)
         images[name] = mkosi.MkosiImage(
             name=name,
@@ -89,7 +93,12 @@ def build(project: Project, profile: Profile, *, force: bool = False) -> Path:
     shutil.copy2(root_out / "root.initrd", dirs.staging / "initrd.img")
     image.finish_tree(tree, profile, dirs.staging / "vmlinuz", dirs.staging / "initrd.img")
     fs_uuid = uuid.uuid5(uuid.NAMESPACE_URL, f"cbios:{profile.name}:{profile.version}:{inputs}")
-    image.make_root_img(tree, profile, dirs.staging / "root.img", fs_uuid, dirs.logs / "image.log")
+    size = image.make_root_img(tree, profile, dirs.staging / "root.img", fs_uuid, dirs.logs / "image.log")
+    if size > parse_size(profile.storage.root_size):
+        raise StepError("root.img", f"{size >> 20} MiB does not fit in storage.root_size "
+                        f"({profile.storage.root_size}): raise it, or trim packages and modules")
+    for name, text in configs["boot"].items():
+        (dirs.staging / name).write_text(text)
     image.compress(dirs.staging / "root.img", dirs.staging / "root.img.zst", dirs.logs / "image.log")
 
     data = {
@@ -122,8 +131,11 @@ def build(project: Project, profile: Profile, *, force: bool = False) -> Path:
 
 def _publish(dirs: BuildDirs, data: dict[str, object]) -> None:
     (dirs.out / manifest.MANIFEST).unlink(missing_ok=True)
+    (dirs.out / "disk.qcow2").unlink(missing_ok=True)  # made from the previous firmware
     for name in ARTIFACTS:
         os.replace(dirs.staging / name, dirs.out / name)
+    artifacts: dict[str, dict[str, object]] = data["artifacts"]  # type: ignore[assignment]
+    (dirs.out / SUMS).write_text("".join(f"{m['sha256']}  {n}\n" for n, m in sorted(artifacts.items())))
     manifest.write(dirs.out / manifest.MANIFEST, data)
 
 

@@ -62,7 +62,15 @@ def cmd_build(args: argparse.Namespace, project: Project) -> int:
 def cmd_boot(args: argparse.Namespace, project: Project) -> int:
     from cbios.boot import boot
 
-    return boot(project, _profile(project, args.name), check=args.check, timeout=args.timeout)
+    return boot(project, _profile(project, args.name), check=args.check, timeout=args.timeout,
+                disk=args.disk, persist=args.persist)
+
+
+def cmd_disk(args: argparse.Namespace, project: Project) -> int:
+    from cbios.disk import make_disk
+
+    make_disk(project, _profile(project, args.name), force=args.force)
+    return 0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -91,7 +99,15 @@ def parser() -> argparse.ArgumentParser:
     boot.add_argument("--check", action="store_true",
                       help="wait for ready, power off, exit 0; non-zero with the console's tail on failure")
     boot.add_argument("--timeout", type=int, default=None, help="seconds to wait for ready (profile's default)")
+    boot.add_argument("--disk", action="store_true", help="boot build/NAME/disk.qcow2 (BIOS, GRUB, LVM)")
+    boot.add_argument("--persist", action="store_true",
+                      help="with --disk: keep the guest's writes (default: a throw-away snapshot)")
     boot.set_defaults(func=cmd_boot)
+
+    d = sub.add_parser("disk", help="make build/NAME/disk.qcow2 by running the flasher in QEMU")
+    d.add_argument("name", metavar="PROFILE")
+    d.add_argument("--force", action="store_true", help="remake it even when it is up to date")
+    d.set_defaults(func=cmd_disk)
     return p
 
 

@@ -50,6 +50,8 @@ class Machine:
         self.proc: subprocess.Popen[bytes] | None = None
         self._shell: socket.socket | None = None
         self._buf = b""
+        self._reports_seen = 0
+        self.reports: list[str] = []  # every line the guest reported, in order
         self.started_at = 0.0
 
     # -- lifecycle ------------------------------------------------------------------
@@ -82,23 +84,35 @@ class Machine:
                     self._shell = sock
                     return
             time.sleep(0.1)
-        raise self._error(f"QEMU did not open its shell socket within {SHELL_CONNECT_TIMEOUT:.0f} s")
+        raise self.error(f"QEMU did not open its shell socket within {SHELL_CONNECT_TIMEOUT:.0f} s")
 
     def wait_ready(self, timeout: float) -> str:
         """Wait for the guest's READY line; return it. FAILED, an exit or the bound: VmError."""
+        return self.wait_report(("READY",), timeout)
+
+    def wait_report(self, accept: tuple[str, ...], timeout: float, *, skip_failed: bool = False) -> str:
+        """Wait for the next line on the report port that starts with one of ACCEPT.
+
+        A FAILED line raises, unless SKIP_FAILED (a guest that reboots after a failed boot
+        reports again). Lines are consumed: the next call sees only later ones."""
         assert self.spec.ready_file is not None
         deadline = time.monotonic() + timeout
         while True:
             text = self.spec.ready_file.read_text(errors="replace") if self.spec.ready_file.exists() else ""
-            for line in text.splitlines():
-                if line.startswith("READY"):
-                    log.info("  %s ready after %.1f s: %s", self.name, self.uptime(), line)
+            lines = text.splitlines(keepends=True)
+            complete = [line.strip() for line in lines if line.endswith("\n")]
+            while self._reports_seen < len(complete):
+                line = complete[self._reports_seen]
+                self._reports_seen += 1
+                self.reports.append(line)
+                if line.startswith(accept):
+                    log.info("  %s after %.1f s: %s", self.name, self.uptime(), line)
                     return line
-                if line.startswith("FAILED"):
-                    raise self._error(f"the guest reported: {line}")
-            self._check_running("waiting for ready")
+                if line.startswith("FAILED") and not skip_failed:
+                    raise self.error(f"the guest reported: {line}")
+            self._check_running(f"waiting for {'/'.join(accept)}")
             if time.monotonic() > deadline:
-                raise self._error(f"not ready within {timeout:.0f} s")
+                raise self.error(f"no {'/'.join(accept)} within {timeout:.0f} s")
             time.sleep(0.5)
 
     def uptime(self) -> float:
@@ -111,7 +125,7 @@ class Machine:
         self._qmp("system_powerdown")
         if not self.wait_exit(timeout):
             self.kill()
-            raise self._error(f"did not power off within {timeout:.0f} s")
+            raise self.error(f"did not power off within {timeout:.0f} s")
 
     def wait_exit(self, timeout: float) -> bool:
         assert self.proc is not None
@@ -146,7 +160,7 @@ class Machine:
     def execute(self, command: str, timeout: float = 60) -> tuple[int, str]:
         """Run COMMAND (bash, under set -euo pipefail) as root in the guest."""
         if self._shell is None:
-            raise self._error("no shell connection to the guest")
+            raise self.error("no shell connection to the guest")
         encoded = base64.b64encode(command.encode()).decode()
         line = (f'__o=$(cd / && (set -euo pipefail; eval "$(printf %s {encoded} | base64 -d)") '
                 f'</dev/null 2>&1); __r=$?; '
@@ -162,12 +176,12 @@ class Machine:
             self._check_running(f"running {command!r}")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise self._error(f"{command!r} did not finish within {timeout:.0f} s")
+                raise self.error(f"{command!r} did not finish within {timeout:.0f} s")
             self._shell.settimeout(min(remaining, 1.0))
             with contextlib.suppress(TimeoutError):
                 chunk = self._shell.recv(65536)
                 if not chunk:
-                    raise self._error("the guest's shell port closed")
+                    raise self.error("the guest's shell port closed")
                 self._buf += chunk
 
     def _lines(self) -> list[str]:
@@ -177,13 +191,13 @@ class Machine:
     def succeed(self, command: str, timeout: float = 60) -> str:
         rc, out = self.execute(command, timeout)
         if rc != 0:
-            raise self._error(f"{command!r} failed with status {rc}:\n{out}")
+            raise self.error(f"{command!r} failed with status {rc}:\n{out}")
         return out
 
     def fail(self, command: str, timeout: float = 60) -> str:
         rc, out = self.execute(command, timeout)
         if rc == 0:
-            raise self._error(f"{command!r} succeeded but should have failed:\n{out}")
+            raise self.error(f"{command!r} succeeded but should have failed:\n{out}")
         return out
 
     def wait_until_succeeds(self, command: str, timeout: float = 60) -> str:
@@ -193,7 +207,7 @@ class Machine:
             if rc == 0:
                 return out
             if time.monotonic() > deadline:
-                raise self._error(f"{command!r} did not succeed within {timeout:.0f} s; last output:\n{out}")
+                raise self.error(f"{command!r} did not succeed within {timeout:.0f} s; last output:\n{out}")
             time.sleep(1)
 
     # -- helpers --------------------------------------------------------------------
@@ -209,16 +223,16 @@ class Machine:
                 sock.sendall(json.dumps({"execute": execute}).encode() + b"\n")
                 while "return" not in (reply := json.loads(reader.readline())):
                     if "error" in reply:
-                        raise self._error(f"QMP {execute}: {reply['error']}")
+                        raise self.error(f"QMP {execute}: {reply['error']}")
 
     def _check_running(self, doing: str) -> None:
         if self.proc is not None and self.proc.poll() is not None:
-            raise self._error(f"QEMU exited with status {self.proc.returncode} while {doing}")
+            raise self.error(f"QEMU exited with status {self.proc.returncode} while {doing}")
 
     def console_tail(self, lines: int = CONSOLE_TAIL) -> str:
         return tail(self.console_log, lines)
 
-    def _error(self, message: str) -> VmError:
+    def error(self, message: str) -> VmError:
         return VmError(
             f"{self.name}: {message}\n"
             f"--- last {CONSOLE_TAIL} console lines ---\n{self.console_tail()}\n"

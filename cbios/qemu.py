@@ -41,11 +41,14 @@ class VmSpec:
     shell_socket: Path | None = None
     qmp_socket: Path | None = None
     netdev: str = "user,id=n0,restrict=on"
+    no_reboot: bool = True  # a guest reboot ends QEMU (kernel boots); disk boots may reboot
+    fw_cfg: dict[str, str] = field(default_factory=dict)  # -fw_cfg name=opt/...,string=...
 
     def argv(self) -> list[str]:
         cpu = "host" if self.accel == "kvm" else "max"
         argv = [QEMU, "-accel", self.accel, "-cpu", cpu, "-m", str(self.memory), "-smp", str(self.cpus),
-                "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+                "-nodefaults", "-no-user-config", "-display", "none",
+                *(["-no-reboot"] if self.no_reboot else []),
                 "-serial", self.serial, "-device", "virtio-rng-pci",
                 "-netdev", self.netdev, "-device", "virtio-net-pci,netdev=n0"]
         if self.kernel:
@@ -64,6 +67,8 @@ class VmSpec:
         if self.shell_socket:
             argv += ["-chardev", f"socket,id=shell,path={self.shell_socket},server=on,wait=off",
                      "-device", f"virtserialport,chardev=shell,name={SHELL_PORT}"]
+        for name, value in self.fw_cfg.items():
+            argv += ["-fw_cfg", f"name={name},string={value}"]
         if self.qmp_socket:
             argv += ["-qmp", f"unix:{self.qmp_socket},server=on,wait=off"]
         return argv

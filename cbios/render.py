@@ -13,7 +13,7 @@ from typing import Any
 import jinja2
 
 from cbios.errors import StepError
-from cbios.profile import Profile
+from cbios.profile import Profile, parse_size
 from cbios.project import Project
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -21,7 +21,7 @@ TEMPLATE_SUFFIX = ".j2"
 
 
 def environment(project: Project) -> jinja2.Environment:
-    return jinja2.Environment(
+    env = jinja2.Environment(
         loader=jinja2.FileSystemLoader([TEMPLATES, project.root]),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
@@ -29,6 +29,8 @@ def environment(project: Project) -> jinja2.Environment:
         lstrip_blocks=True,
         autoescape=False,
     )
+    env.filters["size"] = parse_size
+    return env
 
 
 def context(profile: Profile) -> dict[str, Any]:
@@ -40,6 +42,14 @@ def context(profile: Profile) -> dict[str, Any]:
         "root_password": root.password_hash if root else None,
         "ssh_keys": {u.name: u.ssh_keys for u in profile.users},
         "dist": profile.distribution,
+        "vg": profile.storage.vg,
+        "cmdline": " ".join(profile.kernel.cmdline),
+        "sizes": {
+            "boot": parse_size(profile.storage.boot_size),
+            "root": parse_size(profile.storage.root_size),
+            "var": parse_size(profile.storage.var_size),
+            "swap": parse_size(profile.storage.swap_size),
+        },
     }
 
 
@@ -61,6 +71,16 @@ def mkosi_configs(project: Project, profile: Profile) -> dict[str, dict[str, str
     return {
         "initrd": {"mkosi.conf": render_string(env, "initrd/mkosi.conf.j2", ctx), pkgmngr: sources},
         "root": {"mkosi.conf": render_string(env, "mkosi/root.conf.j2", ctx), pkgmngr: sources},
+    }
+
+
+def boot_files(project: Project, profile: Profile) -> dict[str, str]:
+    """What the flasher puts beside the firmware: GRUB's configuration and the disk layout."""
+    env = environment(project)
+    ctx = context(profile)
+    return {
+        "grub.cfg": render_string(env, "grub/grub.cfg.j2", ctx),
+        "disk.conf": render_string(env, "disk.conf.j2", ctx),
     }
 
 
@@ -101,6 +121,20 @@ def render_overlays(project: Project, profile: Profile, dest: Path) -> None:
             else:
                 _replace(target)
                 shutil.copy2(path, target)
+
+
+NODE_PYTHON = "usr/lib/cbios/python"
+
+
+def add_node_package(dest: Path) -> None:
+    """The node-side code (cbios.node, standard library only) into the root's tree."""
+    package = Path(__file__).parent
+    target = dest / NODE_PYTHON / "cbios"
+    shutil.rmtree(target, ignore_errors=True)
+    (target / "node").mkdir(parents=True)
+    shutil.copy2(package / "__init__.py", target / "__init__.py")
+    for source in sorted((package / "node").glob("*.py")):
+        shutil.copy2(source, target / "node" / source.name)
 
 
 def _replace(target: Path) -> None:

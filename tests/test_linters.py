@@ -21,3 +21,12 @@ def test_ruff() -> None:
 def test_mypy() -> None:
     proc = _run("mypy")
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_shellcheck() -> None:
+    scripts = [p for p in (REPO / "initrd").rglob("*") if p.is_file() and p.read_bytes().startswith(b"#!/bin/")]
+    scripts += [p for p in (REPO / "overlays").rglob("*") if p.is_file() and p.suffix != ".j2"
+                and p.read_bytes().startswith(b"#!/bin/")]
+    assert scripts
+    proc = subprocess.run(["shellcheck", "-x", *map(str, scripts)], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

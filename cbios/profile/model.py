@@ -126,7 +126,10 @@ class SlotVolume(Strict):
 
 
 class Storage(Strict):
-    vg: Name = "lvm"
+    """The node's disk: a small boot partition, then one LVM PV holding the VG."""
+
+    vg: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$", description="no '-': device-mapper doubles it")] = "lvm"
+    boot_size: Size = "64M"
     root_size: Size = "2G"
     var_size: Size = "8G"
     swap_size: Size = "1G"
@@ -158,7 +161,10 @@ class Slot(Strict):
 
 
 class Boot(Strict):
-    tries: Annotated[int, Field(ge=1, le=9)] = 3
+    """How a node chooses between its two copies of the firmware."""
+
+    tries: Annotated[int, Field(ge=1, le=9, description="boots a new copy gets to become ready")] = 3
+    ready_timeout: Annotated[int, Field(ge=10, description="seconds a boot has to become ready")] = 600
 
 
 class Qemu(Strict):

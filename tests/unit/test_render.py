@@ -10,7 +10,7 @@ import pytest
 from cbios.errors import StepError
 from cbios.profile import load_profile
 from cbios.project import Project
-from cbios.render import mkosi_configs, render_overlays
+from cbios.render import boot_files, mkosi_configs, render_overlays
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -18,7 +18,8 @@ GOLDEN = Path(__file__).parent / "golden"
 @pytest.mark.parametrize("name", ["qemu-test", "service-node"])
 def test_mkosi_configuration_matches_golden_files(project: Project, name: str) -> None:
     """Regenerate with CBIOS_UPDATE_GOLDEN=1 after a deliberate change, and review the diff."""
-    configs = mkosi_configs(project, load_profile(project, name))
+    profile = load_profile(project, name)
+    configs = {**mkosi_configs(project, profile), "boot": boot_files(project, profile)}
     for image, files in configs.items():
         for rel, text in files.items():
             golden = GOLDEN / name / image / rel

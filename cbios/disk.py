@@ -1,0 +1,116 @@
+"""The node disk of a build, disk.qcow2: made by booting the flasher (the initrd in flash
+mode) in QEMU on a blank disk, the firmware reaching it on a read-only second drive. It is
+the same code path that field staff use, and the build host needs no device-mapper."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from cbios import manifest
+from cbios.boot import built
+from cbios.errors import StepError
+from cbios.machine import Machine
+from cbios.profile import Profile, parse_size
+from cbios.project import Project
+from cbios.qemu import VmSpec, choose_accel
+from cbios.run import run
+
+log = logging.getLogger("cbios")
+
+DISK = "disk.qcow2"
+MEDIA_LABEL = "cbios-media"
+MEDIA_FILES = ["SHA256SUMS", "disk.conf", "grub.cfg", "root.img.zst", manifest.MANIFEST]
+EXTENT = 4 << 20
+FLASH_TIMEOUT = 900
+
+
+def disk_size(profile: Profile) -> int:
+    """Bytes for GPT, bios_grub, boot and a PV holding every LV (rounded to LVM extents)."""
+    storage = profile.storage
+    lvs = [storage.root_size, storage.root_size, storage.var_size, storage.swap_size]
+    lvs += [v.size for s in profile.slots for v in s.volumes]
+    pv = (1 << 20) + sum(-(-parse_size(size) // EXTENT) * EXTENT for size in lvs)
+    return (4 << 20) + parse_size(storage.boot_size) + pv + (8 << 20)
+
+
+def flash_cmdline(profile: Profile, *, target: str = "/dev/vda", force: bool = False) -> str:
+    args = ["cbios.flash=install", f"cbios.source=LABEL={MEDIA_LABEL}", f"cbios.target={target}",
+            "cbios.flash.done=poweroff", *profile.kernel.cmdline]
+    if force:
+        args.append("cbios.force")
+    return " ".join(args)
+
+
+def make_media(out: Path, dest: Path, log_file: Path) -> None:
+    """A small ext4 image holding what the flasher reads, like a stick a technician carries."""
+    with tempfile.TemporaryDirectory(prefix="cbios-media-", dir=out / "work") as tmp:
+        for name in MEDIA_FILES:
+            shutil.copy2(out / name, Path(tmp) / name)
+        used = sum((Path(tmp) / n).stat().st_size for n in MEDIA_FILES)
+        size = ((used + used // 10 + (8 << 20)) >> 20) + 1
+        dest.unlink(missing_ok=True)
+        run(["mkfs.ext4", "-q", "-F", "-L", MEDIA_LABEL, "-O", "^has_journal", "-d", tmp, dest, f"{size}M"],
+            step="flash media", log_file=log_file)
+
+
+def flasher_spec(project: Project, profile: Profile, out: Path, target: Path, media: Path,
+                 *, force: bool = False) -> VmSpec:
+    return VmSpec(
+        memory=profile.qemu.memory,
+        cpus=profile.qemu.cpus,
+        accel=choose_accel(out / "vmlinuz", project.build),
+        kernel=out / "vmlinuz",
+        initrd=out / "initrd.img",
+        cmdline=flash_cmdline(profile, force=force),
+        drives=[f"file={target},format=qcow2,if=virtio,cache=unsafe",
+                f"file={media},format=raw,if=virtio,readonly=on"],
+    )
+
+
+def flash(spec: VmSpec, logdir: Path, name: str) -> str:
+    """Run the flasher; return its report line (FLASHED or FAILED ...)."""
+    with Machine(spec, logdir, name=name) as machine:
+        line = machine.wait_report(("FLASHED", "FAILED"), FLASH_TIMEOUT)
+        if not machine.wait_exit(120):
+            raise machine.error("the flasher did not power off within 120 s")
+        return line
+
+
+def make_disk(project: Project, profile: Profile, *, force: bool = False) -> Path:
+    out = built(project, profile)
+    data = manifest.read(out / manifest.MANIFEST)
+    root_sha = data["artifacts"]["root.img"]["sha256"]
+    disk = out / DISK
+    entry = data.get("disk")
+    if not force and disk.is_file() and entry and entry.get("root_sha256") == root_sha \
+            and disk.stat().st_size == entry["size"]:
+        log.info("‣ %s is up to date", project.display(disk))
+        return disk
+    start = time.monotonic()
+    work = out / "work"
+    media = work / "media.img"
+    make_media(out, media, work / "logs" / "disk.log")
+    tmp = work / f"{DISK}.tmp"
+    tmp.unlink(missing_ok=True)
+    run(["qemu-img", "create", "-q", "-f", "qcow2", tmp, str(disk_size(profile))],
+        step="qemu-img create", log_file=work / "logs" / "disk.log")
+    log.info("‣ Flashing %s with the initrd's flasher in QEMU", project.display(disk))
+    line = flash(flasher_spec(project, profile, out, tmp, media), work / "vm", "flasher")
+    if not line.startswith("FLASHED"):
+        raise StepError("flasher", line)
+    # Compact: the flasher's zeroed blocks need not be stored.
+    run(["qemu-img", "convert", "-O", "qcow2", tmp, disk], step="qemu-img convert",
+        log_file=work / "logs" / "disk.log")
+    tmp.unlink()
+    media.unlink()
+    data["disk"] = {"sha256": manifest.sha256_file(disk), "size": disk.stat().st_size,
+                    "virtual_size": disk_size(profile), "root_sha256": root_sha,
+                    "seconds": round(time.monotonic() - start, 1)}
+    manifest.write(out / manifest.MANIFEST, data)
+    log.info("‣ Made %s in %.0f s (%d MiB)", project.display(disk), time.monotonic() - start,
+             disk.stat().st_size >> 20)
+    return disk

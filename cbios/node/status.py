@@ -1,0 +1,62 @@
+"""`cbios status`: which copy runs, the versions of both, tries left, the last fallback."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from cbios.node import bootenv
+
+RELEASE = Path("/usr/lib/cbios/release")
+
+
+def release(text: str) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line and not line.startswith("#"))
+
+
+def copy_release(vg: str, lv: str) -> dict[str, str] | None:
+    """The release file inside an LV's file system, read without mounting it."""
+    proc = subprocess.run(["debugfs", "-R", f"cat {RELEASE}", f"/dev/{vg}/{lv}"],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False)
+    found = release(proc.stdout) if proc.returncode == 0 else {}
+    return found or None
+
+
+def gather(env: dict[str, str] | None, running: str | None, own: dict[str, str]) -> dict[str, Any]:
+    vg = own.get("CBIOS_VG", "lvm")
+    copies = {}
+    for copy, lv in bootenv.COPIES.items():
+        rel = copy_release(vg, lv) if env is not None else None
+        copies[copy] = {
+            "lv": f"{vg}/{lv}",
+            "version": rel.get("CBIOS_VERSION") if rel else None,
+            "profile": rel.get("CBIOS_PROFILE") if rel else None,
+            "state": (env or {}).get(f"cbios_{copy}_state") or None,
+            "tries_left": (env or {}).get(f"cbios_{copy}_tries") or None,
+            "running": copy == running,
+        }
+    return {
+        "profile": own.get("CBIOS_PROFILE"),
+        "version": own.get("CBIOS_VERSION"),
+        "object_id": own.get("CBIOS_OBJECT_ID"),
+        "running": running,
+        "next_boot": (env or {}).get("cbios_active") or None,
+        "last_fallback": (env or {}).get("cbios_fallback") or None,
+        "copies": copies if env is not None else {},
+    }
+
+
+def render_text(st: dict[str, Any]) -> str:
+    lines = [f"CBIOS {st['profile']} {st['version']}, node {st['object_id']}"]
+    if st["running"] is None:
+        lines.append("running from an image, not from a node disk: no copies, no boot state")
+        return "\n".join(lines) + "\n"
+    lines.append(f"{'copy':<7}{'LV':<16}{'version':<10}{'state':<7}{'tries':<7}")
+    for copy, c in st["copies"].items():
+        mark = "  (running)" if c["running"] else ""
+        lines.append(f"{copy:<7}{c['lv']:<16}{c['version'] or 'unreadable':<10}{c['state'] or '-':<7}"
+                     f"{c['tries_left'] or '-':<7}{mark}".rstrip())
+    lines.append(f"next boot:     {st['next_boot']}")
+    lines.append(f"last fallback: {st['last_fallback'] or 'none'}")
+    return "\n".join(lines) + "\n"
