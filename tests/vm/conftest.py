@@ -71,3 +71,20 @@ def machine(vm_project: Project, profile: Profile, built: Path, scratch_disk: Pa
         m.shutdown()
     finally:
         m.kill()
+
+
+@pytest.fixture(scope="session")
+def node_disk(vm_project: Project, profile: Profile, built: Path) -> Path:
+    """build/qemu-test/disk.qcow2, made by the flasher once per session (or found up to date)."""
+    from cbios.disk import make_disk
+
+    return make_disk(vm_project, profile)
+
+
+@pytest.fixture
+def disk_copy(node_disk: Path, tmp_path: Path) -> Path:
+    """A writable copy of the node disk for one test (a qcow2 overlay: the built disk stays)."""
+    path = tmp_path / "node.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(node_disk), "-F", "qcow2", str(path)],
+                   check=True)
+    return path

@@ -1,0 +1,112 @@
+"""The node disk: two copies of the firmware on LVM, GRUB's choice between them, fallback
+with no hand on the node, and a flasher that will not overwrite a node by accident."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import lvm_layout
+
+from cbios.boot import disk_boot_spec
+from cbios.disk import flash, flasher_spec, make_media
+from cbios.machine import Machine
+from cbios.profile import Profile
+from cbios.project import Project
+
+
+def boot_disk(project: Project, profile: Profile, built: Path, disk: Path, name: str,
+              fw_cfg: dict[str, str] | None = None) -> Machine:
+    spec = disk_boot_spec(project, profile, built, disk, persist=True)
+    spec.fw_cfg = fw_cfg or {}
+    return Machine(spec, disk.parent / "vm", name=name)  # started by `with`
+
+
+def status(machine: Machine) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(machine.succeed("cbios status --json"))
+    return data
+
+
+def test_disk_boots_the_primary_commits_it_and_boots_it_again(
+        vm_project: Project, profile: Profile, built: Path, disk_copy: Path) -> None:
+    vg = profile.storage.vg
+    with boot_disk(vm_project, profile, built, disk_copy, "disk") as m:
+        assert "copy=root" in m.wait_ready(profile.qemu.ready_timeout)
+        assert "CBIOS: booting copy root (lvm/root, state new)" in m.console_log.read_text()
+        assert m.succeed("findmnt -n -o SOURCE,OPTIONS / | cut -d, -f1") == f"/dev/mapper/{vg}-root ro"
+        assert m.succeed("findmnt -n -o SOURCE,FSTYPE /var") == f"/dev/mapper/{vg}-var ext4"
+        m.succeed("echo kept > /var/lib/cbios-test")
+        assert m.succeed("swapon --show=NAME,SIZE --noheadings | tr -s ' '") == "/dev/dm-3 64M"
+        assert m.succeed(f"readlink -f /dev/{vg}/swap") == "/dev/dm-3"
+        # The source document's slot volume name, and the size the profile gives it.
+        assert m.succeed(f"blockdev --getsize64 /dev/mapper/{vg}-slot2-0") == str(16 << 20)
+        st = status(m)
+        assert st["running"] == "root" and st["next_boot"] == "root" and st["last_fallback"] is None
+        assert st["copies"]["root"]["state"] == "good"  # committed once ready
+        assert st["copies"]["root"]["tries_left"] is None
+        assert {c["version"] for c in st["copies"].values()} == {profile.version}
+        assert "root   lvm/root" in m.succeed("cbios status")
+
+        m.succeed("systemctl reboot")
+        assert "copy=root" in m.wait_ready(profile.qemu.ready_timeout)
+        assert "CBIOS: booting copy root (lvm/root, state good)" in m.console_log.read_text()
+        assert m.succeed("cat /var/lib/cbios-test") == "kept"
+        assert status(m)["copies"]["root"]["state"] == "good"
+        m.shutdown()
+
+
+def test_destroyed_primary_boots_the_spare_with_no_input(
+        vm_project: Project, profile: Profile, built: Path, disk_copy: Path) -> None:
+    offset = lvm_layout.lv_offset(disk_copy, profile.storage.vg, "root")
+    lvm_layout.overwrite(disk_copy, offset, 64 << 10)  # the ext4 superblock and group descriptors
+    with boot_disk(vm_project, profile, built, disk_copy, "broken-primary") as m:
+        assert "copy=spare" in m.wait_ready(profile.qemu.ready_timeout)
+        st = status(m)
+        assert st["running"] == "spare" and st["next_boot"] == "spare"
+        assert st["copies"]["root"]["state"] == "bad"
+        assert st["copies"]["root"]["version"] is None  # its file system is unreadable
+        assert st["last_fallback"] == "copy root could not be loaded (kernel, initrd or file system)"
+        assert "last fallback: copy root could not be loaded" in m.succeed("cbios status")
+        m.shutdown()
+
+
+def test_primary_that_never_becomes_ready_falls_back_after_its_tries(
+        vm_project: Project, profile: Profile, built: Path, disk_copy: Path) -> None:
+    knob = {"opt/org.cbios/fail-ready": "root"}  # the test image's health check fails on root
+    with boot_disk(vm_project, profile, built, disk_copy, "unhealthy-primary", fw_cfg=knob) as m:
+        timeout = (profile.boot.tries + 1) * profile.qemu.ready_timeout
+        assert "copy=spare" in m.wait_report(("READY",), timeout, skip_failed=True)
+        failed = [r for r in m.reports if r.startswith("FAILED")]
+        assert len(failed) == profile.boot.tries
+        assert all("copy=root" in r and "check=90-test-fail-ready" in r for r in failed)
+        st = status(m)
+        assert st["running"] == "spare"
+        assert st["copies"]["root"]["state"] == "bad"
+        assert st["last_fallback"] == "copy root did not become ready in its tries"
+        m.shutdown()
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_install_refuses_a_disk_that_holds_cbios(
+        vm_project: Project, profile: Profile, built: Path, disk_copy: Path, tmp_path: Path) -> None:
+    media = tmp_path / "media.img"
+    make_media(built, media, tmp_path / "media.log")
+    before = _sha256(disk_copy)
+    line = flash(flasher_spec(vm_project, profile, built, disk_copy, media), tmp_path / "vm", "reflash")
+    assert line.startswith("FAILED refusing to install: /dev/vda holds LVM VG lvm")
+    assert "cbios.force" in line
+    assert _sha256(disk_copy) == before
+
+
+def test_boot_disk_check_verb(node_disk: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "cbios.cli", "boot", "qemu-test", "--disk", "--check"],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "reached ready" in proc.stderr
