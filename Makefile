@@ -39,7 +39,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 image: deps
-	$(INVOKE) build --profile $(PROFILE)
+	$(INVOKE) disk --profile $(PROFILE)
 
 test: deps
 	$(INVOKE) test

@@ -5,15 +5,19 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
-from cbios import manifest
-from cbios.boot import kernel_boot_spec
+from cbios import lvm_layout, manifest
+from cbios.boot import disk_boot_spec, kernel_boot_spec
 from cbios.build import build
+from cbios.disk import DISK, make_disk
 from cbios.machine import Machine
 from cbios.profile import load_profile
 from cbios.project import Project
+from cbios.run import run
 
 log = logging.getLogger("cbios")
 
@@ -37,13 +41,30 @@ def run_bench(name: str, *, cold: bool) -> dict[str, Any]:
     figures["build_warm_s"] = _timed(lambda: build(project, profile, force=True))
     figures["build_noop_s"] = _timed(lambda: build(project, profile))
     out = project.build / name
+    figures["disk_s"] = _timed(lambda: make_disk(project, profile, force=True))
     data = manifest.read(out / manifest.MANIFEST)
     figures["sizes_bytes"] = {n: m["size"] for n, m in data["artifacts"].items()}
-    with Machine(kernel_boot_spec(project, profile, out), out / "work" / "bench", name=name) as m:
+    figures["sizes_bytes"][DISK] = data["disk"]["size"]
+    logdir = out / "work" / "bench"
+    with Machine(kernel_boot_spec(project, profile, out), logdir, name=name) as m:
         m.wait_ready(profile.qemu.ready_timeout)
         figures["boot_to_ready_s"] = round(m.uptime(), 1)
         figures["accel"] = m.spec.accel
         m.shutdown()
+    with tempfile.TemporaryDirectory(prefix="cbios-bench-") as tmp:
+        disk = Path(tmp) / "node.qcow2"
+        run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", out / DISK, "-F", "qcow2", disk],
+            step="qemu-img create")
+        spec = disk_boot_spec(project, profile, out, disk, persist=True)
+        with Machine(spec, logdir, name=f"{name}-disk") as m:
+            m.wait_ready(profile.qemu.ready_timeout)
+            figures["disk_boot_to_ready_s"] = round(m.uptime(), 1)
+            m.shutdown()
+        lvm_layout.overwrite(disk, lvm_layout.lv_offset(disk, profile.storage.vg, "root"), 64 << 10)
+        with Machine(spec, logdir, name=f"{name}-broken-primary") as m:
+            m.wait_ready(profile.qemu.ready_timeout)
+            figures["broken_primary_to_ready_on_spare_s"] = round(m.uptime(), 1)
+            m.shutdown()
     path = out / "bench.json"
     path.write_text(json.dumps(figures, indent=2) + "\n")
     for key, value in figures.items():

@@ -10,8 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import lvm_layout
-
+from cbios import lvm_layout
 from cbios.boot import disk_boot_spec
 from cbios.disk import flash, flasher_spec, make_media
 from cbios.machine import Machine

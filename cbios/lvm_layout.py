@@ -1,5 +1,5 @@
 """Where an LV's bytes are inside a node disk image, found from the host: the GPT, then the
-PV's text metadata. Tests use it to damage a copy of the firmware from outside the guest."""
+PV's text metadata. Tests and benchmarks use it to damage a copy of the firmware from outside the guest."""
 
 from __future__ import annotations
 
