@@ -57,6 +57,8 @@ class Machine:
     # -- lifecycle ------------------------------------------------------------------
 
     def start(self) -> None:
+        if self.proc is not None:
+            raise VmError(f"{self.name}: already started")  # a second QEMU would leak the first
         self.logdir.mkdir(parents=True, exist_ok=True)
         for path in (self.console_log, self.qemu_log, self.spec.ready_file):
             if path is not None:

@@ -52,11 +52,12 @@ def render_text(st: dict[str, Any]) -> str:
     if st["running"] is None:
         lines.append("running from an image, not from a node disk: no copies, no boot state")
         return "\n".join(lines) + "\n"
-    lines.append(f"{'copy':<7}{'LV':<16}{'version':<10}{'state':<7}{'tries':<7}")
+    rows = [["copy", "LV", "version", "state", "tries", ""]]
     for copy, c in st["copies"].items():
-        mark = "  (running)" if c["running"] else ""
-        lines.append(f"{copy:<7}{c['lv']:<16}{c['version'] or 'unreadable':<10}{c['state'] or '-':<7}"
-                     f"{c['tries_left'] or '-':<7}{mark}".rstrip())
+        rows.append([copy, c["lv"], c["version"] or "unreadable", c["state"] or "-", c["tries_left"] or "-",
+                     "(running)" if c["running"] else ""])
+    widths = [max(len(row[i]) for row in rows) + 2 for i in range(len(rows[0]))]
+    lines += ["".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     lines.append(f"next boot:     {st['next_boot']}")
     lines.append(f"last fallback: {st['last_fallback'] or 'none'}")
     return "\n".join(lines) + "\n"

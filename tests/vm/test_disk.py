@@ -48,7 +48,7 @@ def test_disk_boots_the_primary_commits_it_and_boots_it_again(
         assert st["copies"]["root"]["state"] == "good"  # committed once ready
         assert st["copies"]["root"]["tries_left"] is None
         assert {c["version"] for c in st["copies"].values()} == {profile.version}
-        assert "root   lvm/root" in m.succeed("cbios status")
+        assert "root   lvm/root        1.0.0       good   -      (running)" in m.succeed("cbios status")
 
         m.succeed("systemctl reboot")
         assert "copy=root" in m.wait_ready(profile.qemu.ready_timeout)
