@@ -155,7 +155,7 @@ def _up_to_date(out: Path, inputs: str) -> bool:
 
 def _inputs_digest(project: Project, profile: Profile, configs: dict[str, dict[str, str]],
                    overlay: Path) -> str:
-    """Everything a build depends on: the profile, the rendered configuration, the trees."""
+    """Everything a build depends on: the profile, the rendered configuration, the trees, the code."""
     h = hashlib.sha256()
     h.update(json.dumps({"cbios": __version__, "profile": profile_hash(profile), "configs": configs},
                         sort_keys=True).encode())

@@ -11,12 +11,12 @@ import time
 from pathlib import Path
 
 from cbios import manifest
-from cbios.boot import built
+from cbios.boot import built, kernel_boot_spec
 from cbios.errors import StepError
 from cbios.machine import Machine
 from cbios.profile import Profile, parse_size
 from cbios.project import Project
-from cbios.qemu import VmSpec, choose_accel
+from cbios.qemu import VmSpec
 from cbios.run import run
 
 log = logging.getLogger("cbios")
@@ -37,9 +37,12 @@ def disk_size(profile: Profile) -> int:
     return (4 << 20) + parse_size(storage.boot_size) + pv + (8 << 20)
 
 
-def flash_cmdline(profile: Profile, *, target: str = "/dev/vda", force: bool = False) -> str:
-    args = ["cbios.flash=install", f"cbios.source=LABEL={MEDIA_LABEL}", f"cbios.target={target}",
+def flash_cmdline(profile: Profile, *, source: str = f"LABEL={MEDIA_LABEL}", target: str = "/dev/vda",
+                  force: bool = False) -> str:
+    args = ["cbios.flash=install", f"cbios.source={source}", f"cbios.target={target}",
             "cbios.flash.done=poweroff", *profile.kernel.cmdline]
+    if source.startswith(("http://", "https://")):
+        args.append("ip=dhcp")
     if force:
         args.append("cbios.force")
     return " ".join(args)
@@ -57,18 +60,15 @@ def make_media(out: Path, dest: Path, log_file: Path) -> None:
             step="flash media", log_file=log_file)
 
 
-def flasher_spec(project: Project, profile: Profile, out: Path, target: Path, media: Path,
-                 *, force: bool = False) -> VmSpec:
-    return VmSpec(
-        memory=profile.qemu.memory,
-        cpus=profile.qemu.cpus,
-        accel=choose_accel(out / "vmlinuz", project.build),
-        kernel=out / "vmlinuz",
-        initrd=out / "initrd.img",
-        cmdline=flash_cmdline(profile, force=force),
-        drives=[f"file={target},format=qcow2,if=virtio,cache=unsafe",
-                f"file={media},format=raw,if=virtio,readonly=on"],
-    )
+def flasher_spec(project: Project, profile: Profile, out: Path, target: Path, media: Path | None,
+                 *, source: str = f"LABEL={MEDIA_LABEL}", force: bool = False) -> VmSpec:
+    """The flasher in QEMU: TARGET as /dev/vda, MEDIA (if any) as a read-only /dev/vdb."""
+    spec = kernel_boot_spec(project, profile, out)
+    spec.cmdline = flash_cmdline(profile, source=source, force=force)
+    spec.drives = [f"file={target},format=qcow2,if=virtio,cache=unsafe"]
+    if media is not None:
+        spec.drives.append(f"file={media},format=raw,if=virtio,readonly=on")
+    return spec
 
 
 def flash(spec: VmSpec, logdir: Path, name: str) -> str:

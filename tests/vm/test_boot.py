@@ -42,7 +42,8 @@ def test_node_identity_comes_from_the_profile(machine: Machine, profile: Profile
     assert machine.succeed("hostname") == profile.node.hostname
     release = dict(line.split("=", 1) for line in machine.succeed("cat /usr/lib/cbios/release").splitlines())
     assert release == {"CBIOS_PROFILE": profile.name, "CBIOS_VERSION": profile.version,
-                       "CBIOS_OBJECT_ID": profile.node.object_id}
+                       "CBIOS_OBJECT_ID": profile.node.object_id, "CBIOS_VG": profile.storage.vg,
+                       "CBIOS_READY_TIMEOUT": str(profile.boot.ready_timeout)}
     cmdline = machine.succeed("cat /proc/cmdline").split()
     assert set(profile.kernel.cmdline) <= set(cmdline)
 

@@ -66,6 +66,6 @@ def test_boot_check_reaches_ready_and_powers_off(built: Path) -> None:
 def test_boot_check_failure_shows_console_tail_and_log_path(built: Path) -> None:
     proc = _cbios("boot", "qemu-test", "--check", "--timeout", "10")
     assert proc.returncode == 1
-    assert "not ready within 10 s" in proc.stderr
+    assert "no READY within 10 s" in proc.stderr
     assert "--- last 25 console lines ---" in proc.stderr
     assert "console log: " in proc.stderr and "Traceback" not in proc.stderr
