@@ -7,17 +7,12 @@ import hashlib
 import json
 import subprocess
 import sys
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 from cbios import lvm_layout
 from cbios.boot import disk_boot_spec
-from cbios.disk import disk_size, flash, flasher_spec, make_media
+from cbios.disk import flash, flasher_spec, make_media
 from cbios.machine import Machine
 from cbios.profile import Profile
 from cbios.project import Project
@@ -116,30 +111,3 @@ def test_boot_disk_check_verb(node_disk: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "reached ready" in proc.stderr
 
-
-@contextmanager
-def http_server(directory: Path) -> Iterator[int]:
-    """A plain HTTP server on 127.0.0.1 serving DIRECTORY; yields its port."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(SimpleHTTPRequestHandler, directory=str(directory)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def test_install_from_a_url_onto_a_blank_disk_then_boot_it(
-        vm_project: Project, profile: Profile, built: Path, tmp_path: Path) -> None:
-    disk = tmp_path / "blank.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), str(disk_size(profile))], check=True)
-    with http_server(built) as port:
-        spec = flasher_spec(vm_project, profile, built, disk, None, source="http://10.0.2.100/")
-        # restrict=on: the guest reaches nothing but this one forwarded address.
-        spec.netdev = f"user,id=n0,restrict=on,guestfwd=tcp:10.0.2.100:80-tcp:127.0.0.1:{port}"
-        line = flash(spec, tmp_path / "vm", "url-flasher")
-    assert line.startswith(f"FLASHED install {profile.name} {profile.version} on /dev/vda")
-    with boot_disk(vm_project, profile, built, disk, "url-installed") as m:
-        assert "copy=root" in m.wait_ready(profile.qemu.ready_timeout)
-        m.shutdown()
