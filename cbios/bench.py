@@ -13,11 +13,10 @@ from typing import Any
 from cbios import lvm_layout, manifest
 from cbios.boot import disk_boot_spec, kernel_boot_spec
 from cbios.build import build
-from cbios.disk import DISK, make_disk
+from cbios.disk import DISK, make_disk, overlay
 from cbios.machine import Machine
 from cbios.profile import load_profile
 from cbios.project import Project
-from cbios.run import run
 
 log = logging.getLogger("cbios")
 
@@ -52,9 +51,7 @@ def run_bench(name: str, *, cold: bool) -> dict[str, Any]:
         figures["accel"] = m.spec.accel
         m.shutdown()
     with tempfile.TemporaryDirectory(prefix="cbios-bench-") as tmp:
-        disk = Path(tmp) / "node.qcow2"
-        run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", out / DISK, "-F", "qcow2", disk],
-            step="qemu-img create")
+        disk = overlay(out / DISK, Path(tmp) / "node.qcow2")
         spec = disk_boot_spec(project, profile, out, disk, persist=True)
         with Machine(spec, logdir, name=f"{name}-disk") as m:
             m.wait_ready(profile.qemu.ready_timeout)

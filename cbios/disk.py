@@ -37,6 +37,14 @@ def disk_size(profile: Profile) -> int:
     return (4 << 20) + parse_size(storage.boot_size) + pv + (8 << 20)
 
 
+def overlay(backing: Path, path: Path) -> Path:
+    """A writable qcow2 on top of BACKING, which stays as it is."""
+    # qemu-img resolves a relative backing path against the overlay: pass it absolute.
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", backing.resolve(), "-F", "qcow2", path],
+        step="qemu-img create")
+    return path
+
+
 def flash_cmdline(profile: Profile, *, source: str = f"LABEL={MEDIA_LABEL}", target: str = "/dev/vda",
                   force: bool = False) -> str:
     args = ["cbios.flash=install", f"cbios.source={source}", f"cbios.target={target}",

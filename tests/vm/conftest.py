@@ -84,7 +84,6 @@ def node_disk(vm_project: Project, profile: Profile, built: Path) -> Path:
 @pytest.fixture
 def disk_copy(node_disk: Path, tmp_path: Path) -> Path:
     """A writable copy of the node disk for one test (a qcow2 overlay: the built disk stays)."""
-    path = tmp_path / "node.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(node_disk), "-F", "qcow2", str(path)],
-                   check=True)
-    return path
+    from cbios.disk import overlay
+
+    return overlay(node_disk, tmp_path / "node.qcow2")
