@@ -36,6 +36,7 @@ def kernel_boot_spec(project: Project, profile: Profile, out: Path) -> VmSpec:
         initrd=out / "initrd.img",
         cmdline=cmdline,
         drives=[f"file={out / 'root.img'},format=raw,if=virtio,readonly=on"],
+        macs=[nic.mac for nic in profile.network.nics],
     )
 
 
@@ -49,6 +50,7 @@ def disk_boot_spec(project: Project, profile: Profile, out: Path, disk: Path, *,
         accel=choose_accel(out / "vmlinuz", project.build),
         drives=[drive],
         no_reboot=False,
+        macs=[nic.mac for nic in profile.network.nics],
     )
 
 

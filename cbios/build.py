@@ -21,7 +21,9 @@ from cbios import __version__, image, manifest, mkosi
 from cbios.errors import StepError
 from cbios.profile import Profile, parse_size, profile_hash
 from cbios.project import Project
-from cbios.render import add_node_package, boot_files, mkosi_configs, render_overlays, write_tree
+from cbios.profile import template as slot_template
+from cbios.render import (add_files, add_node_package, boot_files, mkosi_configs, network_files, render_overlays,
+                          slot_image_configs, write_tree)
 
 log = logging.getLogger("cbios")
 
@@ -54,8 +56,12 @@ def build(project: Project, profile: Profile, *, force: bool = False) -> Path:
     dirs.work.mkdir(parents=True, exist_ok=True)
     configs = mkosi_configs(project, profile)
     configs["boot"] = boot_files(project, profile)
+    slot_configs = slot_image_configs(project, profile)
+    configs.update({f"slot-{name}": files for name, files in slot_configs.items()})
     overlay = dirs.work / "overlay"
     render_overlays(project, profile, overlay)
+    add_files(network_files(project, profile), overlay)
+    slot_template.bake(project, profile, overlay)
     add_node_package(overlay)
     inputs = _inputs_digest(project, profile, configs, overlay)
     if not force and _up_to_date(dirs.out, inputs):
@@ -82,6 +88,7 @@ def build(project: Project, profile: Profile, *, force: bool = False) -> Path:
     mkosi.build(images["initrd"], log_file=dirs.logs / "initrd.log",
                 extra_trees=[project.initrd / "tree"], source_date_epoch=sde)
     initrd_cpio = images["initrd"].output_dir / "initrd.cpio.zst"
+    slot_images = _slot_images(project, profile, dirs, slot_configs, overlay, sde)
     mkosi.build(images["root"], log_file=dirs.logs / "root.log", extra_trees=[overlay],
                 initrds=[initrd_cpio], source_date_epoch=sde)
 
@@ -116,10 +123,13 @@ def build(project: Project, profile: Profile, *, force: bool = False) -> Path:
             {"template": s.template, "eid": s.eid, "object_id": profile.slot_object_id(s.eid)}
             for s in profile.slots
         ],
+        "slot_templates": {name: {"type": t.type, "version": t.version}
+                           for name, t in slot_template.templates_of(project, profile).items()},
         "packages": {
             "root": mkosi.packages(root_out / "root.manifest"),
             "initrd": mkosi.packages(images["initrd"].output_dir / "initrd.manifest"),
         },
+        "slot_images": slot_images,
         "artifacts": manifest.describe(dirs.staging, ARTIFACTS),
         "build_seconds": round(time.monotonic() - start, 1),
     }
@@ -127,6 +137,42 @@ def build(project: Project, profile: Profile, *, force: bool = False) -> Path:
     log.info("‣ Built %s %s in %.0f s: %s", profile.name, profile.version,
              time.monotonic() - start, project.display(dirs.out))
     return dirs.out
+
+
+def _slot_images(project: Project, profile: Profile, dirs: BuildDirs, configs: dict[str, dict[str, str]],
+                 overlay: Path, sde: int | None) -> dict[str, dict[str, object]]:
+    """Each lxc-system template's root file system: mkosi, then ext4, then zstd, into the
+    root's tree (CB-Executor writes it to the slot's volume 0 at install)."""
+    templates = slot_template.templates_of(project, profile)
+    described: dict[str, dict[str, object]] = {}
+    for name, files in configs.items():
+        write_tree(files, dirs.work / "mkosi" / f"slot-{name}")
+        img = mkosi.MkosiImage(
+            name=f"slot {name}",
+            config_dir=dirs.work / "mkosi" / f"slot-{name}",
+            output_dir=dirs.work / "out" / f"slot-{name}",
+            cache_dir=project.cache / "mkosi" / profile.name / f"slot-{name}",
+            package_cache_dir=project.cache / "packages",
+        )
+        mkosi.build(img, log_file=dirs.logs / f"slot-{name}.log", source_date_epoch=sde)
+        raw = dirs.work / "out" / f"slot-{name}.img"
+        fs_uuid = uuid.uuid5(uuid.NAMESPACE_URL, f"cbios:{profile.name}:{profile.version}:slot:{name}")
+        size = image.make_ext4(img.output_dir / name, raw, f"slot-{name}"[:16], fs_uuid, 16 << 20,
+                               dirs.logs / f"slot-{name}.log")
+        room = min(parse_size(v.size) for v in templates[name].volumes if v.iid == 0)
+        room = min([room, *(parse_size(v.size) for s in profile.slots if s.template == name
+                            for v in s.volumes if v.iid == 0)])
+        if size > room:
+            raise StepError(f"slot {name}", f"its image ({size >> 20} MiB) does not fit its volume 0 "
+                            f"({room >> 20} MiB): raise the volume's size")
+        target = overlay / slot_template.NODE_IMAGES / f"{name}.img.zst"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        image.compress(raw, target, dirs.logs / f"slot-{name}.log")
+        raw.unlink()
+        described[name] = {"image_bytes": size, "zst_bytes": target.stat().st_size,
+                           "sha256": manifest.sha256_file(target),
+                           "packages": mkosi.packages(img.output_dir / f"{name}.manifest")}
+    return described
 
 
 def _publish(dirs: BuildDirs, data: dict[str, object]) -> None:

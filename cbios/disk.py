@@ -15,6 +15,7 @@ from cbios.boot import built, kernel_boot_spec
 from cbios.errors import StepError
 from cbios.machine import Machine
 from cbios.profile import Profile, parse_size
+from cbios.profile import template as slot_template
 from cbios.project import Project
 from cbios.qemu import VmSpec
 from cbios.run import run
@@ -28,12 +29,14 @@ EXTENT = 4 << 20
 FLASH_TIMEOUT = 900
 
 
-def disk_size(profile: Profile) -> int:
+def disk_size(project: Project, profile: Profile) -> int:
     """Bytes for GPT, bios_grub, boot and a PV holding every LV (rounded to LVM extents)."""
     storage = profile.storage
     lvs = [storage.root_size, storage.root_size, storage.var_size, storage.swap_size]
-    lvs += [v.size for s in profile.slots for v in s.volumes]
-    pv = (1 << 20) + sum(-(-parse_size(size) // EXTENT) * EXTENT for size in lvs)
+    sizes = [parse_size(size) for size in lvs] + [parse_size(storage.slot_room)]
+    sizes += [v["size"] for s in slot_template.node_slots(profile, slot_template.templates_of(project, profile))["slots"]
+              for v in s["volumes"]]
+    pv = (1 << 20) + sum(-(-size // EXTENT) * EXTENT for size in sizes)
     return (4 << 20) + parse_size(storage.boot_size) + pv + (8 << 20)
 
 
@@ -104,7 +107,7 @@ def make_disk(project: Project, profile: Profile, *, force: bool = False) -> Pat
     make_media(out, media, work / "logs" / "disk.log")
     tmp = work / f"{DISK}.tmp"
     tmp.unlink(missing_ok=True)
-    run(["qemu-img", "create", "-q", "-f", "qcow2", tmp, str(disk_size(profile))],
+    run(["qemu-img", "create", "-q", "-f", "qcow2", tmp, str(disk_size(project, profile))],
         step="qemu-img create", log_file=work / "logs" / "disk.log")
     log.info("‣ Flashing %s with the initrd's flasher in QEMU", project.display(disk))
     line = flash(flasher_spec(project, profile, out, tmp, media), work / "vm", "flasher")
@@ -116,7 +119,7 @@ def make_disk(project: Project, profile: Profile, *, force: bool = False) -> Pat
     tmp.unlink()
     media.unlink()
     data["disk"] = {"sha256": manifest.sha256_file(disk), "size": disk.stat().st_size,
-                    "virtual_size": disk_size(profile), "root_sha256": root_sha,
+                    "virtual_size": disk_size(project, profile), "root_sha256": root_sha,
                     "seconds": round(time.monotonic() - start, 1)}
     manifest.write(out / manifest.MANIFEST, data)
     log.info("‣ Made %s in %.0f s (%d MiB)", project.display(disk), time.monotonic() - start,

@@ -78,14 +78,19 @@ def tree_size(tree: Path) -> int:
 
 def make_root_img(tree: Path, profile: Profile, out: Path, fs_uuid: uuid.UUID, log_file: Path) -> int:
     """An ext4 image of TREE sized to its contents plus the profile's headroom."""
+    return make_ext4(tree, out, ROOT_LABEL, fs_uuid, parse_size(profile.storage.root_headroom), log_file)
+
+
+def make_ext4(tree: Path, out: Path, label: str, fs_uuid: uuid.UUID, headroom: int, log_file: Path) -> int:
+    """An ext4 image of TREE, no bigger than its contents need plus HEADROOM; its size."""
     used = tree_size(tree)
     # ext4 metadata (inode tables, journal) takes about 10% of a small file system.
-    size = used + used // 10 + parse_size(profile.storage.root_headroom) + (16 << 20)
+    size = used + used // 10 + headroom + (16 << 20)
     size = (size + (1 << 20) - 1) // (1 << 20) << 20
     if out.exists():
         out.unlink()
     with complete_step(f"Making {out.name} ({size >> 20} MiB, contents {used >> 20} MiB)"):
-        run(["mkfs.ext4", "-q", "-F", "-L", ROOT_LABEL, "-U", str(fs_uuid),
+        run(["mkfs.ext4", "-q", "-F", "-L", label, "-U", str(fs_uuid),
              "-E", f"hash_seed={fs_uuid}", "-O", "^orphan_file,^metadata_csum_seed",
              "-d", tree, out, f"{size >> 10}K"],
             step="mkfs.ext4", log_file=log_file)

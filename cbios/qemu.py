@@ -41,6 +41,7 @@ class VmSpec:
     shell_socket: Path | None = None
     qmp_socket: Path | None = None
     netdev: str = "user,id=n0,restrict=on"
+    macs: list[str] = field(default_factory=list)  # one NIC a MAC on netdevs n0, n1, ...; none: one NIC
     no_reboot: bool = True  # a guest reboot ends QEMU (kernel boots); disk boots may reboot
     fw_cfg: dict[str, str] = field(default_factory=dict)  # -fw_cfg name=opt/...,string=...
 
@@ -49,8 +50,14 @@ class VmSpec:
         argv = [QEMU, "-accel", self.accel, "-cpu", cpu, "-m", str(self.memory), "-smp", str(self.cpus),
                 "-nodefaults", "-no-user-config", "-display", "none",
                 *(["-no-reboot"] if self.no_reboot else []),
-                "-serial", self.serial, "-device", "virtio-rng-pci",
-                "-netdev", self.netdev, "-device", "virtio-net-pci,netdev=n0"]
+                "-serial", self.serial, "-device", "virtio-rng-pci"]
+        argv += ["-netdev", self.netdev]
+        if not self.macs:
+            argv += ["-device", "virtio-net-pci,netdev=n0"]
+        for i, mac in enumerate(self.macs):
+            if i:
+                argv += ["-netdev", self.netdev.replace("id=n0", f"id=n{i}")]
+            argv += ["-device", f"virtio-net-pci,netdev=n{i},mac={mac}"]
         if self.kernel:
             argv += ["-kernel", str(self.kernel)]
         if self.initrd:

@@ -14,6 +14,7 @@ import jinja2
 
 from cbios.errors import StepError
 from cbios.profile import Profile, parse_size
+from cbios.profile import template as slot_template
 from cbios.project import Project
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -33,12 +34,13 @@ def environment(project: Project) -> jinja2.Environment:
     return env
 
 
-def context(profile: Profile) -> dict[str, Any]:
-    """What templates see: the profile, and a few values derived from it."""
+def context(profile: Profile, extra_packages: list[str] | None = None) -> dict[str, Any]:
+    """What templates see: the profile, and a few values derived from it. EXTRA_PACKAGES:
+    what the profile's lxc-service slots need in the root they share."""
     root = next((u for u in profile.users if u.name == "root"), None)
     return {
         "profile": profile,
-        "packages": sorted({profile.kernel.package, *profile.packages}),
+        "packages": sorted({profile.kernel.package, *profile.packages, *(extra_packages or [])}),
         "root_password": root.password_hash if root else None,
         "ssh_keys": {u.name: u.ssh_keys for u in profile.users},
         "dist": profile.distribution,
@@ -65,7 +67,7 @@ def render_string(env: jinja2.Environment, name: str, ctx: dict[str, Any]) -> st
 def mkosi_configs(project: Project, profile: Profile) -> dict[str, dict[str, str]]:
     """The rendered mkosi configuration of each image: {image: {relative path: text}}."""
     env = environment(project)
-    ctx = context(profile)
+    ctx = context(profile, slot_template.packages(slot_template.templates_of(project, profile)))
     sources = render_string(env, "mkosi/sources.j2", ctx)
     pkgmngr = "mkosi.pkgmngr/etc/apt/sources.list.d/mkosi.sources"
     return {
@@ -74,14 +76,64 @@ def mkosi_configs(project: Project, profile: Profile) -> dict[str, dict[str, str
     }
 
 
+def slot_image_configs(project: Project, profile: Profile) -> dict[str, dict[str, str]]:
+    """mkosi configuration of each lxc-system template's image: {template: {path: text}}."""
+    env = environment(project)
+    ctx = context(profile)
+    sources = render_string(env, "mkosi/sources.j2", ctx)
+    out = {}
+    for name, template in slot_template.templates_of(project, profile).items():
+        if template.type != "lxc-system":
+            continue
+        out[name] = {
+            "mkosi.conf": render_string(env, "mkosi/slot.conf.j2", {**ctx, "template": name}),
+            "mkosi.conf.d/50-template.conf": (project.slot_templates / name / "mkosi.conf").read_text(),
+            "mkosi.pkgmngr/etc/apt/sources.list.d/mkosi.sources": sources,
+        }
+    return out
+
+
 def boot_files(project: Project, profile: Profile) -> dict[str, str]:
     """What the flasher puts beside the firmware: GRUB's configuration and the disk layout."""
     env = environment(project)
-    ctx = context(profile)
+    slots = slot_template.node_slots(profile, slot_template.templates_of(project, profile))["slots"]
+    volumes = [f"slot{s['eid']}-{v['iid']}:{v['size']}" for s in slots for v in s["volumes"]]
+    ctx = {**context(profile), "slot_volumes": volumes}
     return {
         "grub.cfg": render_string(env, "grub/grub.cfg.j2", ctx),
         "disk.conf": render_string(env, "disk.conf.j2", ctx),
     }
+
+
+NETWORK_DIR = "etc/systemd/network"
+
+
+def network_files(project: Project, profile: Profile) -> dict[str, str]:
+    """systemd-networkd's configuration of the node: NICs named by MAC, the management
+    VLAN on its parent NIC, and the bridge that holds the VLAN and the slots' veths."""
+    env = environment(project)
+    net = profile.network
+    ctx = {**context(profile), "net": net, "vlan_name": f"vlan{net.vlan}"}
+    files = {}
+    for nic in net.nics:
+        nctx = {**ctx, "nic": nic}
+        files[f"{NETWORK_DIR}/10-cbios-{nic.name}.link"] = render_string(env, "network/nic.link.j2", nctx)
+        files[f"{NETWORK_DIR}/20-cbios-{nic.name}.network"] = render_string(env, "network/nic.network.j2", nctx)
+    if any(nic.name == net.vlan_parent for nic in net.nics):
+        files[f"{NETWORK_DIR}/30-cbios-{ctx['vlan_name']}.netdev"] = render_string(env, "network/vlan.netdev.j2", ctx)
+        files[f"{NETWORK_DIR}/30-cbios-{ctx['vlan_name']}.network"] = render_string(
+            env, "network/vlan.network.j2", ctx)
+    files[f"{NETWORK_DIR}/40-cbios-{net.bridge}.netdev"] = render_string(env, "network/bridge.netdev.j2", ctx)
+    files[f"{NETWORK_DIR}/40-cbios-{net.bridge}.network"] = render_string(env, "network/bridge.network.j2", ctx)
+    return files
+
+
+def add_files(files: dict[str, str], dest: Path) -> None:
+    for rel, text in sorted(files.items()):
+        path = dest / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _replace(path)
+        path.write_text(text)
 
 
 def write_tree(files: dict[str, str], dest: Path) -> None:

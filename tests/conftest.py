@@ -16,12 +16,16 @@ def project() -> Project:
 
 @pytest.fixture
 def tmp_project(tmp_path: Path) -> Project:
-    """A small project: a valid base profile, one overlay, two slot templates."""
+    """A small project: a valid base profile, one overlay, three slot templates."""
     (tmp_path / "profiles").mkdir()
     (tmp_path / "overlays" / "base").mkdir(parents=True)
-    for name in ("dhcp", "dns_master"):
-        (tmp_path / "slot-templates" / name).mkdir(parents=True)
-        (tmp_path / "slot-templates" / name / "slot.yaml").write_text("type: lxc-service\n")
+    for name in ("cb-manager", "dhcp", "dns_master"):
+        template = tmp_path / "slot-templates" / name
+        template.mkdir(parents=True)
+        (template / "slot.yaml").write_text(f'type: lxc-service\nversion: "1.0"\ndescription: {name}\n'
+                                            + ('address: required\nparams: {range: ""}\n' if name == "dhcp" else ""))
+        (template / "run").write_text("#!/bin/sh\n")
+        (template / "health").write_text("true\n")
     (tmp_path / "profiles" / "base.yaml").write_text(
         'version: "1.0"\n'
         "packages: [systemd, udev]\n"

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Sequence
 
-from cbios.node import bootenv, status
+from cbios.node import bootenv, bootstrap, status
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -58,6 +59,7 @@ def cmd_bootenv(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     p = argparse.ArgumentParser(prog="cbios", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     s = sub.add_parser("status", help="the firmware copies: running, versions, tries, last fallback")
@@ -68,6 +70,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     b = sub.add_parser("bootenv", help="show, or set with KEY=VALUE (empty VALUE unsets), the boot state")
     b.add_argument("set", nargs="*", metavar="KEY=VALUE")
     b.set_defaults(func=cmd_bootenv)
+    sub.add_parser("slots-up", help="start CB-Manager (cbios-slots.service)").set_defaults(
+        func=lambda _: bootstrap.up())
+    sub.add_parser("slots-down", help="stop every slot, CB-Manager last (cbios-slots.service)").set_defaults(
+        func=lambda _: bootstrap.down())
     args = p.parse_args(argv)
     try:
         status_code: int = args.func(args)

@@ -15,6 +15,7 @@ from typing import Any
 import pydantic
 
 from cbios.errors import ProfileError
+from cbios.profile import template as slot_template
 from cbios.profile.model import Profile
 from cbios.profile.yamlload import KeyPath, Located, YamlError, format_path, load_yaml
 from cbios.project import Project
@@ -72,18 +73,7 @@ def semantic_problems(project: Project, profile: Profile) -> list[tuple[KeyPath,
     for i, overlay in enumerate(profile.overlays):
         if not (project.overlays / overlay).is_dir():
             out.append((("overlays", i), f"no overlay '{overlay}' in {project.display(project.overlays)}/"))
-    templates = sorted(p.parent.name for p in project.slot_templates.glob("*/slot.yaml"))
-    eids: dict[int, int] = {}
-    for i, slot in enumerate(profile.slots):
-        if slot.template not in templates:
-            out.append((("slots", i, "template"),
-                        f"no slot template '{slot.template}'{_suggest(slot.template, templates)}"))
-        if slot.eid in eids:
-            out.append((("slots", i, "eid"), f"eid {slot.eid} is already used by slots[{eids[slot.eid]}]"))
-        eids.setdefault(slot.eid, i)
-        iids = [v.iid for v in slot.volumes]
-        if len(set(iids)) != len(iids):
-            out.append((("slots", i, "volumes"), "two volumes with the same iid"))
+    out += _slot_problems(project, profile)
     nics = [n.name for n in profile.network.nics]
     for i, nic in enumerate(nics):
         if nic in nics[:i]:
@@ -91,6 +81,40 @@ def semantic_problems(project: Project, profile: Profile) -> list[tuple[KeyPath,
     for i, user in enumerate(profile.users):
         if user.password_hash is not None and user.name != "root":
             out.append((("users", i, "password_hash"), "a password can be set for root only"))
+    return out
+
+
+def _slot_problems(project: Project, profile: Profile) -> list[tuple[KeyPath, str]]:
+    out: list[tuple[KeyPath, str]] = []
+    known = slot_template.available(project)
+    eids: dict[int, int] = {}
+    for i, slot in enumerate(profile.slots):
+        if slot.template not in known:
+            out.append((("slots", i, "template"), f"no slot template '{slot.template}'{_suggest(slot.template, known)}"))
+            continue
+        template = slot_template.load_template(project, slot.template)
+        if (slot.template == slot_template.MANAGER) != (slot.eid == slot_template.MANAGER_EID):
+            out.append((("slots", i, "eid"), f"eid {slot_template.MANAGER_EID} is CB-Manager's, and CB-Manager's "
+                        f"only ({slot.template} at eid {slot.eid})"))
+        elif slot.eid in eids:
+            out.append((("slots", i, "eid"), f"eid {slot.eid} is already used by slots[{eids[slot.eid]}]"))
+        eids.setdefault(slot.eid, i)
+        iids = [v.iid for v in slot.volumes]
+        if len(set(iids)) != len(iids):
+            out.append((("slots", i, "volumes"), "two volumes with the same iid"))
+        elif slot.volumes and 0 not in iids:
+            out.append((("slots", i, "volumes"), "a slot needs volume iid 0"))
+        if template.address == "required" and slot.address is None:
+            out.append((("slots", i), f"a {slot.template} slot needs an address"))
+        for key in slot.params:
+            if key not in template.params:
+                out.append((("slots", i, "params", key), f"{slot.template} has no parameter '{key}'"
+                            f"{_suggest(key, sorted(template.params))}"))
+        if template.type == "kvm-system":
+            out.append((("slots", i, "template"), "kvm-system slots are not supported yet"))
+    if profile.slots and slot_template.MANAGER_EID not in eids:
+        out.append((("slots",), f"a node with slots needs CB-Manager: {{template: {slot_template.MANAGER}, "
+                    f"eid: {slot_template.MANAGER_EID}}}"))
     return out
 
 

@@ -134,6 +134,7 @@ class Storage(Strict):
     var_size: Size = "8G"
     swap_size: Size = "1G"
     root_headroom: Size = Field(default="64M", description="free space in root.img beyond its contents")
+    slot_room: Size = Field(default="1G", description="free space in the VG for slots installed later")
 
 
 class Nic(Strict):
@@ -147,17 +148,24 @@ class Network(Strict):
     vlan_parent: str = "ctl"
     bridge: Annotated[str, Field(pattern=r"^br[0-9]+$")] = "br0"
     stp: bool = True
-    address: Interface | None = None
+    forward_delay: Annotated[int, Field(ge=2, le=30, description="seconds a new bridge port listens, "
+                                        "then learns, before it forwards (STP)")] = 4
+    address: Interface | None = Field(default=None, description="the node's own address, on the bridge")
     gateway: str | None = None
+    domain: Annotated[str, Field(pattern=r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$",
+                                 description="DNS zone of the node's slots (served by a dns_master slot)")] = "cluster"
 
 
 class Slot(Strict):
     template: Name
-    eid: Annotated[int, Field(ge=1, le=9, description="the slot's number on its node (ObjectID digit)")]
+    eid: Annotated[int, Field(ge=0, le=9, description="the slot's number on its node (ObjectID digit); "
+                              "0 is CB-Manager's")]
     address: Interface | None = None
     hostname: Hostname | None = None
     autostart: bool = True
-    volumes: list[SlotVolume] = []
+    volumes: list[SlotVolume] = Field(default=[], description="sizes; the template's when empty")
+    params: dict[str, Annotated[str, Field(pattern=r"^[A-Za-z0-9 ._:/,=-]*$")]] = Field(
+        default={}, description="the template's parameters")
 
 
 class Boot(Strict):

@@ -10,7 +10,7 @@ import pytest
 from cbios.errors import StepError
 from cbios.profile import load_profile
 from cbios.project import Project
-from cbios.render import boot_files, mkosi_configs, render_overlays
+from cbios.render import boot_files, mkosi_configs, network_files, render_overlays, slot_image_configs
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -19,7 +19,9 @@ GOLDEN = Path(__file__).parent / "golden"
 def test_mkosi_configuration_matches_golden_files(project: Project, name: str) -> None:
     """Regenerate with CBIOS_UPDATE_GOLDEN=1 after a deliberate change, and review the diff."""
     profile = load_profile(project, name)
-    configs = {**mkosi_configs(project, profile), "boot": boot_files(project, profile)}
+    configs = {**mkosi_configs(project, profile), "boot": boot_files(project, profile),
+               "network": network_files(project, profile),
+               **{f"slot-{k}": v for k, v in slot_image_configs(project, profile).items()}}
     for image, files in configs.items():
         for rel, text in files.items():
             golden = GOLDEN / name / image / rel

@@ -1,0 +1,65 @@
+"""Bring CB-Manager up at boot, and every slot down at shutdown (cbios-slots.service).
+
+CB-Manager is slot 0: its volume, definition and container are made here through
+CB-Executor, exactly as CB-Manager makes the other slots; once it answers, it starts them."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from typing import Any
+
+from cbios.node import manager, slotdefs, wire
+
+log = logging.getLogger("cbios")
+EXECUTOR_WAIT = 60
+STOP_TIMEOUT = 30
+
+
+def up(config: dict[str, Any] | None = None) -> int:
+    config = config or slotdefs.node_config()
+    entry = next((s for s in config["slots"] if s["eid"] == slotdefs.MANAGER_EID), None)
+    if entry is None:
+        log.info("cbios: no CB-Manager in this firmware: no slots")
+        return 0
+    if subprocess.run(["vgs", config["vg"]], capture_output=True, check=False).returncode != 0:
+        log.info("cbios: no volume group %s (booted from an image alone): no slots", config["vg"])
+        return 0
+    if not wire.wait_for(slotdefs.EXECUTOR_SOCKET, EXECUTOR_WAIT):
+        log.error("cbios: CB-Executor does not answer on %s", slotdefs.EXECUTOR_SOCKET)
+        return 1
+    catalogue = slotdefs.catalogue()
+    ex = manager.executor_client
+    try:
+        if ex("container.state", eid=slotdefs.MANAGER_EID)["state"] != "RUNNING":
+            mgr = manager.Manager(config, catalogue, executor=ex)
+            mgr.provision(mgr.entry_for(entry))
+            ex("container.start", eid=slotdefs.MANAGER_EID)
+    except (wire.Invalid, wire.Failed) as e:
+        log.error("cbios: CB-Manager: %s", e)
+        return 1
+    timeout = catalogue[entry["template"]]["start_timeout"]
+    if not wire.wait_for(slotdefs.MANAGER_SOCKET, timeout):
+        log.error("cbios: CB-Manager does not answer on %s after %d s", slotdefs.MANAGER_SOCKET, timeout)
+        return 1
+    log.info("cbios: CB-Manager is up (%s)", slotdefs.slot_object_id(config["node"]["object_id"], 0))
+    return 0
+
+
+def down() -> int:
+    """Every running slot, CB-Manager last, each with its bound."""
+    ex = manager.executor_client
+    status = 0
+    try:
+        running = [s["eid"] for s in ex("container.list") if s["state"] == "RUNNING"]
+    except (wire.Invalid, wire.Failed) as e:
+        log.error("cbios: %s", e)
+        return 1
+    for eid in sorted(running, key=lambda e: (e == slotdefs.MANAGER_EID, -e)):
+        try:
+            ex("container.stop", eid=eid, timeout=STOP_TIMEOUT)
+            log.info("cbios: slot %d stopped", eid)
+        except (wire.Invalid, wire.Failed) as e:
+            log.error("cbios: slot %d: %s", eid, e)
+            status = 1
+    return status

@@ -1,0 +1,329 @@
+"""CB-Executor: the host daemon that does the node's privileged work for CB-Manager.
+
+Slot volumes (LVs slot<eid>-<iid> in the node's VG, and nothing else), LXC containers
+slot<eid> (configuration written here from a checked definition, never taken from the
+caller), their veths on the bridge. Requests come on a UNIX socket (wire.py); each is
+checked in full (requests.py) before anything is done, and logged to the journal."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from contextlib import contextmanager
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from cbios.node import lxcconf, requests, slotdefs, wire
+from cbios.node.wire import Failed, Invalid
+
+log = logging.getLogger("cbios")
+LXC_PATH = Path("/var/lib/lxc")
+MOUNTS = Path("/run/cbios/executor-mnt")
+SIDE_FILE = "cbios.json"  # the checked definition, beside LXC's config
+HEALTH_TIMEOUT = 30
+
+
+def _run(argv: list[str], *, timeout: float = 120, input: bytes | None = None) -> str:
+    try:
+        proc = subprocess.run(argv, capture_output=True, timeout=timeout, input=input,
+                              stdin=None if input is not None else subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise Failed(f"{argv[0]}: no answer within {timeout:.0f} s") from None
+    if proc.returncode != 0:
+        err = (proc.stderr or proc.stdout).decode(errors="replace").strip().splitlines()
+        raise Failed(f"{' '.join(argv[:3])}: {err[-1] if err else f'exit status {proc.returncode}'}")
+    return proc.stdout.decode(errors="replace")
+
+
+class Executor:
+    def __init__(self, config: dict[str, Any], catalogue: dict[str, dict[str, Any]],
+                 templates: Path = slotdefs.TEMPLATES, images: Path = slotdefs.IMAGES) -> None:
+        self.vg: str = config["vg"]
+        self.bridge: str = config["bridge"]
+        self.node_id: str = config["node"]["object_id"]
+        self.catalogue = catalogue
+        self.templates = templates
+        self.images = images
+        self.lock = threading.RLock()  # one change at a time: LVM and LXC state stay coherent
+
+    # -- dispatch ------------------------------------------------------------------
+
+    def handle(self, op: str, args: dict[str, Any]) -> Any:
+        checked = requests.check(op, args)
+        method = getattr(self, "op_" + op.replace(".", "_"))
+        if op in ("hello", "volume.list", "container.state", "container.list", "container.runtime",
+                  "container.health"):
+            return method(**checked)
+        with self.lock:
+            log.info("%s %s", op, json.dumps(checked, sort_keys=True)[:300])
+            result = method(**checked)
+            log.info("%s done", op)
+            return result
+
+    def op_hello(self) -> dict[str, Any]:
+        return {"protocol": wire.PROTOCOL, "node": self.node_id, "vg": self.vg,
+                "requests": sorted(requests.REQUESTS)}
+
+    # -- volumes -------------------------------------------------------------------
+
+    def _template(self, name: str) -> dict[str, Any]:
+        if name not in self.catalogue:
+            raise Invalid(f"no template '{name}' in this firmware (known: {', '.join(sorted(self.catalogue))})")
+        return self.catalogue[name]
+
+    def _device(self, volume: str) -> str:
+        return f"/dev/{self.vg}/{volume}"
+
+    def op_volume_list(self) -> list[dict[str, Any]]:
+        out = _run(["lvs", "--noheadings", "--units", "b", "--nosuffix", "--separator", ":",
+                    "-o", "lv_name,lv_size", self.vg])
+        vols = []
+        for line in out.split():
+            name, _, size = line.partition(":")
+            if slotdefs.VOLUME_NAME.match(name):
+                vols.append({"volume": name, "size": int(size), "device": f"/dev/mapper/{self.vg}-{name}"})
+        return vols
+
+    def _exists(self, volume: str) -> bool:
+        return any(v["volume"] == volume for v in self.op_volume_list())
+
+    def _need(self, volume: str) -> None:
+        if not self._exists(volume):
+            raise Invalid(f"no volume {volume} in {self.vg}")
+
+    def _stopped(self, eid: int, what: str) -> None:
+        if self._state(eid)["state"] not in ("STOPPED", "UNDEFINED"):
+            raise Invalid(f"slot {eid} is running: stop it before {what}")
+
+    def op_volume_create(self, volume: str, size: int) -> dict[str, Any]:
+        if self._exists(volume):
+            raise Invalid(f"volume {volume} already exists")
+        _run(["lvcreate", "--yes", "--wipesignatures", "y", "--zero", "y", "-n", volume, "-L", f"{size}b", self.vg])
+        _run(["udevadm", "settle", "--timeout=30"])
+        return {"volume": volume, "device": f"/dev/mapper/{self.vg}-{volume}"}
+
+    def op_volume_remove(self, volume: str) -> None:
+        self._need(volume)
+        eid = int(volume[4])
+        self._stopped(eid, f"removing {volume}")
+        _run(["lvremove", "--yes", f"{self.vg}/{volume}"])
+
+    def op_volume_write(self, volume: str, template: str, if_blank: bool = False) -> dict[str, Any]:
+        """Fill a volume from the template baked into this firmware: an lxc-system's image
+        for its volume 0, else a fresh ext4 with the template's volume/ tree (volume 0)."""
+        tpl = self._template(template)
+        self._need(volume)
+        eid, iid = int(volume[4]), int(volume[6])
+        self._stopped(eid, f"writing {volume}")
+        dev = self._device(volume)
+        if if_blank and _run(["blkid", "-p", "-o", "value", "-s", "TYPE", dev], timeout=30).strip() != "":
+            return {"written": False}
+        if tpl["type"] == "lxc-system" and iid == 0:
+            image = self.images / f"{template}.img.zst"
+            if not image.is_file():
+                raise Failed(f"{image}: no image of {template} in this firmware")
+            with open(dev, "wb") as out:
+                proc = subprocess.run(["zstd", "-dcq", str(image)], stdout=out, stderr=subprocess.PIPE, check=False)
+                os.fsync(out.fileno())
+            if proc.returncode != 0:
+                raise Failed(f"writing {image.name} to {volume}: {proc.stderr.decode().strip()}")
+            _run(["resize2fs", "-f", dev], timeout=300)
+        else:
+            seed = self.templates / template / "volume"
+            argv = ["mkfs.ext4", "-q", "-F", "-L", volume, "-E", "root_owner=0:0"]
+            if iid == 0 and seed.is_dir():
+                argv += ["-d", str(seed)]
+            _run([*argv, dev], timeout=300)
+        return {"written": True}
+
+    @contextmanager
+    def _mounted(self, volume: str) -> Iterator[Path]:
+        target = MOUNTS / volume
+        target.mkdir(parents=True, exist_ok=True)
+        _run(["mount", "-o", "nodev,nosuid,noexec", self._device(volume), str(target)])
+        try:
+            yield target
+        finally:
+            _run(["umount", str(target)])
+
+    def op_volume_put(self, volume: str, path: str, content: str) -> None:
+        """Write one file inside a volume. Every directory on the way is opened without
+        following symbolic links, so a link planted in the volume cannot lead out of it."""
+        self._need(volume)
+        self._stopped(int(volume[4]), f"writing into {volume}")
+        with self._mounted(volume) as root:
+            parts = path.split("/")
+            fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                for part in parts[:-1]:
+                    try:
+                        os.mkdir(part, 0o755, dir_fd=fd)
+                    except FileExistsError:
+                        pass
+                    try:
+                        nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+                    except OSError:
+                        raise Invalid(f"{volume}: {path}: '{part}' is not a directory of the volume") from None
+                    os.close(fd)
+                    fd = nfd
+                try:
+                    out = os.open(parts[-1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644, dir_fd=fd)
+                except OSError:
+                    raise Invalid(f"{volume}: {path}: not a plain file of the volume") from None
+                with os.fdopen(out, "w") as f:
+                    f.write(content)
+                    f.flush()
+                    os.fsync(f.fileno())
+            finally:
+                os.close(fd)
+
+    # -- containers ----------------------------------------------------------------
+
+    def _definition(self, eid: int) -> dict[str, Any] | None:
+        side = LXC_PATH / slotdefs.container_name(eid) / SIDE_FILE
+        try:
+            data: dict[str, Any] = json.loads(side.read_text())
+            return data
+        except (OSError, ValueError):
+            return None
+
+    def op_container_define(self, eid: int, template: str, volumes: list[int], hostname: str | None = None,
+                            address: str | None = None) -> None:
+        tpl = self._template(template)
+        if tpl["type"] not in ("lxc-service", "lxc-system"):
+            raise Invalid(f"{template}: {tpl['type']} slots are not supported by this firmware")
+        self._stopped(eid, "redefining it")
+        for iid in volumes:
+            self._need(slotdefs.volume_name(eid, iid))
+        extra_file = self.templates / template / "lxc.conf"
+        d = lxcconf.Definition(eid=eid, template=template, kind=tpl["type"], vg=self.vg, bridge=self.bridge,
+                               node_id=self.node_id, hostname=hostname, address=address, volumes=tuple(volumes),
+                               extra=extra_file.read_text() if extra_file.is_file() else "")
+        try:
+            text = lxcconf.render(d)
+        except (KeyError, ValueError) as e:
+            raise Failed(f"{extra_file}: {e}") from None
+        cdir = LXC_PATH / slotdefs.container_name(eid)
+        cdir.mkdir(parents=True, exist_ok=True)
+        Path(lxcconf.LOG_DIR).mkdir(parents=True, exist_ok=True)
+        side = {"eid": eid, "template": template, "kind": tpl["type"], "hostname": hostname,
+                "address": address, "volumes": volumes}
+        for name, data in (("config", text), (SIDE_FILE, json.dumps(side, indent=2) + "\n")):
+            with tempfile.NamedTemporaryFile("w", dir=cdir, delete=False) as tmp:
+                tmp.write(data)
+            os.replace(tmp.name, cdir / name)
+
+    def op_container_undefine(self, eid: int) -> None:
+        if self._definition(eid) is None:
+            raise Invalid(f"slot {eid} is not defined")
+        self._stopped(eid, "undefining it")
+        shutil.rmtree(LXC_PATH / slotdefs.container_name(eid))
+
+    def _state(self, eid: int) -> dict[str, Any]:
+        if self._definition(eid) is None:
+            return {"eid": eid, "state": "UNDEFINED", "pid": None}
+        out = _run(["lxc-info", "-n", slotdefs.container_name(eid), "-H", "-s", "-p"], timeout=30)
+        info = _key_values(out)
+        pid = info.get("PID")
+        return {"eid": eid, "state": info.get("State", "UNKNOWN"), "pid": int(pid) if pid else None}
+
+    def op_container_state(self, eid: int) -> dict[str, Any]:
+        return self._state(eid)
+
+    def op_container_list(self) -> list[dict[str, Any]]:
+        eids = sorted(int(p.parent.name[4:]) for p in LXC_PATH.glob("slot[0-9]/" + SIDE_FILE))
+        return [self._state(eid) for eid in eids]
+
+    def op_container_start(self, eid: int) -> dict[str, Any]:
+        if self._definition(eid) is None:
+            raise Invalid(f"slot {eid} is not defined")
+        name = slotdefs.container_name(eid)
+        if self._state(eid)["state"] == "RUNNING":
+            return self._state(eid)
+        _run(["lxc-start", "-n", name], timeout=60)
+        _run(["lxc-wait", "-n", name, "-s", "RUNNING", "-t", "30"], timeout=40)
+        return self._state(eid)
+
+    def op_container_stop(self, eid: int, timeout: int = 30) -> dict[str, Any]:
+        if self._definition(eid) is None:
+            raise Invalid(f"slot {eid} is not defined")
+        if self._state(eid)["state"] != "STOPPED":
+            # A clean stop (the halt signal) within the bound, then a kill.
+            _run(["lxc-stop", "-n", slotdefs.container_name(eid), "-t", str(timeout)], timeout=timeout + 30)
+        return self._state(eid)
+
+    def op_container_runtime(self, eid: int) -> dict[str, Any]:
+        d = self._definition(eid)
+        if d is None:
+            raise Invalid(f"slot {eid} is not defined")
+        name = slotdefs.container_name(eid)
+        info = _key_values(_run(["lxc-info", "-n", name, "-H"], timeout=30))
+        vols = {v["volume"]: v for v in self.op_volume_list()}
+        return {
+            **d,
+            "state": info.get("State", "UNKNOWN"),
+            "pid": int(info["PID"]) if info.get("PID") else None,
+            "ips": [v for k, v in _pairs(_run(["lxc-info", "-n", name, "-i", "-H"], timeout=30)) if k == "IP"]
+            if info.get("State") == "RUNNING" else [],
+            "cpu_seconds": int(info["CPU use"]) / 1e9 if info.get("CPU use") else None,
+            "memory_bytes": int(info["Memory use"]) if info.get("Memory use") else None,
+            "veth": f"veth{eid}" if info.get("State") == "RUNNING" else None,
+            "bridge": self.bridge,
+            "volumes": [{"volume": slotdefs.volume_name(eid, i),
+                         "device": f"/dev/mapper/{self.vg}-{slotdefs.volume_name(eid, i)}",
+                         "size": vols.get(slotdefs.volume_name(eid, i), {}).get("size"),
+                         "mount": "/" if (i == 0 and d["kind"] == "lxc-system")
+                         else "/" + lxcconf.mount_point(d["kind"], i)} for i in d["volumes"]],
+            "console_log": f"{lxcconf.LOG_DIR}/{name}.console.log",
+        }
+
+    def op_container_health(self, eid: int) -> dict[str, Any]:
+        """The template's health check, run inside the slot by its /bin/sh (the script is
+        given on stdin: an lxc-system slot's root does not hold it)."""
+        d = self._definition(eid)
+        if d is None:
+            raise Invalid(f"slot {eid} is not defined")
+        if self._state(eid)["state"] != "RUNNING":
+            return {"ok": False, "output": "not running"}
+        script = (self.templates / d["template"] / "health").read_bytes()
+        try:
+            proc = subprocess.run(["lxc-attach", "-n", slotdefs.container_name(eid), "--clear-env",
+                                   "--", "/bin/sh", "-s"], input=script, capture_output=True,
+                                  timeout=HEALTH_TIMEOUT, check=False)
+        except subprocess.TimeoutExpired:
+            return {"ok": False, "output": f"health check gave no answer within {HEALTH_TIMEOUT} s"}
+        text = (proc.stdout + proc.stderr).decode(errors="replace").strip()
+        return {"ok": proc.returncode == 0, "output": text.splitlines()[-1] if text else ""}
+
+
+def _pairs(text: str) -> list[tuple[str, str]]:
+    out = []
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            out.append((key.strip(), value.strip()))
+    return out
+
+
+def _key_values(text: str) -> dict[str, str]:
+    return dict(_pairs(text))
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    executor = Executor(slotdefs.node_config(), slotdefs.catalogue())
+    log.info("CB-Executor: node %s, volume group %s, bridge %s, %d templates; socket %s",
+             executor.node_id, executor.vg, executor.bridge, len(executor.catalogue), slotdefs.EXECUTOR_SOCKET)
+    wire.serve(slotdefs.EXECUTOR_SOCKET, executor.handle, ready=wire.notify_ready)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""The LXC configuration of a slot, written by CB-Executor from a validated definition.
+
+lxc-service: the CBIOS root, read-only, shared as the container's root; its own pid, uts,
+ipc, mount and net namespaces; volume 0 is its /var (writable, its own); /run and /tmp
+are tmpfs; the template's `run` is PID 1.
+lxc-system: volume 0 is the container's own root file system, with its own init.
+Either way further volumes appear at /srv/volume<iid>, and eth0 is one end of a veth
+whose other end, veth<eid>, is on the node's bridge."""
+
+from __future__ import annotations
+
+import hashlib
+import string
+from dataclasses import dataclass
+
+from cbios.node.slotdefs import TEMPLATES, container_name, volume_name
+
+LOG_DIR = "/var/log/cbios/slots"
+
+
+@dataclass(frozen=True)
+class Definition:
+    eid: int
+    template: str
+    kind: str  # lxc-service | lxc-system
+    vg: str
+    bridge: str
+    node_id: str
+    hostname: str | None
+    address: str | None  # 10.0.249.52/24
+    volumes: tuple[int, ...]
+    extra: str = ""  # the template's lxc.conf, not yet substituted
+
+
+def mac_address(node_id: str, eid: int) -> str:
+    """Stable per node and slot (DHCP leases and ARP caches survive a restart); LXC's OUI."""
+    digest = hashlib.sha256(f"{node_id}:{eid}".encode()).digest()
+    return "00:16:3e:" + ":".join(f"{b:02x}" for b in digest[:3])
+
+
+def device(vg: str, eid: int, iid: int) -> str:
+    return f"/dev/mapper/{vg}-{volume_name(eid, iid)}"
+
+
+def mount_point(kind: str, iid: int) -> str:
+    if iid == 0 and kind == "lxc-service":
+        return "var"
+    return f"srv/volume{iid}"
+
+
+def render(d: Definition) -> str:
+    name = container_name(d.eid)
+    lines = [
+        f"# Slot {d.eid} ({d.template}), written by CB-Executor: redefined on every start of the slot.",
+        f"lxc.uts.name = {d.hostname or name}",
+        "lxc.apparmor.profile = unconfined",
+        "lxc.cap.drop = sys_module sys_time sys_boot sys_rawio mac_admin mac_override",
+        "lxc.mount.auto = proc:mixed sys:ro cgroup:mixed",
+        "lxc.autodev = 1",
+        "lxc.tty.max = 0",
+        "lxc.pty.max = 16",
+        f"lxc.log.file = {LOG_DIR}/{name}.lxc.log",
+        "lxc.log.level = WARN",
+        f"lxc.console.logfile = {LOG_DIR}/{name}.console.log",
+    ]
+    if d.kind == "lxc-service":
+        lines += [
+            "lxc.rootfs.path = dir:/",
+            "lxc.mount.entry = tmpfs run tmpfs rw,nosuid,nodev,mode=0755 0 0",
+            "lxc.mount.entry = tmpfs tmp tmpfs rw,nosuid,nodev 0 0",
+            # The shared root is read-only: further volumes need mount points made on a tmpfs.
+            *(["lxc.mount.entry = tmpfs srv tmpfs rw,nosuid,nodev,mode=0755 0 0"] if len(d.volumes) > 1 else []),
+            f"lxc.init.cmd = {TEMPLATES}/{d.template}/run",
+            "lxc.signal.halt = SIGTERM",
+        ]
+    else:
+        lines += [f"lxc.rootfs.path = {device(d.vg, d.eid, 0)}", "lxc.signal.halt = SIGRTMIN+3"]
+    for iid in d.volumes:
+        if iid == 0 and d.kind != "lxc-service":
+            continue
+        target = mount_point(d.kind, iid)
+        lines.append(f"lxc.mount.entry = {device(d.vg, d.eid, iid)} {target} ext4 rw,nodev,create=dir 0 0")
+    lines += [
+        "lxc.net.0.type = veth",
+        f"lxc.net.0.link = {d.bridge}",
+        "lxc.net.0.name = eth0",
+        f"lxc.net.0.veth.pair = veth{d.eid}",
+        f"lxc.net.0.hwaddr = {mac_address(d.node_id, d.eid)}",
+        "lxc.net.0.flags = up",
+    ]
+    if d.address:
+        lines.append(f"lxc.net.0.ipv4.address = {d.address}")
+    if d.extra:
+        values = {"eid": str(d.eid), "name": name, "vg": d.vg}
+        values.update({f"volume{iid}": device(d.vg, d.eid, iid) for iid in d.volumes})
+        lines += ["", "# From the template:", string.Template(d.extra).substitute(values).strip()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,384 @@
+"""CB-Manager: the node's slots, from a service in a container (slot 0).
+
+It owns the registry (registry.py) and the catalogue of templates baked into the
+firmware, and installs, removes, starts and stops slots. It does no privileged work
+itself: that is asked of CB-Executor over the socket bound into its container. The
+`slot` CLI talks to it over /run/cbios/manager/manager.sock (the same path on the node
+and in the container)."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+import shlex
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from cbios.node import registry, slotdefs, wire
+from cbios.node.wire import Failed, Invalid, RemoteError
+
+log = logging.getLogger("cbios")
+Executor = Callable[..., Any]
+MONITOR_PERIOD = 15.0
+
+
+def executor_client(op: str, **args: Any) -> Any:
+    try:
+        return wire.call(slotdefs.EXECUTOR_SOCKET, op, args, timeout=600)
+    except RemoteError as e:
+        raise (Invalid if e.code == "invalid" else Failed)(str(e)) from None
+    except OSError as e:
+        raise Failed(f"CB-Executor does not answer: {e}") from None
+
+
+def slot_env(entry: dict[str, Any], config: dict[str, Any]) -> str:
+    """The slot's own settings, as a shell file its run and health scripts source."""
+    values = {
+        "SLOT_EID": str(entry["eid"]),
+        "SLOT_OBJECT_ID": entry["object_id"],
+        "SLOT_TEMPLATE": entry["template"],
+        "SLOT_ADDRESS": entry.get("address") or "",
+        "SLOT_HOSTNAME": entry.get("hostname") or "",
+        "SLOT_NODE": config["node"]["object_id"],
+        "SLOT_DOMAIN": config.get("domain", ""),
+        **{f"SLOT_PARAM_{k.upper()}": v for k, v in sorted(entry.get("params", {}).items())},
+    }
+    return "".join(f"{k}={shlex.quote(v)}\n" for k, v in values.items())
+
+
+def env_path(kind: str) -> str:
+    """Where slot.env goes in volume 0: the slot's /var, or its own root's /etc."""
+    return "slot.env" if kind == "lxc-service" else "etc/cbios/slot.env"
+
+
+class Manager:
+    def __init__(self, config: dict[str, Any], catalogue: dict[str, dict[str, Any]],
+                 executor: Executor = executor_client, registry_path: Any = registry.REGISTRY,
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
+        self.config = config
+        self.node_id: str = config["node"]["object_id"]
+        self.catalogue = catalogue
+        self.ex = executor
+        self.registry_path = registry_path
+        self.slots: dict[int, dict[str, Any]] = {}
+        self.health: dict[int, dict[str, Any]] = {}
+        self.failed: dict[int, str] = {}
+        self.reconciled = False
+        self.lock = threading.RLock()
+        self.clock = clock
+        self.sleep = sleep
+
+    # -- startup -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load the registry (or make it from the firmware's slots on the first start),
+        refresh every slot's definition, and start the autostart ones."""
+        with self.lock:
+            loaded = registry.load(self.registry_path)
+            if loaded is None:
+                log.info("no registry: first start, slots from the firmware")
+                self.slots = {s["eid"]: self.entry_for(s) for s in self.config["slots"]}
+                registry.save(self.slots, self.registry_path)
+            else:
+                self.slots = loaded
+            states = self._states()
+            for eid, entry in sorted(self.slots.items()):
+                if eid == slotdefs.MANAGER_EID:
+                    continue
+                try:
+                    if states.get(eid) != "RUNNING":
+                        self.provision(entry)
+                        if entry["autostart"]:
+                            self._start(eid)
+                except (Invalid, Failed) as e:
+                    self.failed[eid] = str(e)
+                    log.error("slot %s: %s", entry["object_id"], e)
+            self.reconciled = True
+            log.info("slots ready: %s", ", ".join(f"{r['location']} {r['status']}" for r in self.rows()))
+
+    def entry_for(self, s: dict[str, Any]) -> dict[str, Any]:
+        return {"eid": s["eid"], "object_id": slotdefs.slot_object_id(self.node_id, s["eid"]),
+                "template": s["template"], "address": s.get("address"), "hostname": s.get("hostname"),
+                "autostart": s.get("autostart", True), "volumes": s["volumes"], "params": s.get("params", {})}
+
+    def provision(self, entry: dict[str, Any]) -> None:
+        """Volumes (made and filled if missing or blank), slot.env, container definition."""
+        eid, template = entry["eid"], entry["template"]
+        kind = self._template(template)["type"]
+        existing = {v["volume"] for v in self.ex("volume.list")}
+        for vol in entry["volumes"]:
+            name = slotdefs.volume_name(eid, vol["iid"])
+            if name not in existing:
+                self.ex("volume.create", volume=name, size=vol["size"])
+            self.ex("volume.write", volume=name, template=template, if_blank=True)
+        self.ex("volume.put", volume=slotdefs.volume_name(eid, 0), path=env_path(kind),
+                content=slot_env(entry, self.config))
+        self.ex("container.define", eid=eid, template=template, hostname=entry.get("hostname"),
+                address=entry.get("address"), volumes=[v["iid"] for v in entry["volumes"]])
+
+    # -- requests ------------------------------------------------------------------
+
+    def handle(self, op: str, args: dict[str, Any]) -> Any:
+        handlers: dict[str, Callable[..., Any]] = {
+            "hello": self.op_hello, "images": self.op_images, "slots": self.op_slots,
+            "runtime": self.op_runtime, "start": self.op_start, "stop": self.op_stop,
+            "restart": self.op_restart, "startall": self.op_startall, "stopall": self.op_stopall,
+            "install": self.op_install, "remove": self.op_remove, "ready": self.op_ready,
+        }
+        if op not in handlers:
+            raise Invalid(f"unknown request '{op}' (known: {', '.join(sorted(handlers))})")
+        try:
+            return handlers[op](**args)
+        except TypeError as e:
+            raise Invalid(f"{op}: bad arguments ({e})") from None
+
+    def op_hello(self) -> dict[str, Any]:
+        return {"protocol": wire.PROTOCOL, "node": self.node_id, "reconciled": self.reconciled}
+
+    def op_images(self) -> list[dict[str, Any]]:
+        return [{"image": name, "type": t["type"], "version": slotdefs.version_text(t),
+                 "description": t["description"]} for name, t in sorted(self.catalogue.items())]
+
+    def op_slots(self, object_id: str | None = None, by_type: str | None = None) -> list[dict[str, Any]]:
+        if object_id is not None:
+            self._node(object_id)
+        if by_type is not None and by_type not in self.catalogue:
+            raise Invalid(f"no slot type '{by_type}' (known: {', '.join(sorted(self.catalogue))})")
+        return [r for r in self.rows() if by_type is None or r["type"] == by_type]
+
+    def op_runtime(self, object_id: str) -> dict[str, Any]:
+        eid = self._slot(object_id)
+        info: dict[str, Any] = self.ex("container.runtime", eid=eid)
+        return {**info, **self.rows([eid])[0], "health": self.health.get(eid),
+                "error": self.failed.get(eid)}
+
+    def op_start(self, object_id: str) -> dict[str, Any]:
+        eid = self._slot(object_id)
+        with self.lock:
+            self._start(eid)
+        return self.rows([eid])[0]
+
+    def op_stop(self, object_id: str) -> dict[str, Any]:
+        eid = self._slot(object_id, changing=True)
+        with self.lock:
+            self._stop(eid)
+        return self.rows([eid])[0]
+
+    def op_restart(self, object_id: str) -> dict[str, Any]:
+        eid = self._slot(object_id, changing=True)
+        with self.lock:
+            self._stop(eid)
+            self._start(eid)
+        return self.rows([eid])[0]
+
+    def op_startall(self, object_id: str) -> list[dict[str, Any]]:
+        self._node(object_id)
+        errors = []
+        with self.lock:
+            for eid in sorted(self.slots):
+                if eid != slotdefs.MANAGER_EID:
+                    try:
+                        self._start(eid)
+                    except Failed as e:
+                        errors.append(str(e))
+        if errors:
+            raise Failed("; ".join(errors))
+        return self.rows()
+
+    def op_stopall(self, object_id: str) -> list[dict[str, Any]]:
+        self._node(object_id)
+        with self.lock:
+            for eid in sorted(self.slots, reverse=True):
+                if eid != slotdefs.MANAGER_EID:
+                    self._stop(eid)
+        return self.rows()
+
+    def op_install(self, template: str, object_id: str | None = None, address: str | None = None,
+                   hostname: str | None = None, params: dict[str, str] | None = None,
+                   autostart: bool = True, start: bool = True) -> dict[str, Any]:
+        tpl = self._template(template)
+        with self.lock:
+            if object_id is None:
+                free = [e for e in range(1, 10) if e not in self.slots]
+                if not free:
+                    raise Invalid("no free slot on this node (eids 1 to 9 are all used)")
+                eid = free[0]
+            else:
+                eid = self._slot(object_id, known=False)
+                if eid in self.slots:
+                    raise Invalid(f"{object_id} is already a {self.slots[eid]['template']} slot: remove it first")
+                if eid == slotdefs.MANAGER_EID:
+                    raise Invalid(f"{object_id} is CB-Manager's place")
+            if tpl["address"] == "required" and not address:
+                raise Invalid(f"a {template} slot needs an address (--address A.B.C.D/N)")
+            if address is not None:
+                try:
+                    address = str(ipaddress.IPv4Interface(address)) if "/" in address else ""
+                except ValueError:
+                    address = ""
+                if not address:
+                    raise Invalid("--address: an IPv4 address with prefix, e.g. 10.0.249.52/24")
+            if hostname is not None and not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", hostname):
+                raise Invalid(f"--hostname: '{hostname}' is not a host name")
+            unknown = sorted(set(params or {}) - set(tpl["params"]))
+            if unknown:
+                raise Invalid(f"{template} has no parameter {', '.join(unknown)} (has: "
+                              f"{', '.join(sorted(tpl['params'])) or 'none'})")
+            entry = self.entry_for({"eid": eid, "template": template, "address": address, "hostname": hostname,
+                                 "autostart": autostart, "params": {**tpl["params"], **(params or {})},
+                                 "volumes": [{"iid": v["iid"], "size": _bytes(v["size"])} for v in tpl["volumes"]]})
+            log.info("install %s as %s", template, entry["object_id"])
+            self.provision(entry)
+            self.slots[eid] = entry
+            registry.save(self.slots, self.registry_path)
+            if start:
+                self._start(eid)
+            return self.rows([eid])[0]
+
+    def op_remove(self, object_id: str) -> dict[str, Any]:
+        eid = self._slot(object_id, changing=True)
+        with self.lock:
+            entry = self.slots[eid]
+            row = self.rows([eid])[0]
+            self._stop(eid)
+            if self.ex("container.state", eid=eid)["state"] != "UNDEFINED":
+                self.ex("container.undefine", eid=eid)
+            existing = {v["volume"] for v in self.ex("volume.list")}
+            for vol in entry["volumes"]:
+                name = slotdefs.volume_name(eid, vol["iid"])
+                if name in existing:
+                    self.ex("volume.remove", volume=name)
+            del self.slots[eid]
+            self.health.pop(eid, None)
+            self.failed.pop(eid, None)
+            registry.save(self.slots, self.registry_path)
+            log.info("removed %s (%s)", object_id, entry["template"])
+            return {**row, "status": "REMOVED"}
+
+    def op_ready(self) -> dict[str, Any]:
+        rows = self.rows()
+        waiting = [f"{r['location']} {r['type']} {r['status']}" for r in rows
+                   if self.slots[int(r["location"][-3])]["autostart"] and r["status"] != "ON"]
+        return {"ready": self.reconciled and not waiting, "reconciled": self.reconciled, "waiting": waiting}
+
+    # -- slots ---------------------------------------------------------------------
+
+    def _template(self, name: str) -> dict[str, Any]:
+        if name not in self.catalogue:
+            raise Invalid(f"no slot type '{name}' in this firmware (known: {', '.join(sorted(self.catalogue))})")
+        return self.catalogue[name]
+
+    def _node(self, object_id: Any) -> None:
+        kind, _ = self._parse(object_id)
+        if kind != "node":
+            raise Invalid(f"{object_id} is a slot; this needs a node's ObjectID ({self.node_id})")
+
+    def _slot(self, object_id: Any, *, known: bool = True, changing: bool = False) -> int:
+        kind, eid = self._parse(object_id)
+        if kind != "slot" or eid is None:
+            raise Invalid(f"{object_id} is a node; this needs a slot's ObjectID (e.g. "
+                          f"{slotdefs.slot_object_id(self.node_id, 1)})")
+        if known and eid not in self.slots:
+            raise Invalid(f"{object_id}: no such slot on node {self.node_id}")
+        if changing and eid == slotdefs.MANAGER_EID:
+            raise Invalid(f"{object_id} is CB-Manager: it stops with the node, not by itself")
+        return eid
+
+    def _parse(self, object_id: Any) -> tuple[str, int | None]:
+        if not isinstance(object_id, str):
+            raise Invalid("an ObjectID is a string of 11 digits")
+        try:
+            return slotdefs.parse_object_id(self.node_id, object_id)
+        except ValueError as e:
+            raise Invalid(str(e)) from None
+
+    def _states(self) -> dict[int, str]:
+        return {s["eid"]: s["state"] for s in self.ex("container.list")}
+
+    def _start(self, eid: int) -> None:
+        entry = self.slots[eid]
+        tpl = self._template(entry["template"])
+        self.failed.pop(eid, None)
+        self.ex("container.start", eid=eid)
+        deadline = self.clock() + tpl["start_timeout"]
+        while True:
+            health: dict[str, Any] = self.ex("container.health", eid=eid)
+            self.health[eid] = health
+            if health["ok"]:
+                return
+            if self.clock() > deadline:
+                self.failed[eid] = f"not healthy {tpl['start_timeout']} s after start: {health['output']}"
+                raise Failed(f"slot {entry['object_id']} ({entry['template']}) started but is "
+                             f"{self.failed[eid]}")
+            self.sleep(1.0)
+
+    def _stop(self, eid: int) -> None:
+        self.ex("container.stop", eid=eid)
+        self.health.pop(eid, None)
+        self.failed.pop(eid, None)
+
+    def rows(self, eids: list[int] | None = None) -> list[dict[str, Any]]:
+        """The source document's columns, one row a slot."""
+        states = self._states()
+        out = []
+        for eid in sorted(self.slots) if eids is None else eids:
+            entry = self.slots[eid]
+            tpl = self.catalogue.get(entry["template"], {"version": "?", "description": "(not in this firmware)"})
+            state = states.get(eid, "UNDEFINED")
+            if state != "RUNNING":
+                status = "FAILED" if eid in self.failed else "OFF"
+            elif eid == slotdefs.MANAGER_EID:
+                status = "ON"
+            elif eid in self.failed or not self.health.get(eid, {"ok": True})["ok"]:
+                status = "FAILED"
+            else:
+                status = "ON"
+            out.append({
+                "parent": self.node_id, "location": entry["object_id"], "type": entry["template"],
+                "version": slotdefs.version_text(tpl) if "type" in tpl else "",
+                "ip": (entry.get("address") or "").split("/")[0], "hostname": entry.get("hostname") or "",
+                "status": status, "description": tpl["description"],
+            })
+        return out
+
+    def monitor(self) -> None:
+        """Keep the health of running slots fresh, for `slot show` and the node's ready."""
+        while True:
+            self.sleep(MONITOR_PERIOD)
+            try:
+                states = self._states()
+                for eid in list(self.slots):
+                    if eid != slotdefs.MANAGER_EID and states.get(eid) == "RUNNING" and self.reconciled:
+                        self.health[eid] = self.ex("container.health", eid=eid)
+            except (Invalid, Failed) as e:
+                log.warning("monitor: %s", e)
+
+
+def _bytes(size: str) -> int:
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    m = re.fullmatch(r"(\d+)([KMGT]?)", size)
+    if not m:
+        raise Failed(f"template volume size '{size}'")
+    return int(m.group(1)) * units[m.group(2)]
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="cb-manager: %(message)s", stream=sys.stderr)
+    # PID 1 of its container: a signal with no handler would be ignored, and the stop
+    # would wait for its bound and then kill.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    manager = Manager(slotdefs.node_config(), slotdefs.catalogue())
+    threading.Thread(target=manager.start, name="start", daemon=True).start()
+    threading.Thread(target=manager.monitor, name="monitor", daemon=True).start()
+    log.info("node %s, %d templates; socket %s", manager.node_id, len(manager.catalogue), slotdefs.MANAGER_SOCKET)
+    wire.serve(slotdefs.MANAGER_SOCKET, manager.handle)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

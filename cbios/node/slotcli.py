@@ -1,0 +1,209 @@
+"""`slot`: the node's slots from the command line, as the source document has it.
+
+A client of CB-Manager (manager.py); the same on the node and in CB-Manager's container.
+Tables have the document's columns; --json gives the same rows for scripts. Exit status:
+0 done, 1 the work failed (a slot that will not become healthy), 2 a bad request (an
+unknown ObjectID or slot type), 3 CB-Manager does not answer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from cbios.node import slotdefs, wire
+
+HELP = """\
+slot: the slots of this management node, run by CB-Manager.
+
+A slot is a service in a container of its own (lxc-service: an application container
+sharing CBIOS; lxc-system: a whole system in a container), on LVM volumes of its own,
+/dev/mapper/<vg>-slot<eid>-<iid>. Slots are named by ObjectID: the node's ObjectID
+without its last three digits, the slot's number (eid), then 75: node 31000040010,
+slot 2 -> 31000040275. CB-Manager itself is slot 0.
+
+  slot image list                      the slot images (templates) this firmware carries
+  slot list [<node ObjectID>]          the slots of the node: ParentID Location Type Status
+  slot show [<node ObjectID>]          the slots in detail: ParentID Location Type Version
+                                       IP Hostname Status Description
+  slot show --by-type=TYPE             the slots of one type
+  slot show-runtime <slot ObjectID>    state, process, network, volumes, health of a slot
+  slot start <slot ObjectID>           start a slot (waits until its health check passes)
+  slot stop <slot ObjectID>            stop a slot (its halt signal, then a kill after 30 s)
+  slot restart <slot ObjectID>         stop, then start
+  slot startall <node ObjectID>        start every slot of the node
+  slot stopall <node ObjectID>         stop every slot of the node (not CB-Manager)
+  slot install TYPE [<slot ObjectID>] [--address A.B.C.D/N] [--hostname NAME]
+               [--param KEY=VALUE]... [--no-autostart] [--no-start]
+                                       make a slot from an image: volumes, container, start
+  slot remove <slot ObjectID>          stop a slot and delete it, its volumes with it
+
+Status: ON (running, health check passing), OFF (stopped), FAILED (would not start, or
+its health check fails). Every command takes --json.
+
+Exit status: 0 done; 1 the work failed; 2 a bad request (unknown ObjectID, slot type or
+option); 3 CB-Manager does not answer.
+"""
+
+COLUMNS = {
+    "show": [("ParentID", "parent"), ("Location", "location"), ("Type", "type"), ("Version", "version"),
+             ("IP", "ip"), ("Hostname", "hostname"), ("Status", "status"), ("Description", "description")],
+    "list": [("ParentID", "parent"), ("Location", "location"), ("Type", "type"), ("Status", "status")],
+    "image": [("Image", "image"), ("Kind", "type"), ("Version", "version"), ("Description", "description")],
+}
+
+
+class Usage(Exception):
+    pass
+
+
+def table(columns: list[tuple[str, str]], rows: list[dict[str, Any]]) -> str:
+    widths = [max([len(h), *(len(str(r.get(k, ""))) for r in rows)]) for h, k in columns]
+    lines = []
+    for cells in [[h for h, _ in columns], *([str(r.get(k, "")) for _, k in columns] for r in rows)]:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip())
+    return "\n".join(lines) + "\n"
+
+
+def runtime_text(info: dict[str, Any]) -> str:
+    health = info.get("health") or {}
+    rows = [
+        ("ObjectID", info["location"]), ("ParentID", info["parent"]), ("Type", info["type"]),
+        ("Kind", info["kind"]), ("Version", info["version"]), ("Status", info["status"]),
+        ("State", info["state"]), ("PID", info.get("pid") or "-"),
+        ("Hostname", info.get("hostname") or "-"), ("Address", info.get("address") or "-"),
+        ("Interface", f"eth0 <-> {info['veth']} on {info['bridge']}" if info.get("veth") else "-"),
+        ("IPs", " ".join(info.get("ips") or []) or "-"),
+        ("CPU time", f"{info['cpu_seconds']:.2f} s" if info.get("cpu_seconds") is not None else "-"),
+        ("Memory", f"{info['memory_bytes'] / (1 << 20):.1f} MiB" if info.get("memory_bytes") else "-"),
+        ("Health", ("passing" if health.get("ok") else "failing") + (f": {health['output']}"
+                                                                     if health.get("output") else "")
+         if health else "-"),
+    ]
+    if info.get("error"):
+        rows.append(("Error", info["error"]))
+    for vol in info.get("volumes", []):
+        size = f"{vol['size'] / (1 << 20):.0f} MiB" if vol.get("size") else "missing"
+        rows.append((f"Volume {vol['volume']}", f"{vol['device']} {size} on {vol['mount']}"))
+    rows.append(("Console log", info.get("console_log", "-")))
+    width = max(len(k) for k, _ in rows)
+    return "".join(f"{k.ljust(width)}  {v}\n" for k, v in rows)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="slot", add_help=False, usage="slot COMMAND ... (slot help)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("words", nargs="*")
+    p.add_argument("--by-type", dest="by_type")
+    p.add_argument("--address")
+    p.add_argument("--hostname")
+    p.add_argument("--param", action="append", default=[])
+    p.add_argument("--no-autostart", action="store_true")
+    p.add_argument("--no-start", action="store_true")
+    p.add_argument("--timeout", type=int, default=600)
+    p.add_argument("-h", "--help", action="store_true")
+    return p
+
+
+def _ask(op: str, **args: Any) -> Any:
+    return wire.call(slotdefs.MANAGER_SOCKET, op, {k: v for k, v in args.items() if v is not None}, timeout=900)
+
+
+def _one(words: list[str], command: str, what: str) -> str:
+    if len(words) != 1:
+        raise Usage(f"slot {command} takes one {what} ObjectID (slot help)")
+    return words[0]
+
+
+def run(args: argparse.Namespace) -> int:
+    words = list(args.words)
+    if args.help or not words or words[0] == "help":
+        sys.stdout.write(HELP)
+        return 0
+    command, rest = words[0], words[1:]
+    out: Any
+    text: str
+    if command == "image":
+        if rest != ["list"]:
+            raise Usage("slot image list")
+        out = _ask("images")
+        text = table(COLUMNS["image"], out)
+    elif command in ("list", "show"):
+        if len(rest) > 1:
+            raise Usage(f"slot {command} [<node ObjectID>]")
+        out = _ask("slots", object_id=rest[0] if rest else None, by_type=args.by_type)
+        text = table(COLUMNS[command], out)
+    elif command == "show-runtime":
+        out = _ask("runtime", object_id=_one(rest, command, "slot"))
+        text = runtime_text(out)
+    elif command in ("start", "stop", "restart"):
+        started = time.monotonic()
+        out = _ask(command, object_id=_one(rest, command, "slot"))
+        text = f"{out['location']} {out['type']}: {out['status']} ({time.monotonic() - started:.1f} s)\n"
+    elif command in ("startall", "stopall"):
+        out = _ask(command, object_id=_one(rest, command, "node"))
+        text = table(COLUMNS["list"], out)
+    elif command == "install":
+        if not 1 <= len(rest) <= 2:
+            raise Usage("slot install TYPE [<slot ObjectID>] [--address A.B.C.D/N] [--hostname NAME]")
+        params = {}
+        for item in args.param:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise Usage(f"--param {item}: KEY=VALUE")
+            params[key] = value
+        out = _ask("install", template=rest[0], object_id=rest[1] if len(rest) > 1 else None,
+                   address=args.address, hostname=args.hostname, params=params or None,
+                   autostart=not args.no_autostart, start=not args.no_start)
+        text = table(COLUMNS["show"], [out])
+    elif command == "remove":
+        out = _ask("remove", object_id=_one(rest, command, "slot"))
+        text = f"{out['location']} {out['type']}: removed, with its volumes\n"
+    elif command == "wait-ready":
+        return _wait_ready(args.timeout)
+    else:
+        raise Usage(f"unknown command '{command}' (slot help)")
+    sys.stdout.write(json.dumps(out, indent=2) + "\n" if args.json else text)
+    return 0
+
+
+def _wait_ready(timeout: int) -> int:
+    """For the node's health gate: until CB-Manager is up and every autostart slot is ON."""
+    deadline = time.monotonic() + timeout
+    last = "CB-Manager does not answer"
+    while time.monotonic() < deadline:
+        try:
+            state = _ask("ready")
+            if state["ready"]:
+                print("slots ready")
+                return 0
+            last = "waiting for " + ", ".join(state["waiting"]) if state["waiting"] else "CB-Manager starting"
+        except (OSError, wire.RemoteError) as e:
+            last = f"CB-Manager does not answer ({e})"
+        time.sleep(1)
+    print(f"slots not ready after {timeout} s: {last}", file=sys.stderr)
+    return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    try:
+        return run(parser.parse_intermixed_args(argv))
+    except Usage as e:
+        print(f"slot: {e}", file=sys.stderr)
+        return 2
+    except wire.RemoteError as e:
+        print(f"slot: {e}", file=sys.stderr)
+        return 2 if e.code == "invalid" else 1
+    except OSError as e:
+        print(f"slot: CB-Manager does not answer on {slotdefs.MANAGER_SOCKET}: {e.strerror or e}", file=sys.stderr)
+        return 3
+    except SystemExit as e:  # argparse's own errors
+        return 2 if e.code else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

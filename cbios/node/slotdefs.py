@@ -1,0 +1,63 @@
+"""What the firmware says about slots: its templates, the node, and the ObjectID scheme.
+
+Written by the build into the read-only root: /usr/lib/cbios/slots.json (the node and
+the profile's slots) and /usr/lib/cbios/slot-templates/NAME/template.json."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+TEMPLATES = Path("/usr/lib/cbios/slot-templates")
+SLOTS = Path("/usr/lib/cbios/slots.json")
+IMAGES = Path("/usr/lib/cbios/slot-images")
+EXECUTOR_SOCKET = Path("/run/cbios/executor/executor.sock")
+MANAGER_SOCKET = Path("/run/cbios/manager/manager.sock")
+MANAGER_EID = 0
+VOLUME_NAME = re.compile(r"^slot([0-9])-([0-9])$")
+
+
+def node_config(path: Path = SLOTS) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
+
+
+def catalogue(root: Path = TEMPLATES) -> dict[str, dict[str, Any]]:
+    """{template name: template.json} of the templates baked into this firmware."""
+    out = {}
+    for path in sorted(root.glob("*/template.json")):
+        out[path.parent.name] = json.loads(path.read_text())
+    return out
+
+
+def slot_object_id(node_id: str, eid: int) -> str:
+    """Node 31000040010, slot 2 -> 31000040275 (the source document's scheme)."""
+    return f"{node_id[:-3]}{eid}75"
+
+
+def volume_name(eid: int, iid: int) -> str:
+    return f"slot{eid}-{iid}"
+
+
+def container_name(eid: int) -> str:
+    return f"slot{eid}"
+
+
+def parse_object_id(node_id: str, text: str) -> tuple[str, int | None]:
+    """('node', None) for this node's ObjectID, ('slot', eid) for one of its slots.
+    ValueError for anything else, with a message for the person who typed it."""
+    if not re.fullmatch(r"\d{11}", text):
+        raise ValueError(f"'{text}' is not an ObjectID (11 digits, e.g. {node_id})")
+    if text == node_id:
+        return "node", None
+    if text[:-3] == node_id[:-3] and text.endswith("75"):
+        return "slot", int(text[-3])
+    raise ValueError(f"{text}: not this node ({node_id}) nor one of its slots")
+
+
+def version_text(template: dict[str, Any]) -> str:
+    """The Version column: '0.901.25.28 2010-09-10'."""
+    released = template.get("released")
+    return f"{template['version']} {released}" if released else str(template["version"])

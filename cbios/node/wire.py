@@ -1,0 +1,148 @@
+"""The wire format of CB-Executor and CB-Manager: one JSON request, one JSON answer.
+
+A client connects to a UNIX socket, sends {"v": 1, "op": "...", "args": {...}} on one
+line and reads one line back: {"ok": true, "result": ...} or
+{"ok": false, "code": "invalid" | "failed", "error": "..."}. "invalid" means the request
+was refused and nothing was done; "failed" means the work was tried and did not succeed."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import socketserver
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+PROTOCOL = 1
+MAX_REQUEST = 1 << 20
+
+log = logging.getLogger("cbios")
+
+
+class Invalid(Exception):
+    """A request refused: nothing was done."""
+
+
+class Failed(Exception):
+    """A request tried and failed."""
+
+
+class RemoteError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+Handler = Callable[[str, dict[str, Any]], Any]
+
+
+def decode(line: bytes) -> tuple[str, dict[str, Any]]:
+    """A request line to (op, args), or Invalid."""
+    try:
+        msg = json.loads(line)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise Invalid(f"not JSON: {e}") from None
+    if not isinstance(msg, dict):
+        raise Invalid("a request is a JSON object")
+    unknown = sorted(set(msg) - {"v", "op", "args"})
+    if unknown:
+        raise Invalid(f"unknown field(s) {', '.join(unknown)}")
+    if msg.get("v") != PROTOCOL:
+        raise Invalid(f"protocol version {msg.get('v')!r}: this side speaks {PROTOCOL}")
+    op, args = msg.get("op"), msg.get("args", {})
+    if not isinstance(op, str):
+        raise Invalid("'op' must be a string")
+    if not isinstance(args, dict):
+        raise Invalid("'args' must be an object")
+    return op, args
+
+
+class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+
+def serve(path: Path, handler: Handler, *, mode: int = 0o600, ready: Callable[[], None] | None = None) -> None:
+    """Answer requests on PATH (replaced if stale) until the process ends."""
+
+    class _Request(socketserver.StreamRequestHandler):
+        def handle(self) -> None:
+            line = self.rfile.readline(MAX_REQUEST + 1)
+            if not line:
+                return
+            answer: dict[str, Any]
+            op = "?"
+            try:
+                if len(line) > MAX_REQUEST:
+                    raise Invalid(f"request longer than {MAX_REQUEST} bytes")
+                op, args = decode(line)
+                answer = {"ok": True, "result": handler(op, args)}
+            except Invalid as e:
+                log.warning("refused %s: %s", op, e)
+                answer = {"ok": False, "code": "invalid", "error": str(e)}
+            except Failed as e:
+                log.warning("failed %s: %s", op, e)
+                answer = {"ok": False, "code": "failed", "error": str(e)}
+            except Exception as e:  # a bug must not take the daemon down; say what broke
+                log.exception("error in %s", op)
+                answer = {"ok": False, "code": "failed", "error": f"internal error: {e}"}
+            try:
+                self.wfile.write(json.dumps(answer).encode() + b"\n")
+            except OSError:
+                pass
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    with _Server(str(path), _Request) as server:
+        os.chmod(path, mode)
+        if ready:
+            ready()
+        server.serve_forever()
+
+
+def call(path: Path, op: str, args: dict[str, Any] | None = None, *, timeout: float = 120.0) -> Any:
+    """Send one request; return its result or raise RemoteError (or OSError: no daemon)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(str(path))
+        s.sendall(json.dumps({"v": PROTOCOL, "op": op, "args": args or {}}).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    if not data:
+        raise RemoteError("failed", f"{path}: no answer to {op}")
+    answer = json.loads(data)
+    if not answer.get("ok"):
+        raise RemoteError(answer.get("code", "failed"), answer.get("error", "unknown error"))
+    return answer.get("result")
+
+
+def wait_for(path: Path, timeout: float) -> bool:
+    """Until a daemon answers 'hello' on PATH, at most TIMEOUT seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            call(path, "hello", timeout=5)
+            return True
+        except (OSError, RemoteError, ValueError):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.5)
+
+
+def notify_ready() -> None:
+    """sd_notify(READY=1) for Type=notify units."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.connect(addr)
+        s.sendall(b"READY=1")

@@ -1,0 +1,144 @@
+"""Slot templates (slot-templates/NAME/): what a slot is and how it is made.
+
+A template is a directory:
+  slot.yaml   what the slot is: type, version, description, packages, volumes, params;
+  run         lxc-service: the one service, run as the container's PID 1;
+  health      a check run inside the slot (by /bin/sh); exit 0 when the service serves;
+  lxc.conf    optional: container configuration added to what CB-Executor writes
+              (${eid}, ${volume0} ... substituted on the node);
+  volume/     optional: the initial content of the slot's volume 0 (its /var);
+  mkosi.conf  lxc-system: the image of the slot's own root file system.
+
+The build bakes the templates a profile uses into the root (as JSON, for the node's
+standard-library code) with the profile's slots, resolved: slots.json."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import pydantic
+from pydantic import Field
+
+from cbios.errors import ProfileError
+from cbios.profile.model import Name, Profile, Size, SlotVolume, Strict, parse_size
+from cbios.profile.yamlload import YamlError, format_path, load_yaml
+from cbios.project import Project
+
+SLOT_TYPES = ("lxc-service", "lxc-system", "kvm-system")
+MANAGER = "cb-manager"
+MANAGER_EID = 0
+NODE_TEMPLATES = "usr/lib/cbios/slot-templates"
+NODE_SLOTS = "usr/lib/cbios/slots.json"
+NODE_IMAGES = "usr/lib/cbios/slot-images"
+
+
+class TemplateVolume(Strict):
+    iid: Annotated[int, Field(ge=0, le=9)]
+    size: Size
+
+
+class SlotTemplate(Strict):
+    """slot.yaml."""
+
+    type: Literal["lxc-service", "lxc-system", "kvm-system"]
+    version: Annotated[str, Field(pattern=r"^\d+(\.\d+){0,3}$")]
+    released: str | None = Field(default=None, pattern=r"^\d{4}-\d{2}-\d{2}$",
+                                 description="release date, shown beside the version")
+    description: str
+    packages: list[Name] = Field(default=[], description="lxc-service: added to the CBIOS root it shares")
+    volumes: list[TemplateVolume] = [TemplateVolume(iid=0, size="16M")]
+    address: Literal["required", "optional"] = "optional"
+    params: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")], str] = Field(
+        default={}, description="parameters a profile may set, with their defaults")
+    start_timeout: Annotated[int, Field(ge=1, le=600)] = 60
+
+
+def available(project: Project) -> list[str]:
+    return sorted(p.parent.name for p in project.slot_templates.glob("*/slot.yaml"))
+
+
+def load_template(project: Project, name: str) -> SlotTemplate:
+    path = project.slot_templates / name / "slot.yaml"
+    shown = project.display(path)
+    try:
+        doc = load_yaml(path, shown)
+        template = SlotTemplate.model_validate(doc.data)
+    except YamlError as e:
+        raise ProfileError([str(e)]) from None
+    except pydantic.ValidationError as e:
+        problems = []
+        for err in e.errors():
+            loc = tuple(err["loc"])
+            line = next((doc.lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in doc.lines), 1)
+            problems.append(f"{shown}:{line}: {format_path(loc) or '(top level)'}: {err['msg']}")
+        raise ProfileError(problems) from None
+    missing = [f for f in _required_files(template) if not (path.parent / f).is_file()]
+    if missing:
+        raise ProfileError([f"{project.display(path.parent)}: a {template.type} template needs "
+                            f"{' and '.join(missing)}"])
+    return template
+
+
+def _required_files(template: SlotTemplate) -> list[str]:
+    if template.type == "lxc-service":
+        return ["run", "health"]
+    if template.type == "lxc-system":
+        return ["mkosi.conf", "health"]
+    return ["health"]
+
+
+def templates_of(project: Project, profile: Profile) -> dict[str, SlotTemplate]:
+    return {name: load_template(project, name) for name in sorted({s.template for s in profile.slots})}
+
+
+def slot_volumes(profile_volumes: list[SlotVolume], template: SlotTemplate) -> list[dict[str, int]]:
+    """The profile's volumes where it names them, else the template's: [{iid, size}] in bytes."""
+    chosen = profile_volumes or template.volumes
+    return [{"iid": v.iid, "size": parse_size(v.size)} for v in sorted(chosen, key=lambda v: v.iid)]
+
+
+def packages(templates: dict[str, SlotTemplate]) -> list[str]:
+    """What lxc-service slots need in the root they share."""
+    return sorted({p for t in templates.values() if t.type == "lxc-service" for p in t.packages})
+
+
+def node_slots(profile: Profile, templates: dict[str, SlotTemplate]) -> dict[str, Any]:
+    """slots.json: the node, its network, and its slots resolved against their templates."""
+    return {
+        "node": {"object_id": profile.node.object_id, "hostname": profile.node.hostname},
+        "vg": profile.storage.vg,
+        "bridge": profile.network.bridge,
+        "domain": profile.network.domain,
+        "address": profile.network.address,
+        "slots": [
+            {
+                "eid": s.eid,
+                "object_id": profile.slot_object_id(s.eid),
+                "template": s.template,
+                "address": s.address,
+                "hostname": s.hostname,
+                "autostart": s.autostart,
+                "volumes": slot_volumes(s.volumes, templates[s.template]),
+                "params": {**templates[s.template].params, **s.params},
+            }
+            for s in sorted(profile.slots, key=lambda s: s.eid)
+        ],
+    }
+
+
+def bake(project: Project, profile: Profile, dest: Path) -> None:
+    """The profile's templates and slots into the root's tree at DEST."""
+    templates = templates_of(project, profile)
+    base = dest / NODE_TEMPLATES
+    shutil.rmtree(base, ignore_errors=True)
+    for name, template in templates.items():
+        src = project.slot_templates / name
+        target = base / name
+        shutil.copytree(src, target, symlinks=True, ignore=shutil.ignore_patterns("slot.yaml"))
+        (target / "template.json").write_text(json.dumps(
+            {"name": name, **template.model_dump(mode="json")}, indent=2, sort_keys=True) + "\n")
+    (dest / NODE_SLOTS).parent.mkdir(parents=True, exist_ok=True)
+    (dest / NODE_SLOTS).write_text(json.dumps(node_slots(profile, templates), indent=2) + "\n")

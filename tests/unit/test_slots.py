@@ -1,0 +1,354 @@
+"""Slots, with no VM: CB-Executor's request checks, the LXC configuration it writes,
+CB-Manager's registry and operations against a recording executor, the slot CLI's tables,
+and the baked slots.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cbios.node import lxcconf, manager, registry, requests, slotcli, slotdefs, wire
+from cbios.node.wire import Failed, Invalid
+from cbios.profile import load_profile
+from cbios.profile import template as slot_template
+from cbios.project import Project
+
+NODE = "31000040010"
+
+# -- CB-Executor's requests ------------------------------------------------------------
+
+REFUSED = [
+    (b"{not json", "not JSON"),
+    (b"[1, 2]", "a request is a JSON object"),
+    (b'{"v": 2, "op": "hello"}', "protocol version 2"),
+    (b'{"v": 1, "op": "hello", "extra": 1}', "unknown field(s) extra"),
+    (b'{"v": 1, "op": 7}', "'op' must be a string"),
+]
+
+
+@pytest.mark.parametrize("line,message", REFUSED)
+def test_malformed_lines_are_refused(line: bytes, message: str) -> None:
+    with pytest.raises(Invalid, match=message.replace("(", r"\(").replace(")", r"\)")):
+        wire.decode(line)
+
+
+BAD_REQUESTS = [
+    ("lv.destroy", {}, "unknown request 'lv.destroy'"),
+    ("volume.remove", {"volume": "root"}, "'root' is not a slot volume"),
+    ("volume.remove", {"volume": "../root"}, "is not a slot volume"),
+    ("volume.remove", {"volume": "slot2-0", "vg": "other"}, "unknown argument(s) vg"),
+    ("volume.create", {"volume": "slot2-0"}, "missing argument 'size'"),
+    ("volume.create", {"volume": "slot2-0", "size": 1 << 50}, "size: must be a whole number"),
+    ("volume.create", {"volume": "slot2-0", "size": True}, "size: must be a whole number"),
+    ("volume.put", {"volume": "slot2-0", "path": "../../etc/shadow", "content": ""}, "leaves its volume"),
+    ("volume.put", {"volume": "slot2-0", "path": "/etc/shadow", "content": ""}, "leaves its volume"),
+    ("volume.put", {"volume": "slot2-0", "path": "a/./b", "content": ""}, "leaves its volume"),
+    ("container.start", {"eid": 10}, "eid: must be a whole number from 0 to 9"),
+    ("container.define", {"eid": 2, "template": "dhcp", "volumes": [1]}, "must include volume 0"),
+    ("container.define", {"eid": 2, "template": "dhcp", "volumes": [0], "address": "10.0.0.1"},
+     "not an IPv4 address with prefix"),
+    ("container.define", {"eid": 2, "template": "dhcp", "volumes": [0], "hostname": "Bad_Name"},
+     "not a host name"),
+    ("container.define", {"eid": 2, "template": "../x", "volumes": [0]}, "not a template name"),
+]
+
+
+@pytest.mark.parametrize("op,args,message", BAD_REQUESTS)
+def test_bad_requests_are_refused_before_anything_is_done(op: str, args: dict[str, Any], message: str) -> None:
+    with pytest.raises(Invalid) as err:
+        requests.check(op, args)
+    assert message in str(err.value)
+
+
+def test_good_requests_are_normalised() -> None:
+    args = requests.check("container.define", {"eid": 2, "template": "dhcp", "volumes": [1, 0],
+                                               "address": "10.0.249.52/24"})
+    assert args == {"eid": 2, "template": "dhcp", "volumes": [0, 1], "address": "10.0.249.52/24"}
+    assert requests.check("volume.put", {"volume": "slot2-0", "path": "etc/cbios/slot.env", "content": "x"})
+
+
+def test_executor_refuses_unknown_templates(tmp_path: Path) -> None:
+    from cbios.node.executor import Executor
+
+    ex = Executor({"vg": "lvm", "bridge": "br0", "node": {"object_id": NODE}}, {"dhcp": {"type": "lxc-service"}},
+                  templates=tmp_path)
+    with pytest.raises(Invalid, match="no template 'ldap'"):
+        ex.handle("volume.write", {"volume": "slot2-0", "template": "ldap"})
+
+
+def test_the_wire_round_trip_over_a_real_socket(tmp_path: Path) -> None:
+    import threading
+
+    sock = tmp_path / "s.sock"
+    ready = threading.Event()
+
+    def handler(op: str, args: dict[str, Any]) -> Any:
+        if op == "fail":
+            raise Failed("it broke")
+        return requests.check(op, args)
+
+    threading.Thread(target=wire.serve, args=(sock, handler), kwargs={"ready": ready.set}, daemon=True).start()
+    assert ready.wait(5)
+    assert wire.call(sock, "container.state", {"eid": 3}) == {"eid": 3}
+    with pytest.raises(wire.RemoteError) as err:
+        wire.call(sock, "volume.remove", {"volume": "lvm/root"})
+    assert err.value.code == "invalid" and "not a slot volume" in str(err.value)
+    with pytest.raises(wire.RemoteError) as err:
+        wire.call(sock, "fail")
+    assert err.value.code == "failed"
+
+
+# -- the LXC configuration ---------------------------------------------------------------
+
+def definition(**kw: Any) -> lxcconf.Definition:
+    base: dict[str, Any] = dict(eid=2, template="dhcp", kind="lxc-service", vg="lvm", bridge="br0", node_id=NODE,
+                                hostname="dhcpd52", address="10.0.249.52/24", volumes=(0,))
+    base.update(kw)
+    return lxcconf.Definition(**base)
+
+
+def test_lxc_service_shares_the_root_and_has_its_volume_as_var() -> None:
+    text = lxcconf.render(definition())
+    assert "lxc.rootfs.path = dir:/\n" in text
+    assert "lxc.mount.entry = /dev/mapper/lvm-slot2-0 var ext4 rw,nodev,create=dir 0 0\n" in text
+    assert f"lxc.init.cmd = {slotdefs.TEMPLATES}/dhcp/run\n" in text
+    assert "lxc.net.0.link = br0\nlxc.net.0.name = eth0\nlxc.net.0.veth.pair = veth2\n" in text
+    assert "lxc.net.0.ipv4.address = 10.0.249.52/24\n" in text
+    assert "lxc.uts.name = dhcpd52\n" in text
+
+
+def test_lxc_system_boots_its_own_root_from_volume_0() -> None:
+    text = lxcconf.render(definition(kind="lxc-system", template="ldap", volumes=(0, 1)))
+    assert "lxc.rootfs.path = /dev/mapper/lvm-slot2-0\n" in text
+    assert "lxc.init.cmd" not in text
+    assert "lxc.mount.entry = /dev/mapper/lvm-slot2-1 srv/volume1 ext4" in text
+
+
+def test_template_configuration_is_substituted_and_strict() -> None:
+    text = lxcconf.render(definition(extra="lxc.mount.entry = ${volume0} x none bind 0 0\n"))
+    assert "lxc.mount.entry = /dev/mapper/lvm-slot2-0 x none bind 0 0" in text
+    with pytest.raises(KeyError):
+        lxcconf.render(definition(extra="${nope}"))
+
+
+def test_macs_are_stable_and_distinct() -> None:
+    assert lxcconf.mac_address(NODE, 2) == lxcconf.mac_address(NODE, 2)
+    assert len({lxcconf.mac_address(NODE, e) for e in range(10)}) == 10
+
+
+# -- CB-Manager --------------------------------------------------------------------------
+
+class FakeExecutor:
+    """Records requests; keeps volumes and container states as CB-Executor would."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.volumes: dict[str, int] = {}
+        self.states: dict[int, str] = {}
+        self.healthy = True
+
+    def __call__(self, op: str, **args: Any) -> Any:
+        args = requests.check(op, args)  # what the manager sends must pass the executor's checks
+        self.calls.append((op, args))
+        if op == "volume.list":
+            return [{"volume": v, "size": s} for v, s in sorted(self.volumes.items())]
+        if op == "volume.create":
+            self.volumes[args["volume"]] = args["size"]
+        elif op == "volume.remove":
+            del self.volumes[args["volume"]]
+        elif op == "container.define":
+            self.states.setdefault(args["eid"], "STOPPED")
+        elif op == "container.undefine":
+            del self.states[args["eid"]]
+        elif op == "container.start":
+            self.states[args["eid"]] = "RUNNING"
+        elif op == "container.stop":
+            self.states[args["eid"]] = "STOPPED"
+        elif op == "container.state":
+            return {"eid": args["eid"], "state": self.states.get(args["eid"], "UNDEFINED")}
+        elif op == "container.list":
+            return [{"eid": e, "state": s} for e, s in sorted(self.states.items())]
+        elif op == "container.health":
+            return {"ok": self.healthy, "output": "" if self.healthy else "port 67 closed"}
+        elif op == "container.runtime":
+            return {"kind": "lxc-service", "state": self.states[args["eid"]], "pid": 42, "veth": "veth2",
+                    "bridge": "br0", "volumes": []}
+        return None
+
+
+@pytest.fixture
+def config(project: Project) -> dict[str, Any]:
+    profile = load_profile(project, "qemu-test")
+    return slot_template.node_slots(profile, slot_template.templates_of(project, profile))
+
+
+@pytest.fixture
+def catalogue(project: Project) -> dict[str, dict[str, Any]]:
+    out = {}
+    for name in ("cb-manager", "dhcp", "dns_master", "sysmon"):
+        out[name] = {"name": name, **slot_template.load_template(project, name).model_dump(mode="json")}
+    return out
+
+
+def make_manager(config: dict[str, Any], catalogue: dict[str, dict[str, Any]], tmp_path: Path,
+                 ex: FakeExecutor) -> manager.Manager:
+    clock = iter(range(0, 10_000, 5))
+    return manager.Manager(config, catalogue, executor=ex, registry_path=tmp_path / "registry.json",
+                           clock=lambda: float(next(clock)), sleep=lambda _: None)
+
+
+def test_first_start_installs_the_firmwares_slots_and_starts_them(
+        config: dict[str, Any], catalogue: dict[str, dict[str, Any]], tmp_path: Path) -> None:
+    ex = FakeExecutor()
+    ex.states[0] = "RUNNING"  # CB-Manager itself, brought up by cbios-slots.service
+    m = make_manager(config, catalogue, tmp_path, ex)
+    m.start()
+    assert ex.volumes == {"slot2-0": 16 << 20, "slot6-0": 16 << 20}
+    assert ("volume.put", {"volume": "slot2-0", "path": "slot.env", "content": manager.slot_env(
+        m.slots[2], config)}) in ex.calls
+    rows = m.op_slots(NODE)
+    assert [(r["location"], r["type"], r["ip"], r["hostname"], r["status"]) for r in rows] == [
+        ("31000040075", "cb-manager", "", "", "ON"),
+        ("31000040275", "dhcp", "10.0.249.52", "dhcpd52", "ON"),
+        ("31000040675", "dns_master", "10.0.249.1", "dns-master", "ON"),
+    ]
+    assert rows[1]["version"] == "0.901.25.28 2010-09-10" and rows[1]["description"] == "Sysmon Slot (DHCP)"
+    assert m.op_ready()["ready"]
+    saved = registry.load(tmp_path / "registry.json")
+    assert saved is not None and sorted(saved) == [0, 2, 6]
+
+
+def test_a_second_start_keeps_the_registry_and_does_not_rewrite_data(
+        config: dict[str, Any], catalogue: dict[str, dict[str, Any]], tmp_path: Path) -> None:
+    ex = FakeExecutor()
+    ex.states[0] = "RUNNING"
+    make_manager(config, catalogue, tmp_path, ex).start()
+    removed = make_manager(config, catalogue, tmp_path, ex)
+    removed.start()
+    removed.op_remove("31000040675")
+    ex.states = {0: "RUNNING", 2: "STOPPED"}  # a reboot
+    ex.calls.clear()
+    m = make_manager(config, catalogue, tmp_path, ex)
+    m.start()
+    assert sorted(m.slots) == [0, 2]  # the removal survived
+    writes = [a for op, a in ex.calls if op == "volume.write"]
+    assert writes and all(a["if_blank"] for a in writes)
+    assert not [a for op, a in ex.calls if op == "volume.create"]
+
+
+def test_unknown_object_ids_and_types_are_refused(
+        config: dict[str, Any], catalogue: dict[str, dict[str, Any]], tmp_path: Path) -> None:
+    m = make_manager(config, catalogue, tmp_path, FakeExecutor())
+    m.start()
+    cases = [
+        (lambda: m.op_stop("31000040975"), "31000040975: no such slot on node 31000040010"),
+        (lambda: m.op_stop("31000050275"), "not this node"),
+        (lambda: m.op_stop("3100"), "is not an ObjectID"),
+        (lambda: m.op_stop(NODE), "is a node"),
+        (lambda: m.op_startall("31000040275"), "is a slot"),
+        (lambda: m.op_slots(by_type="dchp"), "no slot type 'dchp'"),
+        (lambda: m.op_install("ldap"), "no slot type 'ldap' in this firmware"),
+        (lambda: m.op_install("dhcp", "31000040375"), "needs an address"),
+        (lambda: m.op_install("dhcp", "31000040275", address="10.0.249.9/24"), "already a dhcp slot"),
+        (lambda: m.op_install("sysmon", address="10.0.249.9"), "with prefix"),
+        (lambda: m.op_install("sysmon", address="10.0.249.9/24", params={"prot": "1"}), "no parameter prot"),
+        (lambda: m.op_stop("31000040075"), "is CB-Manager"),
+        (lambda: m.op_remove("31000040075"), "is CB-Manager"),
+        (lambda: m.handle("reboot", {}), "unknown request 'reboot'"),
+        (lambda: m.handle("start", {"slot": 1}), "bad arguments"),
+    ]
+    for call, message in cases:
+        with pytest.raises(Invalid) as err:
+            call()
+        assert message in str(err.value)
+
+
+def test_install_remove_and_stop_start(
+        config: dict[str, Any], catalogue: dict[str, dict[str, Any]], tmp_path: Path) -> None:
+    ex = FakeExecutor()
+    ex.states[0] = "RUNNING"
+    m = make_manager(config, catalogue, tmp_path, ex)
+    m.start()
+    row = m.op_install("sysmon", address="10.0.249.17/24", hostname="sysmon17")
+    assert row["location"] == "31000040175" and row["status"] == "ON"
+    assert "slot1-0" in ex.volumes
+    assert m.op_stop("31000040175")["status"] == "OFF" and ex.states[1] == "STOPPED"
+    assert m.op_restart("31000040175")["status"] == "ON"
+    assert {r["status"] for r in m.op_stopall(NODE) if r["type"] != "cb-manager"} == {"OFF"}
+    assert {r["status"] for r in m.op_startall(NODE)} == {"ON"}
+    m.op_remove("31000040175")
+    assert "slot1-0" not in ex.volumes and 1 not in ex.states
+    assert [r["location"] for r in m.op_slots()] == ["31000040075", "31000040275", "31000040675"]
+
+
+def test_a_slot_that_never_gets_healthy_is_failed_with_its_reason(
+        config: dict[str, Any], catalogue: dict[str, dict[str, Any]], tmp_path: Path) -> None:
+    ex = FakeExecutor()
+    ex.healthy = False
+    m = make_manager(config, catalogue, tmp_path, ex)
+    m.start()  # does not raise: one bad slot must not keep the others down
+    assert {r["status"] for r in m.op_slots() if r["type"] != "cb-manager"} == {"FAILED"}
+    ready = m.op_ready()
+    assert not ready["ready"] and "31000040275 dhcp FAILED" in ready["waiting"]
+    with pytest.raises(Failed, match="not healthy 60 s after start: port 67 closed"):
+        m.op_restart("31000040275")
+
+
+def test_slot_env_is_shell_quoted(config: dict[str, Any]) -> None:
+    env = manager.slot_env({"eid": 2, "object_id": "31000040275", "template": "dhcp", "address": None,
+                            "hostname": None, "params": {"range": "10.0.0.100,10.0.0.200 x"}}, config)
+    assert "SLOT_PARAM_RANGE='10.0.0.100,10.0.0.200 x'\n" in env
+    assert "SLOT_ADDRESS=''\n" in env
+
+
+# -- the slot CLI --------------------------------------------------------------------
+
+def test_tables_have_the_source_documents_columns() -> None:
+    rows = [{"parent": NODE, "location": "31000040275", "type": "dhcp", "version": "0.901.25.28 2010-09-10",
+             "ip": "10.0.249.52", "hostname": "dhcpd52", "status": "ON", "description": "Sysmon Slot (DHCP)"}]
+    lines = slotcli.table(slotcli.COLUMNS["show"], rows).splitlines()
+    assert lines[0].split() == ["ParentID", "Location", "Type", "Version", "IP", "Hostname", "Status", "Description"]
+    assert lines[1].split() == [NODE, "31000040275", "dhcp", "0.901.25.28", "2010-09-10", "10.0.249.52",
+                                "dhcpd52", "ON", "Sysmon", "Slot", "(DHCP)"]
+    assert lines[0].index("Status") == lines[1].index("ON")
+
+
+def test_cli_usage_errors_exit_2_without_asking_anyone(capsys: pytest.CaptureFixture[str]) -> None:
+    assert slotcli.main(["frobnicate"]) == 2
+    assert "unknown command 'frobnicate'" in capsys.readouterr().err
+    assert slotcli.main(["stop"]) == 2
+    assert slotcli.main(["help"]) == 0
+    assert "slot show-runtime <slot ObjectID>" in capsys.readouterr().out
+
+
+def test_cli_without_cb_manager_says_so(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                                        tmp_path: Path) -> None:
+    monkeypatch.setattr(slotdefs, "MANAGER_SOCKET", tmp_path / "none.sock")
+    assert slotcli.main(["list"]) == 3
+    assert "CB-Manager does not answer" in capsys.readouterr().err
+
+
+def test_object_ids_follow_the_document() -> None:
+    assert slotdefs.slot_object_id(NODE, 1) == "31000040175"
+    assert slotdefs.parse_object_id(NODE, "31000040875") == ("slot", 8)
+    assert slotdefs.parse_object_id(NODE, NODE) == ("node", None)
+
+
+# -- the build's view ----------------------------------------------------------------
+
+def test_baked_slots_json_resolves_templates(project: Project, tmp_path: Path) -> None:
+    profile = load_profile(project, "service-node")
+    slot_template.bake(project, profile, tmp_path)
+    data = json.loads((tmp_path / slot_template.NODE_SLOTS).read_text())
+    assert [s["object_id"] for s in data["slots"]] == [
+        "31000040075", "31000040175", "31000040275", "31000040375", "31000040475", "31000040575",
+        "31000040675", "31000040875"]
+    nfs = data["slots"][1]
+    assert nfs["volumes"] == [{"iid": 0, "size": 16 << 20}, {"iid": 1, "size": 1 << 30}]
+    cat = slotdefs.catalogue(tmp_path / slot_template.NODE_TEMPLATES)
+    assert cat["ldap"]["type"] == "lxc-system" and (tmp_path / slot_template.NODE_TEMPLATES / "dhcp" / "run").is_file()
+    assert slot_template.packages(slot_template.templates_of(project, profile)) == [
+        "dnsmasq-base", "isc-dhcp-relay", "nfs-kernel-server", "nsd"]
