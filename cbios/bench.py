@@ -15,7 +15,7 @@ from cbios.boot import disk_boot_spec, kernel_boot_spec
 from cbios.build import build
 from cbios.disk import DISK, make_disk, overlay
 from cbios.machine import Machine
-from cbios.profile import load_profile
+from cbios.profile import Profile, load_profile
 from cbios.project import Project
 
 log = logging.getLogger("cbios")
@@ -25,6 +25,18 @@ def _timed(fn: Any) -> float:
     start = time.monotonic()
     fn()
     return round(time.monotonic() - start, 1)
+
+
+def _slot_figures(m: Machine, profile: Profile, figures: dict[str, Any]) -> None:
+    """`slot restart` of each slot but CB-Manager, timed on the node."""
+    for slot in profile.slots:
+        if slot.eid == 0:
+            continue
+        oid = profile.slot_object_id(slot.eid)
+        out = m.succeed(f"s=$(date +%s.%N); slot restart {oid} >/dev/null; e=$(date +%s.%N); "
+                        "python3 -c \"import sys; print(round(float(sys.argv[2]) - float(sys.argv[1]), 1))\" $s $e",
+                        timeout=300)
+        figures[f"slot_restart_{slot.template}_s"] = float(out)
 
 
 def run_bench(name: str, *, cold: bool) -> dict[str, Any]:
@@ -44,6 +56,8 @@ def run_bench(name: str, *, cold: bool) -> dict[str, Any]:
     data = manifest.read(out / manifest.MANIFEST)
     figures["sizes_bytes"] = {n: m["size"] for n, m in data["artifacts"].items()}
     figures["sizes_bytes"][DISK] = data["disk"]["size"]
+    for name_, img in data.get("slot_images", {}).items():
+        figures["sizes_bytes"][f"slot image {name_} (ext4, zst)"] = [img["image_bytes"], img["zst_bytes"]]
     logdir = out / "work" / "bench"
     with Machine(kernel_boot_spec(project, profile, out), logdir, name=name) as m:
         m.wait_ready(profile.qemu.ready_timeout)
@@ -56,6 +70,7 @@ def run_bench(name: str, *, cold: bool) -> dict[str, Any]:
         with Machine(spec, logdir, name=f"{name}-disk") as m:
             m.wait_ready(profile.qemu.ready_timeout)
             figures["disk_boot_to_ready_s"] = round(m.uptime(), 1)
+            _slot_figures(m, profile, figures)
             m.shutdown()
         lvm_layout.overwrite(disk, lvm_layout.lv_offset(disk, profile.storage.vg, "root"), 64 << 10)
         with Machine(spec, logdir, name=f"{name}-broken-primary") as m:

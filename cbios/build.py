@@ -20,10 +20,18 @@ from pathlib import Path
 from cbios import __version__, image, manifest, mkosi
 from cbios.errors import StepError
 from cbios.profile import Profile, parse_size, profile_hash
-from cbios.project import Project
 from cbios.profile import template as slot_template
-from cbios.render import (add_files, add_node_package, boot_files, mkosi_configs, network_files, render_overlays,
-                          slot_image_configs, write_tree)
+from cbios.project import Project
+from cbios.render import (
+    add_files,
+    add_node_package,
+    boot_files,
+    mkosi_configs,
+    network_files,
+    render_overlays,
+    slot_image_configs,
+    write_tree,
+)
 
 log = logging.getLogger("cbios")
 

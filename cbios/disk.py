@@ -34,8 +34,8 @@ def disk_size(project: Project, profile: Profile) -> int:
     storage = profile.storage
     lvs = [storage.root_size, storage.root_size, storage.var_size, storage.swap_size]
     sizes = [parse_size(size) for size in lvs] + [parse_size(storage.slot_room)]
-    sizes += [v["size"] for s in slot_template.node_slots(profile, slot_template.templates_of(project, profile))["slots"]
-              for v in s["volumes"]]
+    slots = slot_template.node_slots(profile, slot_template.templates_of(project, profile))["slots"]
+    sizes += [v["size"] for s in slots for v in s["volumes"]]
     pv = (1 << 20) + sum(-(-size // EXTENT) * EXTENT for size in sizes)
     return (4 << 20) + parse_size(storage.boot_size) + pv + (8 << 20)
 

@@ -96,8 +96,12 @@ def slot_image_configs(project: Project, profile: Profile) -> dict[str, dict[str
 def boot_files(project: Project, profile: Profile) -> dict[str, str]:
     """What the flasher puts beside the firmware: GRUB's configuration and the disk layout."""
     env = environment(project)
-    slots = slot_template.node_slots(profile, slot_template.templates_of(project, profile))["slots"]
-    volumes = [f"slot{s['eid']}-{v['iid']}:{v['size']}" for s in slots for v in s["volumes"]]
+    templates = slot_template.templates_of(project, profile)
+    volumes = []
+    for s in slot_template.node_slots(profile, templates)["slots"]:
+        for v in s["volumes"]:
+            fill = "format" if v["iid"] else "image" if templates[s["template"]].type == "lxc-system" else "seed"
+            volumes.append(f"slot{s['eid']}-{v['iid']}:{v['size']}:{s['template']}:{fill}")
     ctx = {**context(profile), "slot_volumes": volumes}
     return {
         "grub.cfg": render_string(env, "grub/grub.cfg.j2", ctx),

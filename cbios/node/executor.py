@@ -15,8 +15,8 @@ import subprocess
 import sys
 import tempfile
 import threading
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +123,7 @@ class Executor:
         eid, iid = int(volume[4]), int(volume[6])
         self._stopped(eid, f"writing {volume}")
         dev = self._device(volume)
-        if if_blank and _run(["blkid", "-p", "-o", "value", "-s", "TYPE", dev], timeout=30).strip() != "":
+        if if_blank and _has_signature(dev):
             return {"written": False}
         if tpl["type"] == "lxc-system" and iid == 0:
             image = self.images / f"{template}.img.zst"
@@ -266,14 +266,16 @@ class Executor:
         name = slotdefs.container_name(eid)
         info = _key_values(_run(["lxc-info", "-n", name, "-H"], timeout=30))
         vols = {v["volume"]: v for v in self.op_volume_list()}
+        running = info.get("State") == "RUNNING"
+        pid = int(info["PID"]) if info.get("PID") else None
+        usage = _cgroup_usage(pid) if running and pid else {}
         return {
             **d,
             "state": info.get("State", "UNKNOWN"),
-            "pid": int(info["PID"]) if info.get("PID") else None,
-            "ips": [v for k, v in _pairs(_run(["lxc-info", "-n", name, "-i", "-H"], timeout=30)) if k == "IP"]
-            if info.get("State") == "RUNNING" else [],
-            "cpu_seconds": int(info["CPU use"]) / 1e9 if info.get("CPU use") else None,
-            "memory_bytes": int(info["Memory use"]) if info.get("Memory use") else None,
+            "pid": pid,
+            "ips": _run(["lxc-info", "-n", name, "-i", "-H"], timeout=30).split() if running else [],
+            "cpu_seconds": usage.get("cpu_seconds"),
+            "memory_bytes": usage.get("memory_bytes"),
             "veth": f"veth{eid}" if info.get("State") == "RUNNING" else None,
             "bridge": self.bridge,
             "volumes": [{"volume": slotdefs.volume_name(eid, i),
@@ -294,13 +296,34 @@ class Executor:
             return {"ok": False, "output": "not running"}
         script = (self.templates / d["template"] / "health").read_bytes()
         try:
+            # No log: lxc-attach complains of a key LXC 5 no longer has, at every check.
             proc = subprocess.run(["lxc-attach", "-n", slotdefs.container_name(eid), "--clear-env",
+                                   "--logpriority=FATAL", "--logfile=/dev/null",
                                    "--", "/bin/sh", "-s"], input=script, capture_output=True,
                                   timeout=HEALTH_TIMEOUT, check=False)
         except subprocess.TimeoutExpired:
             return {"ok": False, "output": f"health check gave no answer within {HEALTH_TIMEOUT} s"}
         text = (proc.stdout + proc.stderr).decode(errors="replace").strip()
         return {"ok": proc.returncode == 0, "output": text.splitlines()[-1] if text else ""}
+
+
+def _cgroup_usage(pid: int) -> dict[str, float]:
+    """CPU time and memory of a container, from its cgroup (v2): what lxc-info leaves out."""
+    try:
+        rel = Path(f"/proc/{pid}/cgroup").read_text().strip().split("::", 1)[1]
+        cg = Path("/sys/fs/cgroup") / rel.lstrip("/")
+        stat = dict(line.split() for line in (cg / "cpu.stat").read_text().splitlines())
+        return {"cpu_seconds": int(stat["usage_usec"]) / 1e6, "memory_bytes": int((cg / "memory.current").read_text())}
+    except (OSError, IndexError, KeyError, ValueError):
+        return {}
+
+
+def _has_signature(dev: str) -> bool:
+    """Does the device hold a file system (or any signature blkid knows)? Exit status 2: none."""
+    proc = subprocess.run(["blkid", "-p", dev], capture_output=True, stdin=subprocess.DEVNULL, check=False)
+    if proc.returncode not in (0, 2):
+        raise Failed(f"blkid {dev}: {proc.stderr.decode(errors='replace').strip()}")
+    return proc.returncode == 0
 
 
 def _pairs(text: str) -> list[tuple[str, str]]:

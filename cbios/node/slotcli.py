@@ -64,7 +64,7 @@ def table(columns: list[tuple[str, str]], rows: list[dict[str, Any]]) -> str:
     widths = [max([len(h), *(len(str(r.get(k, ""))) for r in rows)]) for h, k in columns]
     lines = []
     for cells in [[h for h, _ in columns], *([str(r.get(k, "")) for _, k in columns] for r in rows)]:
-        lines.append("  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip())
+        lines.append("  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip())
     return "\n".join(lines) + "\n"
 
 

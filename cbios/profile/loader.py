@@ -90,7 +90,8 @@ def _slot_problems(project: Project, profile: Profile) -> list[tuple[KeyPath, st
     eids: dict[int, int] = {}
     for i, slot in enumerate(profile.slots):
         if slot.template not in known:
-            out.append((("slots", i, "template"), f"no slot template '{slot.template}'{_suggest(slot.template, known)}"))
+            out.append((("slots", i, "template"),
+                        f"no slot template '{slot.template}'{_suggest(slot.template, known)}"))
             continue
         template = slot_template.load_template(project, slot.template)
         if (slot.template == slot_template.MANAGER) != (slot.eid == slot_template.MANAGER_EID):

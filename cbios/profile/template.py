@@ -49,7 +49,7 @@ class SlotTemplate(Strict):
                                  description="release date, shown beside the version")
     description: str
     packages: list[Name] = Field(default=[], description="lxc-service: added to the CBIOS root it shares")
-    volumes: list[TemplateVolume] = [TemplateVolume(iid=0, size="16M")]
+    volumes: list[TemplateVolume] = Field(default_factory=lambda: [TemplateVolume(iid=0, size="16M")])
     address: Literal["required", "optional"] = "optional"
     params: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")], str] = Field(
         default={}, description="parameters a profile may set, with their defaults")
@@ -96,8 +96,8 @@ def templates_of(project: Project, profile: Profile) -> dict[str, SlotTemplate]:
 
 def slot_volumes(profile_volumes: list[SlotVolume], template: SlotTemplate) -> list[dict[str, int]]:
     """The profile's volumes where it names them, else the template's: [{iid, size}] in bytes."""
-    chosen = profile_volumes or template.volumes
-    return [{"iid": v.iid, "size": parse_size(v.size)} for v in sorted(chosen, key=lambda v: v.iid)]
+    chosen: list[SlotVolume] | list[TemplateVolume] = profile_volumes or template.volumes
+    return sorted(({"iid": v.iid, "size": parse_size(v.size)} for v in chosen), key=lambda v: v["iid"])
 
 
 def packages(templates: dict[str, SlotTemplate]) -> list[str]:

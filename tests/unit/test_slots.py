@@ -188,7 +188,7 @@ def config(project: Project) -> dict[str, Any]:
 @pytest.fixture
 def catalogue(project: Project) -> dict[str, dict[str, Any]]:
     out = {}
-    for name in ("cb-manager", "dhcp", "dns_master", "sysmon"):
+    for name in ("cb-manager", "dhcp", "dns_master", "service", "sysmon"):
         out[name] = {"name": name, **slot_template.load_template(project, name).model_dump(mode="json")}
     return out
 
@@ -206,19 +206,22 @@ def test_first_start_installs_the_firmwares_slots_and_starts_them(
     ex.states[0] = "RUNNING"  # CB-Manager itself, brought up by cbios-slots.service
     m = make_manager(config, catalogue, tmp_path, ex)
     m.start()
-    assert ex.volumes == {"slot2-0": 16 << 20, "slot6-0": 16 << 20}
+    assert ex.volumes == {"slot2-0": 16 << 20, "slot5-0": 256 << 20, "slot6-0": 16 << 20}
     assert ("volume.put", {"volume": "slot2-0", "path": "slot.env", "content": manager.slot_env(
         m.slots[2], config)}) in ex.calls
     rows = m.op_slots(NODE)
     assert [(r["location"], r["type"], r["ip"], r["hostname"], r["status"]) for r in rows] == [
         ("31000040075", "cb-manager", "", "", "ON"),
         ("31000040275", "dhcp", "10.0.249.52", "dhcpd52", "ON"),
+        ("31000040575", "service", "10.0.249.5", "service5", "ON"),
         ("31000040675", "dns_master", "10.0.249.1", "dns-master", "ON"),
     ]
     assert rows[1]["version"] == "0.901.25.28 2010-09-10" and rows[1]["description"] == "Sysmon Slot (DHCP)"
     assert m.op_ready()["ready"]
     saved = registry.load(tmp_path / "registry.json")
-    assert saved is not None and sorted(saved) == [0, 2, 6]
+    assert saved is not None and sorted(saved) == [0, 2, 5, 6]
+    assert ("volume.put", {"volume": "slot5-0", "path": "etc/cbios/slot.env", "content": manager.slot_env(
+        m.slots[5], config)}) in ex.calls
 
 
 def test_a_second_start_keeps_the_registry_and_does_not_rewrite_data(
@@ -229,11 +232,11 @@ def test_a_second_start_keeps_the_registry_and_does_not_rewrite_data(
     removed = make_manager(config, catalogue, tmp_path, ex)
     removed.start()
     removed.op_remove("31000040675")
-    ex.states = {0: "RUNNING", 2: "STOPPED"}  # a reboot
+    ex.states = {0: "RUNNING", 2: "STOPPED", 5: "STOPPED"}  # a reboot
     ex.calls.clear()
     m = make_manager(config, catalogue, tmp_path, ex)
     m.start()
-    assert sorted(m.slots) == [0, 2]  # the removal survived
+    assert sorted(m.slots) == [0, 2, 5]  # the removal survived
     writes = [a for op, a in ex.calls if op == "volume.write"]
     assert writes and all(a["if_blank"] for a in writes)
     assert not [a for op, a in ex.calls if op == "volume.create"]
@@ -281,7 +284,7 @@ def test_install_remove_and_stop_start(
     assert {r["status"] for r in m.op_startall(NODE)} == {"ON"}
     m.op_remove("31000040175")
     assert "slot1-0" not in ex.volumes and 1 not in ex.states
-    assert [r["location"] for r in m.op_slots()] == ["31000040075", "31000040275", "31000040675"]
+    assert [r["location"] for r in m.op_slots()] == ["31000040075", "31000040275", "31000040575", "31000040675"]
 
 
 def test_a_slot_that_never_gets_healthy_is_failed_with_its_reason(

@@ -1,0 +1,246 @@
+"""Slots on a node booted from its disk: CB-Executor, CB-Manager in slot 0, the dhcp and
+dns_master slots serving for real on br0, the slot CLI, and a reboot. One boot for the
+module (then one reboot at its end): the tests run in order on the same node."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cbios.boot import disk_boot_spec
+from cbios.disk import overlay
+from cbios.machine import Machine
+from cbios.profile import Profile
+from cbios.project import Project
+
+NODE = "31000040010"
+MANAGER, DHCP, SERVICE, DNS = "31000040075", "31000040275", "31000040575", "31000040675"
+COLUMNS = ["ParentID", "Location", "Type", "Version", "IP", "Hostname", "Status", "Description"]
+
+
+@pytest.fixture(scope="module")
+def node(vm_project: Project, profile: Profile, built: Path, node_disk: Path,
+         tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
+    """qemu-test from (a copy of) its disk, with two NICs, ready: slots up."""
+    disk = overlay(node_disk, tmp_path_factory.mktemp("slots") / "node.qcow2")
+    spec = disk_boot_spec(vm_project, profile, built, disk, persist=True)
+    m = Machine(spec, disk.parent / "vm", name="slots")
+    try:
+        m.start()
+        m.wait_ready(profile.qemu.ready_timeout)
+        yield m
+        m.shutdown()
+    finally:
+        m.kill()
+
+
+def slot_json(m: Machine, *args: str) -> Any:
+    return json.loads(m.succeed("slot --json " + " ".join(args)))
+
+
+def status_of(m: Machine, location: str) -> str:
+    rows = {r["location"]: r for r in slot_json(m, "show", NODE)}
+    return str(rows[location]["status"])
+
+
+def lxc_state(m: Machine, eid: int) -> str:
+    return m.succeed(f"lxc-info -n slot{eid} -s -H")
+
+
+def pid_of(m: Machine, pattern: str) -> str:
+    return m.succeed(f"pgrep -f '{pattern}' || true")
+
+
+def test_ready_means_every_autostart_slot_is_on(node: Machine) -> None:
+    # The node said READY only after `slot wait-ready` (ready.d/50-slots) passed.
+    assert "slots ready" in node.succeed("journalctl -b -u cbios-health --no-pager -o cat")
+    rows = slot_json(node, "show", NODE)
+    assert [(r["location"], r["type"], r["status"]) for r in rows] == [
+        (MANAGER, "cb-manager", "ON"), (DHCP, "dhcp", "ON"), (SERVICE, "service", "ON"), (DNS, "dns_master", "ON")]
+    assert node.succeed("systemctl is-active cbios-executor cbios-slots").split() == ["active", "active"]
+    assert node.succeed("cbios status --json | python3 -c 'import json,sys; print(json.load(sys.stdin)"
+                        "[\"copies\"][\"root\"][\"state\"])'") == "good"
+
+
+def test_slot_show_has_the_source_documents_columns_and_object_ids(node: Machine) -> None:
+    lines = node.succeed(f"slot show {NODE}").splitlines()
+    assert lines[0].split() == COLUMNS
+    rows = {line.split()[1]: line.split() for line in lines[1:]}
+    assert rows[DHCP] == [NODE, DHCP, "dhcp", "0.901.25.28", "2010-09-10", "10.0.249.52", "dhcpd52", "ON",
+                          "Sysmon", "Slot", "(DHCP)"]
+    assert rows[DNS][:3] == [NODE, DNS, "dns_master"] and rows[DNS][4:8] == ["10.0.249.1", "dns-master", "ON",
+                                                                             "Master"]
+    assert lines[0].index("Status") == lines[1].index("ON")
+    # `slot show` with no ObjectID: every management node this one knows (itself, for now).
+    assert node.succeed("slot show") == node.succeed(f"slot show {NODE}")
+    listed = [line.split() for line in node.succeed("slot list").splitlines()]
+    assert listed[0] == ["ParentID", "Location", "Type", "Status"]
+    assert [row[1] for row in listed[1:]] == [MANAGER, DHCP, SERVICE, DNS]
+    assert [line.split()[1] for line in node.succeed("slot show --by-type=dhcp").splitlines()[1:]] == [DHCP]
+    images = [line.split()[0] for line in node.succeed("slot image list").splitlines()]
+    assert images == ["Image", "cb-manager", "dhcp", "dns_master", "service"]
+    runtime = node.succeed(f"slot show-runtime {DHCP}")
+    assert re.search(r"^State\s+RUNNING$", runtime, re.M)
+    assert re.search(r"^Interface\s+eth0 <-> veth2 on br0$", runtime, re.M)
+    assert re.search(r"^Volume slot2-0\s+/dev/mapper/lvm-slot2-0 16 MiB on /var$", runtime, re.M)
+    assert re.search(r"^Health\s+passing", runtime, re.M)
+    pid = re.search(r"^PID\s+(\d+)$", runtime, re.M)
+    assert pid and "dnsmasq" in node.succeed(f"cat /proc/{pid.group(1)}/cmdline | tr '\\0' ' '")
+    assert "slot show-runtime <slot ObjectID>" in node.succeed("bash -lc 'help slot'")
+
+
+def test_bad_object_ids_and_types_exit_2_with_one_line(node: Machine) -> None:
+    for command, message in [
+        ("slot stop 31000040975", "31000040975: no such slot on node 31000040010"),
+        ("slot show 31000050010", "31000050010: not this node (31000040010) nor one of its slots"),
+        ("slot show --by-type=dchp", "no slot type 'dchp'"),
+        ("slot install ldap", "no slot type 'ldap' in this firmware"),
+        ("slot stop 31000040075", "is CB-Manager"),
+    ]:
+        rc, out = node.execute(f"{command} 2>&1")
+        assert rc == 2, (command, out)
+        assert out.startswith("slot: ") and message in out and len(out.splitlines()) == 1, out
+    assert status_of(node, DHCP) == "ON"
+
+
+def test_network_of_the_node(node: Machine) -> None:
+    links = node.succeed("ip -o link show | awk -F': ' '{print $2}'").split()
+    for name in ("ctl", "svn", "vlan249@ctl", "br0", "veth0", "veth2", "veth5", "veth6"):
+        assert any(link.split("@")[0] == name.split("@")[0] for link in links), (name, links)
+    assert "vlan249@ctl" in links
+    assert node.succeed("cat /sys/class/net/ctl/address") == "52:54:00:c0:00:01"
+    assert node.succeed("cat /sys/class/net/br0/bridge/stp_state") == "1"
+    assert node.succeed("ls /sys/class/net/br0/brif").split() == ["veth0", "veth2", "veth5", "veth6", "vlan249"]
+    assert node.succeed("ip -4 -o addr show br0 | awk '{print $4}'") == "10.0.249.10/24"
+    assert node.succeed("lxc-attach -n slot2 -- cat /proc/sys/kernel/hostname") == "dhcpd52"
+    assert node.succeed("lxc-attach -n slot2 -- ip -4 -o addr show eth0 | awk '{print $4}'") == "10.0.249.52/24"
+
+
+def test_dhcp_slot_gives_an_address_to_a_client_on_br0(node: Machine) -> None:
+    node.succeed("ip netns add client && ip link add vc0 type veth peer name vc1 && ip link set vc1 netns client"
+                 " && ip link set vc0 master br0 up && ip -n client link set vc1 up && ip -n client link set lo up")
+    # udhcpc retries for at most 10 x 3 s; a new bridge port forwards after 2 x forward_delay.
+    out = node.succeed("ip netns exec client busybox udhcpc -i vc1 -n -q -f -t 10 -T 3 -s /bin/true 2>&1",
+                       timeout=60)
+    lease = re.search(r"lease of (10\.0\.249\.\d+) obtained from 10\.0\.249\.52", out)
+    assert lease, out
+    assert 128 <= int(lease.group(1).split(".")[-1]) <= 254
+    node.succeed(f"ip -n client addr add {lease.group(1)}/24 dev vc1")
+    # The lease is on the slot's own volume.
+    assert lease.group(1) in node.succeed("lxc-attach -n slot2 -- cat /var/lib/dnsmasq/leases")
+
+
+def test_system_slot_runs_its_own_init_on_its_own_root(node: Machine) -> None:
+    assert node.succeed("lxc-attach -n slot5 -- cat /proc/1/comm") == "systemd"
+    assert node.succeed("lxc-attach -n slot5 -- systemctl is-system-running") == "running"
+    assert "SLOT_OBJECT_ID=31000040575" in node.succeed("lxc-attach -n slot5 -- cat /etc/cbios/slot.env")
+    assert node.fail("lxc-attach -n slot5 -- test -e /usr/lib/cbios/release")  # not CBIOS's root
+    assert node.succeed("lxc-attach -n slot5 -- cat /proc/sys/kernel/hostname") == "service5"
+    runtime = node.succeed(f"slot show-runtime {SERVICE}")
+    assert re.search(r"^Kind\s+lxc-system$", runtime, re.M)
+    assert re.search(r"^Volume slot5-0\s+/dev/mapper/lvm-slot5-0 256 MiB on /$", runtime, re.M)
+    assert re.search(r"^Memory\s+\d+\.\d MiB$", runtime, re.M)
+    # Its file system fills its volume (the image was grown to it).
+    assert int(node.succeed("lxc-attach -n slot5 -- df -B1M --output=size / | tail -1")) > 200
+
+
+def test_dns_master_answers_for_its_zone(node: Machine) -> None:
+    query = "PYTHONPATH=/usr/lib/cbios/python python3 -m cbios.node.dnsquery"
+    assert node.succeed(f"{query} 10.0.249.1 cluster SOA") == "SOA"
+    assert node.succeed(f"{query} 10.0.249.1 dhcpd52.cluster A") == "10.0.249.52"
+    assert node.succeed(f"ip netns exec client {query} 10.0.249.1 dns-master.cluster A") == "10.0.249.1"
+    assert node.fail(f"{query} 10.0.249.1 nosuch.cluster A")
+
+
+def test_stop_start_and_restart_really_stop_and_start_the_container(node: Machine) -> None:
+    before = pid_of(node, "dnsmasq --keep-in-foreground")
+    assert before
+    assert node.succeed(f"slot stop {DHCP}").startswith(f"{DHCP} dhcp: OFF")
+    assert status_of(node, DHCP) == "OFF" and lxc_state(node, 2) == "STOPPED"
+    assert pid_of(node, "dnsmasq --keep-in-foreground") == ""
+    assert "veth2" not in node.succeed("ls /sys/class/net")
+    assert node.succeed(f"slot start {DHCP}").startswith(f"{DHCP} dhcp: ON")
+    assert lxc_state(node, 2) == "RUNNING"
+    started = pid_of(node, "dnsmasq --keep-in-foreground")
+    assert started and started != before
+    t0 = time.monotonic()
+    out = node.succeed(f"slot restart {DHCP}")
+    print(f"slot restart {DHCP}: {out} (round trip {time.monotonic() - t0:.1f} s)")
+    restarted = pid_of(node, "dnsmasq --keep-in-foreground")
+    assert restarted and restarted != started and status_of(node, DHCP) == "ON"
+
+    rows = [line.split() for line in node.succeed(f"slot stopall {NODE}").splitlines()[1:]]
+    assert [(r[1], r[3]) for r in rows] == [(MANAGER, "ON"), (DHCP, "OFF"), (SERVICE, "OFF"), (DNS, "OFF")]
+    assert lxc_state(node, 6) == "STOPPED" and pid_of(node, "nsd -d") == "" and lxc_state(node, 5) == "STOPPED"
+    rows = [line.split() for line in node.succeed(f"slot startall {NODE}").splitlines()[1:]]
+    assert {r[3] for r in rows} == {"ON"}
+    assert lxc_state(node, 6) == "RUNNING" and pid_of(node, "nsd -d")
+
+
+def test_remove_then_install_makes_and_deletes_the_volumes(node: Machine) -> None:
+    assert node.succeed("test -b /dev/mapper/lvm-slot6-0 && echo yes") == "yes"
+    assert node.succeed(f"slot remove {DNS}") == f"{DNS} dns_master: removed, with its volumes"
+    assert node.fail("test -e /dev/mapper/lvm-slot6-0")
+    assert "slot6" not in node.succeed("lvs --noheadings -o lv_name lvm")
+    assert node.fail("lxc-info -n slot6 -s")
+    assert [r["location"] for r in slot_json(node, "show")] == [MANAGER, DHCP, SERVICE]
+
+    out = node.succeed(f"slot install dns_master {DNS} --address 10.0.249.1/24 --hostname dns1", timeout=180)
+    assert out.splitlines()[1].split()[:3] == [NODE, DNS, "dns_master"]
+    assert node.succeed("blockdev --getsize64 /dev/mapper/lvm-slot6-0") == str(16 << 20)
+    assert status_of(node, DNS) == "ON"
+    query = "PYTHONPATH=/usr/lib/cbios/python python3 -m cbios.node.dnsquery"
+    assert node.succeed(f"{query} 10.0.249.1 cluster SOA") == "SOA"
+
+
+MALFORMED = [
+    (b"this is not json\n", "not JSON"),
+    (b'{"v": 1, "op": "lv.destroy", "args": {}}\n', "unknown request 'lv.destroy'"),
+    (b'{"v": 1, "op": "volume.remove", "args": {"volume": "root"}}\n', "'root' is not a slot volume"),
+    (b'{"v": 1, "op": "volume.write", "args": {"volume": "var", "template": "dhcp"}}\n', "not a slot volume"),
+    (b'{"v": 1, "op": "volume.put", "args": {"volume": "slot2-0", "path": "../../etc/shadow", "content": "x"}}\n',
+     "leaves its volume"),
+    (b'{"v": 1, "op": "container.start", "args": {"eid": "2; reboot"}}\n', "must be a whole number"),
+]
+
+
+def test_executor_refuses_malformed_requests_and_changes_nothing(node: Machine) -> None:
+    before = node.succeed("lvs --noheadings -o lv_name,lv_size lvm; ls /var/lib/lxc; sha256sum /etc/shadow")
+    for raw, message in MALFORMED:
+        node.succeed(f"printf '%s' {json.dumps(raw.decode())!r} > /tmp/req")
+        answer = json.loads(node.succeed(
+            "python3 -c 'import socket,sys; s=socket.socket(socket.AF_UNIX); "
+            "s.connect(\"/run/cbios/executor/executor.sock\"); s.sendall(open(\"/tmp/req\",\"rb\").read()); "
+            "print(s.makefile().readline())'"))
+        assert answer["ok"] is False and answer["code"] == "invalid", (raw, answer)
+        assert message in answer["error"], (raw, answer)
+    # A symbolic link planted in a volume does not lead out of it.
+    node.succeed(f"slot stop {DHCP} && mount /dev/mapper/lvm-slot2-0 /mnt && ln -s /etc /mnt/etc && umount /mnt")
+    answer = json.loads(node.succeed(
+        "python3 -c 'import socket,json; s=socket.socket(socket.AF_UNIX); "
+        "s.connect(\"/run/cbios/executor/executor.sock\"); s.sendall(json.dumps({\"v\": 1, \"op\": \"volume.put\", "
+        "\"args\": {\"volume\": \"slot2-0\", \"path\": \"etc/shadow\", \"content\": \"x\"}}).encode() + b\"\\n\"); "
+        "print(s.makefile().readline())'"))
+    assert answer["ok"] is False and "not a directory of the volume" in answer["error"], answer
+    node.succeed(f"mount /dev/mapper/lvm-slot2-0 /mnt && rm /mnt/etc && umount /mnt && slot start {DHCP}")
+    assert node.succeed("lvs --noheadings -o lv_name,lv_size lvm; ls /var/lib/lxc; sha256sum /etc/shadow") == before
+    journal = node.succeed("journalctl -b -u cbios-executor --no-pager -o cat")
+    assert "refused volume.remove: volume.remove: volume: 'root' is not a slot volume" in journal
+
+
+def test_after_a_reboot_the_registry_is_intact_and_autostart_slots_are_on(node: Machine, profile: Profile) -> None:
+    leases = node.succeed("lxc-attach -n slot2 -- cat /var/lib/dnsmasq/leases")
+    node.succeed("systemctl reboot")
+    node.wait_ready(profile.qemu.ready_timeout)
+    rows = {r["location"]: r for r in slot_json(node, "show", NODE)}
+    assert sorted(rows) == [MANAGER, DHCP, SERVICE, DNS]
+    assert {r["status"] for r in rows.values()} == {"ON"}
+    assert rows[DNS]["hostname"] == "dns1"  # as installed, not as the firmware first had it
+    assert node.succeed("lxc-attach -n slot2 -- cat /var/lib/dnsmasq/leases") == leases
+    assert lxc_state(node, 6) == "RUNNING"
