@@ -19,6 +19,7 @@ from typing import Any
 
 PROTOCOL = 1
 MAX_REQUEST = 1 << 20
+READ_TIMEOUT = 10
 
 log = logging.getLogger("cbios")
 
@@ -69,9 +70,15 @@ def serve(path: Path, handler: Handler, *, mode: int = 0o600, ready: Callable[[]
     """Answer requests on PATH (replaced if stale) until the process ends."""
 
     class _Request(socketserver.StreamRequestHandler):
+        timeout = READ_TIMEOUT  # a caller that never finishes its line does not hold a thread
+
         def handle(self) -> None:
-            line = self.rfile.readline(MAX_REQUEST + 1)
-            if not line:
+            try:
+                line = self.rfile.readline(MAX_REQUEST + 1)
+            except TimeoutError:
+                line = b""
+            if not line.endswith(b"\n") and len(line) <= MAX_REQUEST:
+                log.warning("refused: no complete request line within %d s", READ_TIMEOUT)
                 return
             answer: dict[str, Any]
             op = "?"

@@ -79,9 +79,11 @@ def test_executor_refuses_unknown_templates(tmp_path: Path) -> None:
         ex.handle("volume.write", {"volume": "slot2-0", "template": "ldap"})
 
 
-def test_the_wire_round_trip_over_a_real_socket(tmp_path: Path) -> None:
+def test_the_wire_round_trip_over_a_real_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
     import threading
 
+    monkeypatch.setattr(wire, "READ_TIMEOUT", 0.5)
     sock = tmp_path / "s.sock"
     ready = threading.Event()
 
@@ -99,6 +101,12 @@ def test_the_wire_round_trip_over_a_real_socket(tmp_path: Path) -> None:
     with pytest.raises(wire.RemoteError) as err:
         wire.call(sock, "fail")
     assert err.value.code == "failed"
+    # A caller that never ends its line is dropped, and nothing is done for it.
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(5)
+        s.connect(str(sock))
+        s.sendall(b'{"v": 1, "op": "hello"')
+        assert s.recv(100) == b""
 
 
 # -- the LXC configuration ---------------------------------------------------------------

@@ -4,6 +4,7 @@ module (then one reboot at its end): the tests run in order on the same node."""
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import time
@@ -54,7 +55,12 @@ def lxc_state(m: Machine, eid: int) -> str:
 
 
 def pid_of(m: Machine, pattern: str) -> str:
+    """PIDs of processes whose command line matches PATTERN ('' for none)."""
     return m.succeed(f"pgrep -f '{pattern}' || true")
+
+
+def processes(m: Machine) -> str:
+    return m.succeed("ps -eo pid,ppid,stat,args")
 
 
 def test_ready_means_every_autostart_slot_is_on(node: Machine) -> None:
@@ -140,7 +146,7 @@ def test_system_slot_runs_its_own_init_on_its_own_root(node: Machine) -> None:
     assert node.succeed("lxc-attach -n slot5 -- cat /proc/1/comm") == "systemd"
     assert node.succeed("lxc-attach -n slot5 -- systemctl is-system-running") == "running"
     assert "SLOT_OBJECT_ID=31000040575" in node.succeed("lxc-attach -n slot5 -- cat /etc/cbios/slot.env")
-    assert node.fail("lxc-attach -n slot5 -- test -e /usr/lib/cbios/release")  # not CBIOS's root
+    node.fail("lxc-attach -n slot5 -- test -e /usr/lib/cbios/release")  # not CBIOS's root
     assert node.succeed("lxc-attach -n slot5 -- cat /proc/sys/kernel/hostname") == "service5"
     runtime = node.succeed(f"slot show-runtime {SERVICE}")
     assert re.search(r"^Kind\s+lxc-system$", runtime, re.M)
@@ -151,7 +157,7 @@ def test_system_slot_runs_its_own_init_on_its_own_root(node: Machine) -> None:
 
 
 def test_dns_master_answers_for_its_zone(node: Machine) -> None:
-    query = "PYTHONPATH=/usr/lib/cbios/python python3 -m cbios.node.dnsquery"
+    query = "env PYTHONPATH=/usr/lib/cbios/python python3 -m cbios.node.dnsquery"
     assert node.succeed(f"{query} 10.0.249.1 cluster SOA") == "SOA"
     assert node.succeed(f"{query} 10.0.249.1 dhcpd52.cluster A") == "10.0.249.52"
     assert node.succeed(f"ip netns exec client {query} 10.0.249.1 dns-master.cluster A") == "10.0.249.1"
@@ -177,16 +183,17 @@ def test_stop_start_and_restart_really_stop_and_start_the_container(node: Machin
 
     rows = [line.split() for line in node.succeed(f"slot stopall {NODE}").splitlines()[1:]]
     assert [(r[1], r[3]) for r in rows] == [(MANAGER, "ON"), (DHCP, "OFF"), (SERVICE, "OFF"), (DNS, "OFF")]
-    assert lxc_state(node, 6) == "STOPPED" and pid_of(node, "nsd -d") == "" and lxc_state(node, 5) == "STOPPED"
+    assert lxc_state(node, 6) == "STOPPED" and lxc_state(node, 5) == "STOPPED"
+    assert pid_of(node, "^nsd -d -c /run/nsd/nsd.conf") == "", processes(node)
     rows = [line.split() for line in node.succeed(f"slot startall {NODE}").splitlines()[1:]]
     assert {r[3] for r in rows} == {"ON"}
-    assert lxc_state(node, 6) == "RUNNING" and pid_of(node, "nsd -d")
+    assert lxc_state(node, 6) == "RUNNING" and pid_of(node, "^nsd -d -c /run/nsd/nsd.conf")
 
 
 def test_remove_then_install_makes_and_deletes_the_volumes(node: Machine) -> None:
     assert node.succeed("test -b /dev/mapper/lvm-slot6-0 && echo yes") == "yes"
     assert node.succeed(f"slot remove {DNS}") == f"{DNS} dns_master: removed, with its volumes"
-    assert node.fail("test -e /dev/mapper/lvm-slot6-0")
+    node.fail("test -e /dev/mapper/lvm-slot6-0")
     assert "slot6" not in node.succeed("lvs --noheadings -o lv_name lvm")
     assert node.fail("lxc-info -n slot6 -s")
     assert [r["location"] for r in slot_json(node, "show")] == [MANAGER, DHCP, SERVICE]
@@ -195,7 +202,7 @@ def test_remove_then_install_makes_and_deletes_the_volumes(node: Machine) -> Non
     assert out.splitlines()[1].split()[:3] == [NODE, DNS, "dns_master"]
     assert node.succeed("blockdev --getsize64 /dev/mapper/lvm-slot6-0") == str(16 << 20)
     assert status_of(node, DNS) == "ON"
-    query = "PYTHONPATH=/usr/lib/cbios/python python3 -m cbios.node.dnsquery"
+    query = "env PYTHONPATH=/usr/lib/cbios/python python3 -m cbios.node.dnsquery"
     assert node.succeed(f"{query} 10.0.249.1 cluster SOA") == "SOA"
 
 
@@ -213,9 +220,9 @@ MALFORMED = [
 def test_executor_refuses_malformed_requests_and_changes_nothing(node: Machine) -> None:
     before = node.succeed("lvs --noheadings -o lv_name,lv_size lvm; ls /var/lib/lxc; sha256sum /etc/shadow")
     for raw, message in MALFORMED:
-        node.succeed(f"printf '%s' {json.dumps(raw.decode())!r} > /tmp/req")
+        node.succeed(f"echo {base64.b64encode(raw).decode()} | base64 -d > /tmp/req")
         answer = json.loads(node.succeed(
-            "python3 -c 'import socket,sys; s=socket.socket(socket.AF_UNIX); "
+            "python3 -c 'import socket; s=socket.socket(socket.AF_UNIX); s.settimeout(20); "
             "s.connect(\"/run/cbios/executor/executor.sock\"); s.sendall(open(\"/tmp/req\",\"rb\").read()); "
             "print(s.makefile().readline())'"))
         assert answer["ok"] is False and answer["code"] == "invalid", (raw, answer)
