@@ -78,11 +78,12 @@ def test_manifest_package_versions_are_what_the_root_has(
 
 
 def test_root_found_by_lv_name(machine: Machine, vm_project: Project, profile: Profile, built: Path,
-                               scratch_disk: Path) -> None:
+                               scratch_disk: Path, build_manifest: dict[str, Any]) -> None:
     """The initrd activates LVM and mounts root=/dev/<vg>/<lv>: copy the running root into an
     LV on the scratch disk, then boot a second guest from that disk alone."""
     vg = profile.storage.vg
-    machine.succeed(f"pvcreate -q /dev/vdb && vgcreate -q {vg} /dev/vdb && lvcreate -q -y -n root -L 400M {vg}")
+    size = build_manifest["artifacts"]["root.img"]["size"]
+    machine.succeed(f"pvcreate -q /dev/vdb && vgcreate -q {vg} /dev/vdb && lvcreate -q -y -n root -L {size}b {vg}")
     machine.succeed(f"dd if=/dev/vda of=/dev/{vg}/root bs=4M conv=fsync status=none && vgchange -q -an {vg}")
     machine.shutdown()  # the scratch disk can be open in one QEMU at a time; this test runs last
     spec = kernel_boot_spec(vm_project, profile, built)

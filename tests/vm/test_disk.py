@@ -82,7 +82,7 @@ def test_primary_that_never_becomes_ready_falls_back_after_its_tries(
         assert "copy=spare" in m.wait_report(("READY",), timeout, skip_failed=True)
         failed = [r for r in m.reports if r.startswith("FAILED")]
         assert len(failed) == profile.boot.tries
-        assert all("copy=root" in r and "check=90-test-fail-ready" in r for r in failed)
+        assert all("copy=root" in r and "check=10-test-fail-ready" in r for r in failed)
         st = status(m)
         assert st["running"] == "spare"
         assert st["copies"]["root"]["state"] == "bad"

@@ -67,8 +67,13 @@ def test_ready_means_every_autostart_slot_is_on(node: Machine) -> None:
     # The node said READY only after `slot wait-ready` (ready.d/50-slots) passed.
     assert "slots ready" in node.succeed("journalctl -b -u cbios-health --no-pager -o cat")
     rows = slot_json(node, "show", NODE)
+    # service (an lxc-system slot) is not autostart: ready did not wait for it.
     assert [(r["location"], r["type"], r["status"]) for r in rows] == [
-        (MANAGER, "cb-manager", "ON"), (DHCP, "dhcp", "ON"), (SERVICE, "service", "ON"), (DNS, "dns_master", "ON")]
+        (MANAGER, "cb-manager", "ON"), (DHCP, "dhcp", "ON"), (SERVICE, "service", "OFF"), (DNS, "dns_master", "ON")]
+    assert node.succeed("lxc-info -n slot5 -s -H") == "STOPPED"
+    out = node.succeed(f"slot start {SERVICE}", timeout=300)
+    print(f"slot start {SERVICE}: {out}")
+    assert out.startswith(f"{SERVICE} service: ON")
     assert node.succeed("systemctl is-active cbios-executor cbios-slots").split() == ["active", "active"]
     assert node.succeed("cbios status --json | python3 -c 'import json,sys; print(json.load(sys.stdin)"
                         "[\"copies\"][\"root\"][\"state\"])'") == "good"
@@ -247,7 +252,8 @@ def test_after_a_reboot_the_registry_is_intact_and_autostart_slots_are_on(node: 
     node.wait_ready(profile.qemu.ready_timeout)
     rows = {r["location"]: r for r in slot_json(node, "show", NODE)}
     assert sorted(rows) == [MANAGER, DHCP, SERVICE, DNS]
-    assert {r["status"] for r in rows.values()} == {"ON"}
+    assert {r["location"] for r in rows.values() if r["status"] == "ON"} == {MANAGER, DHCP, DNS}
+    assert rows[SERVICE]["status"] == "OFF"  # not autostart
     assert rows[DNS]["hostname"] == "dns1"  # as installed, not as the firmware first had it
     assert node.succeed("lxc-attach -n slot2 -- cat /var/lib/dnsmasq/leases") == leases
     assert lxc_state(node, 6) == "RUNNING"
