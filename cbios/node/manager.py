@@ -231,7 +231,7 @@ class Manager:
                               f"{', '.join(sorted(tpl['params'])) or 'none'})")
             entry = self.entry_for({"eid": eid, "template": template, "address": address, "hostname": hostname,
                                  "autostart": autostart, "params": {**tpl["params"], **(params or {})},
-                                 "volumes": [{"iid": v["iid"], "size": _bytes(v["size"])} for v in tpl["volumes"]]})
+                                 "volumes": tpl["volumes"]})
             log.info("install %s as %s", template, entry["object_id"])
             self.provision(entry)
             self.slots[eid] = entry
@@ -357,14 +357,6 @@ class Manager:
                         self.health[eid] = self.ex("container.health", eid=eid)
             except (Invalid, Failed) as e:
                 log.warning("monitor: %s", e)
-
-
-def _bytes(size: str) -> int:
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    m = re.fullmatch(r"(\d+)([KMGT]?)", size)
-    if not m:
-        raise Failed(f"template volume size '{size}'")
-    return int(m.group(1)) * units[m.group(2)]
 
 
 def main() -> int:

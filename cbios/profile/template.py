@@ -129,6 +129,13 @@ def node_slots(profile: Profile, templates: dict[str, SlotTemplate]) -> dict[str
     }
 
 
+def node_template(name: str, template: SlotTemplate) -> dict[str, Any]:
+    """template.json: slot.yaml as the node reads it, volume sizes in bytes."""
+    data = {"name": name, **template.model_dump(mode="json")}
+    data["volumes"] = [{"iid": v.iid, "size": parse_size(v.size)} for v in template.volumes]
+    return data
+
+
 def bake(project: Project, profile: Profile, dest: Path) -> None:
     """The profile's templates and slots into the root's tree at DEST."""
     templates = templates_of(project, profile)
@@ -138,7 +145,7 @@ def bake(project: Project, profile: Profile, dest: Path) -> None:
         src = project.slot_templates / name
         target = base / name
         shutil.copytree(src, target, symlinks=True, ignore=shutil.ignore_patterns("slot.yaml"))
-        (target / "template.json").write_text(json.dumps(
-            {"name": name, **template.model_dump(mode="json")}, indent=2, sort_keys=True) + "\n")
+        (target / "template.json").write_text(json.dumps(node_template(name, template), indent=2, sort_keys=True)
+                                              + "\n")
     (dest / NODE_SLOTS).parent.mkdir(parents=True, exist_ok=True)
     (dest / NODE_SLOTS).write_text(json.dumps(node_slots(profile, templates), indent=2) + "\n")

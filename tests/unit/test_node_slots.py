@@ -197,7 +197,7 @@ def config(project: Project) -> dict[str, Any]:
 def catalogue(project: Project) -> dict[str, dict[str, Any]]:
     out = {}
     for name in ("cb-manager", "dhcp", "dns_master", "service", "sysmon"):
-        out[name] = {"name": name, **slot_template.load_template(project, name).model_dump(mode="json")}
+        out[name] = slot_template.node_template(name, slot_template.load_template(project, name))
     return out
 
 

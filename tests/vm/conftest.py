@@ -63,7 +63,11 @@ def machine(vm_project: Project, profile: Profile, built: Path, scratch_disk: Pa
     powered off after the module."""
     spec = kernel_boot_spec(vm_project, profile, built)
     spec.drives.append(f"file={scratch_disk},format=qcow2,if=virtio")
-    m = Machine(spec, built / "work" / "vm-tests", name="qemu-test")
+    yield from ready_machine(Machine(spec, built / "work" / "vm-tests", name="qemu-test"), profile)
+
+
+def ready_machine(m: Machine, profile: Profile) -> Iterator[Machine]:
+    """For module fixtures: M started and ready; powered off after the module, killed if that fails."""
     try:
         m.start()
         m.wait_ready(profile.qemu.ready_timeout)

@@ -19,6 +19,7 @@ from cbios.disk import overlay
 from cbios.machine import Machine
 from cbios.profile import Profile
 from cbios.project import Project
+from tests.vm.conftest import ready_machine
 
 NODE = "31000040010"
 MANAGER, DHCP, SERVICE, DNS = "31000040075", "31000040275", "31000040575", "31000040675"
@@ -31,14 +32,7 @@ def node(vm_project: Project, profile: Profile, built: Path, node_disk: Path,
     """qemu-test from (a copy of) its disk, with two NICs, ready: slots up."""
     disk = overlay(node_disk, tmp_path_factory.mktemp("slots") / "node.qcow2")
     spec = disk_boot_spec(vm_project, profile, built, disk, persist=True)
-    m = Machine(spec, disk.parent / "vm", name="slots")
-    try:
-        m.start()
-        m.wait_ready(profile.qemu.ready_timeout)
-        yield m
-        m.shutdown()
-    finally:
-        m.kill()
+    yield from ready_machine(Machine(spec, disk.parent / "vm", name="slots"), profile)
 
 
 def slot_json(m: Machine, *args: str) -> Any:
