@@ -3,6 +3,7 @@
     invoke build --profile qemu-test
     invoke disk --profile qemu-test
     invoke boot --profile qemu-test [--check] [--disk [--persist]]
+    invoke pxe-serve --profile qemu-test --interface eth1 [--mode install]
     invoke test [--unit | --vm]
     invoke bench --profile qemu-test [--cold]
 """
@@ -36,6 +37,18 @@ def disk(c: Context, profile: str = "qemu-test", force: bool = False) -> None:
     """Make build/PROFILE/disk.qcow2 by booting the flasher in QEMU on a blank disk."""
     _cbios("build", profile)
     _cbios("disk", profile, *(["--force"] if force else []))
+
+
+@task(help={"profile": "profile whose PXE bundle to serve (built first if needed)",
+            "interface": "the interface on the nodes' network",
+            "mode": "boot, update or install for every node (default: iPXE's menu)",
+            "http_port": "HTTP port (default 8080)"})
+def pxe_serve(c: Context, profile: str = "qemu-test", interface: str = "", mode: str = "",
+              http_port: int = 8080) -> None:
+    """Serve build/PROFILE/pxe to nodes: proxy-DHCP, TFTP and HTTP until Ctrl-C."""
+    _cbios("build", profile)
+    _cbios("pxe", "serve", "--profile", profile, "--interface", interface, "--http-port", str(http_port),
+           *(["--mode", mode] if mode else []))
 
 
 @task(help={"profile": "profile to boot (built first if needed)",

@@ -22,6 +22,7 @@ from cbios.errors import StepError
 from cbios.profile import Profile, parse_size, profile_hash
 from cbios.profile import template as slot_template
 from cbios.project import Project
+from cbios.pxe.bundle import PXE_DIR, make_bundle
 from cbios.render import (
     add_files,
     add_node_package,
@@ -35,7 +36,7 @@ from cbios.render import (
 
 log = logging.getLogger("cbios")
 
-ARTIFACTS = ["vmlinuz", "initrd.img", "root.img", "root.img.zst", "grub.cfg", "disk.conf"]
+ARTIFACTS = ["vmlinuz", "initrd.img", "root.img", "root.img.zst", "grub.cfg", "disk.conf", "boot.ipxe"]
 SUMS = "SHA256SUMS"
 
 
@@ -74,6 +75,8 @@ def build(project: Project, profile: Profile, *, force: bool = False) -> Path:
     inputs = _inputs_digest(project, profile, configs, overlay)
     if not force and _up_to_date(dirs.out, inputs):
         log.info("‣ %s %s is up to date (%s)", profile.name, profile.version, project.display(dirs.out))
+        if not (dirs.out / PXE_DIR / manifest.MANIFEST).is_file():
+            make_bundle(dirs.out)
         return dirs.out
 
     start = time.monotonic()
@@ -142,6 +145,7 @@ def build(project: Project, profile: Profile, *, force: bool = False) -> Path:
         "build_seconds": round(time.monotonic() - start, 1),
     }
     _publish(dirs, data)
+    make_bundle(dirs.out)
     log.info("‣ Built %s %s in %.0f s: %s", profile.name, profile.version,
              time.monotonic() - start, project.display(dirs.out))
     return dirs.out

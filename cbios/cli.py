@@ -73,6 +73,24 @@ def cmd_disk(args: argparse.Namespace, project: Project) -> int:
     return 0
 
 
+def cmd_pxe_serve(args: argparse.Namespace, project: Project) -> int:
+    from pathlib import Path
+
+    from cbios.pxe.bundle import PXE_DIR
+    from cbios.pxe.serve import serve
+
+    if args.bundle:
+        bundle = Path(args.bundle)
+    elif args.profile:
+        from cbios.boot import built
+
+        bundle = built(project, _profile(project, args.profile)) / PXE_DIR
+    else:
+        raise CbiosError("pxe serve: name the firmware: --profile NAME (a build) or --bundle DIR")
+    receipts = Path(args.receipts) if args.receipts else bundle.resolve().parent / "receipts"
+    return serve(bundle, args.interface, http_port=args.http_port, receipts=receipts, mode=args.mode)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cbios", description=__doc__)
     p.add_argument("--debug", action="store_true", help="show commands as they run, and tracebacks")
@@ -108,6 +126,20 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("name", metavar="PROFILE")
     d.add_argument("--force", action="store_true", help="remake it even when it is up to date")
     d.set_defaults(func=cmd_disk)
+
+    pxe = sub.add_parser("pxe", help="network boots: serve a build to nodes over PXE")
+    pxsub = pxe.add_subparsers(dest="pxe_command", required=True, metavar="SUBCOMMAND")
+    ps = pxsub.add_parser("serve", help="proxy-DHCP, TFTP (iPXE) and HTTP for the nodes on one interface",
+                          description="Serve a build's PXE bundle (build/NAME/pxe) on the nodes' network until "
+                                      "Ctrl-C. The site's DHCP server keeps giving addresses.")
+    ps.add_argument("--profile", metavar="NAME", help="serve build/NAME/pxe")
+    ps.add_argument("--bundle", metavar="DIR", help="serve this bundle folder instead (a copy of build/NAME/pxe)")
+    ps.add_argument("--interface", required=True, metavar="IF", help="the interface on the nodes' network")
+    ps.add_argument("--http-port", type=int, default=8080, metavar="PORT", help="HTTP port (default 8080)")
+    ps.add_argument("--mode", choices=["boot", "update", "install"],
+                    help="what every node does, with no menu (default: iPXE's menu, which boots after 10 s)")
+    ps.add_argument("--receipts", metavar="DIR", help="where the flasher's receipts go (default: beside the bundle)")
+    ps.set_defaults(func=cmd_pxe_serve)
     return p
 
 

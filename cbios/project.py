@@ -10,6 +10,7 @@ from pathlib import Path
 @dataclass(frozen=True)
 class Project:
     root: Path
+    build_dir: Path | None = None  # else $CBIOS_BUILD_DIR, else ROOT/build
 
     @classmethod
     def find(cls) -> Project:
@@ -39,6 +40,8 @@ class Project:
 
     @property
     def build(self) -> Path:
+        if self.build_dir is not None:
+            return self.build_dir
         return Path(os.environ.get("CBIOS_BUILD_DIR", self.root / "build"))
 
     @property

@@ -44,6 +44,8 @@ class VmSpec:
     macs: list[str] = field(default_factory=list)  # one NIC a MAC on netdevs n0, n1, ...; none: one NIC
     no_reboot: bool = True  # a guest reboot ends QEMU (kernel boots); disk boots may reboot
     fw_cfg: dict[str, str] = field(default_factory=dict)  # -fw_cfg name=opt/...,string=...
+    pxe: str = ""  # extra options of netdev n0 (tftp=, bootfile=, guestfwd=): the first NIC boots over PXE
+    boot: str = ""  # -boot value, e.g. "once=n": PXE first, the disk after a reboot
 
     def argv(self) -> list[str]:
         cpu = "host" if self.accel == "kvm" else "max"
@@ -51,13 +53,15 @@ class VmSpec:
                 "-nodefaults", "-no-user-config", "-display", "none",
                 *(["-no-reboot"] if self.no_reboot else []),
                 "-serial", self.serial, "-device", "virtio-rng-pci"]
-        argv += ["-netdev", self.netdev]
+        argv += ["-netdev", self.netdev + (f",{self.pxe}" if self.pxe else "")]
         if not self.macs:
             argv += ["-device", "virtio-net-pci,netdev=n0"]
         for i, mac in enumerate(self.macs):
             if i:
                 argv += ["-netdev", self.netdev.replace("id=n0", f"id=n{i}")]
             argv += ["-device", f"virtio-net-pci,netdev=n{i},mac={mac}"]
+        if self.boot:
+            argv += ["-boot", self.boot]
         if self.kernel:
             argv += ["-kernel", str(self.kernel)]
         if self.initrd:

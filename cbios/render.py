@@ -93,8 +93,12 @@ def slot_image_configs(project: Project, profile: Profile) -> dict[str, dict[str
     return out
 
 
+IPXE_MENU_TIMEOUT_MS = 10000  # then the menu's default: netboot, which changes nothing
+
+
 def boot_files(project: Project, profile: Profile) -> dict[str, str]:
-    """What the flasher puts beside the firmware: GRUB's configuration and the disk layout."""
+    """What travels beside the firmware: GRUB's configuration and the disk layout (for the
+    flasher), and the iPXE script of the PXE bundle."""
     env = environment(project)
     templates = slot_template.templates_of(project, profile)
     volumes = []
@@ -106,6 +110,7 @@ def boot_files(project: Project, profile: Profile) -> dict[str, str]:
     return {
         "grub.cfg": render_string(env, "grub/grub.cfg.j2", ctx),
         "disk.conf": render_string(env, "disk.conf.j2", ctx),
+        "boot.ipxe": render_string(env, "pxe/boot.ipxe.j2", {**ctx, "menu_timeout_ms": IPXE_MENU_TIMEOUT_MS}),
     }
 
 

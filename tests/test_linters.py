@@ -24,9 +24,10 @@ def test_mypy() -> None:
 
 
 def test_shellcheck() -> None:
-    scripts = [p for p in (REPO / "initrd").rglob("*") if p.is_file() and p.read_bytes().startswith(b"#!/bin/")]
+    scripts = [p for p in (REPO / "initrd").rglob("*")
+               if p.is_file() and (p.read_bytes().startswith(b"#!/bin/") or p.suffix == ".sh")]
     scripts += [p for p in (REPO / "overlays").rglob("*") if p.is_file() and p.suffix != ".j2"
-                and p.read_bytes().startswith(b"#!/bin/")]
+                and (p.read_bytes().startswith(b"#!/bin/") or p.suffix == ".sh")]
     assert scripts
     proc = subprocess.run(["shellcheck", "-x", *map(str, scripts)], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -14,6 +14,8 @@ HEADER = b"# GRUB Environment Block\n"
 BOOT_LABEL = "cbios-boot"
 MOUNTPOINT = Path("/run/cbios/boot")
 COPIES = {"root": "root", "spare": "root-spare"}  # copy -> LV name
+NETBOOT_COPY = Path("/run/cbios/copy")  # written by the initrd of a netboot
+NETBOOT_SOURCE = Path("/run/cbios/boot-source")
 
 
 class BootEnvError(Exception):
@@ -72,14 +74,22 @@ def boot_partition(writable: bool = False) -> Iterator[Path]:
         subprocess.run(["umount", str(MOUNTPOINT)], check=False, stdin=subprocess.DEVNULL)
 
 
-def running_copy(cmdline: str | None = None) -> str | None:
-    """The copy this boot runs ('root' or 'spare'), or None when not booted from a node disk."""
+def running_copy(cmdline: str | None = None, netboot_copy: Path = NETBOOT_COPY) -> str | None:
+    """The copy this boot runs ('root' or 'spare'), or None when not booted from a node disk.
+    GRUB names it on the kernel command line; a netboot's initrd, in /run/cbios/copy."""
     text = cmdline if cmdline is not None else Path("/proc/cmdline").read_text()
+    found = None
     for arg in text.split():
         if arg.startswith("cbios.copy="):
-            copy = arg.split("=", 1)[1]
-            return copy if copy in COPIES else None
-    return None
+            found = arg.split("=", 1)[1]
+    if found is None and netboot_copy.is_file():
+        found = netboot_copy.read_text().strip()
+    return found if found in COPIES else None
+
+
+def boot_source(netboot_source: Path = NETBOOT_SOURCE) -> str:
+    """'network' when the kernel and initrd came over PXE, else 'disk'."""
+    return "network" if netboot_source.is_file() else "disk"
 
 
 def committed(env: dict[str, str], copy: str) -> dict[str, str]:

@@ -18,7 +18,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if running is not None:
         with bootenv.boot_partition() as path:
             env = bootenv.read(path)
-    st = status.gather(env, running, own)
+    st = status.gather(env, running, own, bootenv.boot_source())
     print(json.dumps(st, indent=2) if args.json else status.render_text(st), end="\n" if args.json else "")
     return 0
 

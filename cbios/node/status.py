@@ -23,7 +23,8 @@ def copy_release(vg: str, lv: str) -> dict[str, str] | None:
     return found or None
 
 
-def gather(env: dict[str, str] | None, running: str | None, own: dict[str, str]) -> dict[str, Any]:
+def gather(env: dict[str, str] | None, running: str | None, own: dict[str, str],
+           booted_from: str = "disk") -> dict[str, Any]:
     vg = own.get("CBIOS_VG", "lvm")
     copies = {}
     for copy, lv in bootenv.COPIES.items():
@@ -41,6 +42,7 @@ def gather(env: dict[str, str] | None, running: str | None, own: dict[str, str])
         "version": own.get("CBIOS_VERSION"),
         "object_id": own.get("CBIOS_OBJECT_ID"),
         "running": running,
+        "booted_from": booted_from if running is not None else None,
         "next_boot": (env or {}).get("cbios_active") or None,
         "last_fallback": (env or {}).get("cbios_fallback") or None,
         "copies": copies if env is not None else {},
@@ -58,6 +60,7 @@ def render_text(st: dict[str, Any]) -> str:
                      "(running)" if c["running"] else ""])
     widths = [max(len(row[i]) for row in rows) + 2 for i in range(len(rows[0]))]
     lines += ["".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    lines.append(f"booted from:   {st['booted_from']}")
     lines.append(f"next boot:     {st['next_boot']}")
     lines.append(f"last fallback: {st['last_fallback'] or 'none'}")
     return "\n".join(lines) + "\n"

@@ -1,0 +1,199 @@
+"""The HTTP side of a PXE server: a bundle's files for iPXE and the flasher, and the
+flasher's receipts. Only the bundle's own files are served (no paths, no listing).
+
+boot.ipxe is served with `cbios-server` set to the URL the client used, so one bundle
+works behind any address. Every transfer is logged with the node's MAC (the clients put
+it in the query: ?mac=...), and `stop()` ends transfers under way: a node never waits on
+a server that has gone."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+log = logging.getLogger("cbios")
+
+CHUNK = 1 << 16
+RECEIPT_MAX = 64 << 10
+MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+
+
+@dataclass
+class Transfer:
+    client: str
+    mac: str
+    name: str
+    size: int
+    sent: int = 0
+    done: bool = False
+    started: float = field(default_factory=time.monotonic)
+
+
+class BundleServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], bundle: Path, files: list[str], receipts: Path,
+                 *, preset_mode: str | None = None, preset_args: str = "") -> None:
+        self.bundle = bundle
+        self.preset = "".join(f"set {k} {v}\n" for k, v in (("cbios-mode", preset_mode), ("cbios-args", preset_args))
+                              if v)
+        self.files = set(files)
+        self.receipts = receipts
+        self.transfers: list[Transfer] = []
+        self.received: list[dict[str, object]] = []
+        self.stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._conns: set[socket.socket] = set()
+        self._thread: threading.Thread | None = None
+        super().__init__(address, Handler)
+
+    @property
+    def port(self) -> int:
+        return int(self.server_address[1])
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.serve_forever, name="cbios-httpd", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop serving, and break off every transfer under way."""
+        self.stopping.set()
+        self.shutdown()
+        with self._lock:
+            for conn in self._conns:
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        self.server_close()
+
+    def bytes_sent(self, name: str | None = None) -> int:
+        with self._lock:
+            return sum(t.sent for t in self.transfers if name is None or t.name == name)
+
+    def track(self, transfer: Transfer) -> None:
+        with self._lock:
+            self.transfers.append(transfer)
+
+    def process_request(self, request: socket.socket | tuple[bytes, socket.socket],
+                        client_address: tuple[str, int]) -> None:
+        if isinstance(request, socket.socket):
+            with self._lock:
+                self._conns.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: socket.socket | tuple[bytes, socket.socket]) -> None:
+        if isinstance(request, socket.socket):
+            with self._lock:
+                self._conns.discard(request)
+        super().shutdown_request(request)
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: BundleServer
+    protocol_version = "HTTP/1.1"
+    server_version = "cbios-pxe"
+
+    def log_message(self, format: str, *args: object) -> None:
+        log.debug("http %s: %s", self.client_address[0], format % args)
+
+    def _mac(self) -> str:
+        mac = parse_qs(urlsplit(self.path).query).get("mac", ["?"])[0].lower()
+        return mac if MAC.match(mac) else "?"
+
+    def _name(self) -> str:
+        return urlsplit(self.path).path.lstrip("/")
+
+    def do_HEAD(self) -> None:
+        self._get(body=False)
+
+    def do_GET(self) -> None:
+        self._get(body=True)
+
+    def _get(self, body: bool) -> None:
+        name = self._name()
+        if name not in self.server.files or not (self.server.bundle / name).is_file():
+            self._reply(HTTPStatus.NOT_FOUND, b"not in this bundle\n")
+            log.info("  %s %s: %s not found", self._mac(), self.client_address[0], name or "/")
+            return
+        path = self.server.bundle / name
+        if name == "boot.ipxe":
+            host = self.headers.get("Host") or f"{self.server.server_address[0]!s}:{self.server.port}"
+            preset = f"set cbios-server http://{host}/\n{self.server.preset}"
+            text = path.read_bytes().replace(b"\n", b"\n" + preset.encode(), 1)
+            self._reply(HTTPStatus.OK, text, body=body, content_type="text/plain")
+            if body:
+                log.info("  %s %s: boot.ipxe", self._mac(), self.client_address[0])
+            return
+        size = path.stat().st_size
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(size))
+        self.end_headers()
+        if not body:
+            return
+        transfer = Transfer(self.client_address[0], self._mac(), name, size)
+        self.server.track(transfer)
+        log.info("  %s %s: %s (%d MiB) ...", transfer.mac, transfer.client, name, size >> 20)
+        with open(path, "rb") as f:
+            while not self.server.stopping.is_set() and (chunk := f.read(CHUNK)):
+                try:
+                    self.wfile.write(chunk)
+                except OSError:
+                    break
+                transfer.sent += len(chunk)
+        transfer.done = transfer.sent == size
+        seconds = time.monotonic() - transfer.started
+        if transfer.done:
+            log.info("  %s %s: %s sent, %d bytes in %.1f s", transfer.mac, transfer.client, name, size, seconds)
+        else:
+            log.info("  %s %s: %s broken off after %d of %d bytes", transfer.mac, transfer.client, name,
+                     transfer.sent, size)
+            self.close_connection = True
+
+    def do_POST(self) -> None:
+        if self._name() != "receipt":
+            self._reply(HTTPStatus.NOT_FOUND, b"only receipts are taken here\n")
+            return
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            self._reply(HTTPStatus.LENGTH_REQUIRED, b"Content-Length required\n")
+            return
+        if not 0 < length <= RECEIPT_MAX:
+            self._reply(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, b"a receipt is at most 64 KiB\n")
+            return
+        try:
+            receipt = json.loads(self.rfile.read(length))
+        except ValueError:
+            receipt = None
+        if not isinstance(receipt, dict) or not MAC.match(str(receipt.get("mac", ""))):
+            self._reply(HTTPStatus.BAD_REQUEST, b"a receipt is a JSON object with the node's mac\n")
+            return
+        receipt["client"] = self.client_address[0]
+        self.server.received.append(receipt)
+        self.server.receipts.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        path = self.server.receipts / f"{stamp}-{str(receipt['mac']).replace(':', '')}.json"
+        path.write_text(json.dumps(receipt, indent=2, sort_keys=True) + "\n")
+        log.info("‣ Receipt from %s (%s): %s %s %s %s %s; %s", receipt["mac"], receipt.get("object_id"),
+                 receipt.get("result"), receipt.get("mode"), receipt.get("profile"), receipt.get("version"),
+                 receipt.get("reason") or f"root.img {str(receipt.get('root_sha256'))[:12]}", path)
+        self._reply(HTTPStatus.OK, b"receipt taken\n")
+
+    def _reply(self, status: HTTPStatus, data: bytes, *, body: bool = True, content_type: str = "text/plain") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if body:
+            self.wfile.write(data)

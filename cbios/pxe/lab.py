@@ -1,0 +1,44 @@
+"""A PXE site inside QEMU's user networking, for tests and benchmarks.
+
+QEMU's own DHCP and TFTP servers hand the guest's iPXE a one-line script that chains to
+http://10.0.2.100/boot.ipxe; QEMU forwards that address (guestfwd, one socat a
+connection) to the same HTTP server `cbios pxe serve` runs, here on 127.0.0.1. The
+network is restrict=on: the guest reaches nothing else."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from types import TracebackType
+
+from cbios.errors import StepError
+from cbios.pxe.bundle import FILES
+from cbios.pxe.httpd import BundleServer
+
+GUEST_SERVER = "10.0.2.100"
+CHAIN = "chain.ipxe"
+
+
+class PxeLab:
+    def __init__(self, bundle: Path, workdir: Path, *, mode: str, kernel_args: str = "") -> None:
+        if shutil.which("socat") is None:
+            raise StepError("pxe lab", "socat is not installed", hint="run 'make deps'")
+        self.workdir = workdir
+        self.tftp = workdir / "tftp"
+        self.tftp.mkdir(parents=True, exist_ok=True)
+        (self.tftp / CHAIN).write_text(f"#!ipxe\nchain http://{GUEST_SERVER}/boot.ipxe\n")
+        self.server = BundleServer(("127.0.0.1", 0), bundle, FILES, workdir / "receipts",
+                                   preset_mode=mode, preset_args=kernel_args)
+
+    def netdev_options(self) -> str:
+        """Options for the PXE NIC's -netdev user,...: QEMU's TFTP, and the forward to HTTP."""
+        return (f"tftp={self.tftp},bootfile={CHAIN},"
+                f"guestfwd=tcp:{GUEST_SERVER}:80-cmd:socat - TCP:127.0.0.1:{self.server.port}")
+
+    def __enter__(self) -> PxeLab:
+        self.server.start()
+        return self
+
+    def __exit__(self, typ: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.server.stop()

@@ -1,0 +1,97 @@
+# Shell functions shared by the initrd's flasher and netboot (sourced, not run).
+# shellcheck shell=bash
+
+CBIOS_PORT=/dev/virtio-ports/org.cbios.ready
+export CBIOS_BOOT_LABEL=cbios-boot
+CBIOS_TAG=${CBIOS_TAG:-cbios}
+
+say() { echo "$CBIOS_TAG: $*"; }
+
+# A verdict line: on the console and on the virtio-serial port a supervisor reads.
+report() {
+    say "$*"
+    if [ -c "$CBIOS_PORT" ]; then printf '%s\n' "$*" >"$CBIOS_PORT" || true; fi
+}
+
+# The value of KEY=value on the kernel command line (the last one wins), or $2.
+cmdline_value() {
+    local arg value=${2-} args
+    read -r -a args </proc/cmdline
+    for arg in "${args[@]}"; do
+        case $arg in "$1"=*) value=${arg#*=} ;; esac
+    done
+    printf '%s' "$value"
+}
+
+cmdline_has() { grep -qE "(^| )$1( |=|$)" /proc/cmdline; }
+
+# wait_for SPEC [SECONDS]: the block device for LABEL=x or /dev/x, once it exists (bounded).
+wait_for() {
+    local dev i
+    for i in $(seq $((${2:-60} * 2))); do
+        dev=$(blkid -l -o device -t "$1" 2>/dev/null || true)
+        [ -z "$dev" ] && [ -b "$1" ] && dev=$1
+        if [ -n "$dev" ]; then echo "$dev"; return 0; fi
+        [ "$i" = 1 ] && udevadm settle --timeout=10 >/dev/null 2>&1
+        sleep 0.5
+    done
+    return 1
+}
+
+# The MAC of the NIC the node booted from (BOOTIF=01-aa-bb-.. from iPXE), else of the first NIC.
+boot_mac() {
+    local bootif mac
+    bootif=$(cmdline_value BOOTIF)
+    if [ -n "$bootif" ]; then
+        mac=${bootif#01-}
+        echo "${mac//-/:}" | tr 'A-F' 'a-f'
+        return
+    fi
+    for mac in /sys/class/net/*/address; do
+        case $mac in */lo/address) continue ;; esac
+        cat "$mac"
+        return
+    done
+}
+
+# net_up: DHCP on the boot NIC (or every Ethernet NIC) with systemd-networkd; bounded.
+net_up() {
+    local mac
+    mac=$(cmdline_value BOOTIF)
+    mkdir -p /run/systemd/network
+    {
+        echo "# Written by the CBIOS initrd: DHCP on the NIC the node booted from."
+        echo "[Match]"
+        if [ -n "$mac" ]; then echo "MACAddress=$(boot_mac)"; else echo "Type=ether"; fi
+        printf '\n[Network]\nDHCP=ipv4\n\n[DHCPv4]\nClientIdentifier=mac\n'
+    } >/run/systemd/network/10-cbios-initrd.network
+    # --no-block: this runs early in the initrd; never wait on the job queue unbounded.
+    systemctl start --no-block systemd-networkd.service
+    /lib/systemd/systemd-networkd-wait-online --any --ipv4 --timeout="${1:-90}" >/dev/null 2>&1
+}
+
+# The boot state: GRUB's environment block on the boot partition, read into ENV and
+# written back in place (GRUB's save_env finds the file by its blocks).
+declare -gA ENV=()
+GRUBENV=''
+env_load() {
+    GRUBENV=$1
+    ENV=()
+    local line
+    while IFS= read -r line || [ -n "$line" ]; do
+        case $line in '#'* | '') continue ;; *=*) ENV[${line%%=*}]=${line#*=} ;; esac
+    done <"$GRUBENV"
+}
+env_save() {
+    local body='' key
+    for key in $(printf '%s\n' "${!ENV[@]}" | sort); do
+        body+="$key=${ENV[$key]}"$'\n'
+    done
+    body="# GRUB Environment Block"$'\n'"$body"
+    if [ ${#body} -gt 1024 ]; then say "boot state too large"; return 1; fi
+    { printf '%s' "$body"; head -c $((1024 - ${#body})) /dev/zero | tr '\0' '#'; } \
+        | dd of="$GRUBENV" bs=1024 count=1 conv=notrunc,fsync status=none
+}
+
+other_copy() { if [ "$1" = root ]; then echo spare; else echo root; fi; }
+copy_lv() { if [ "$1" = root ]; then echo root; else echo root-spare; fi; }

@@ -1,0 +1,148 @@
+"""The PXE bundle and its HTTP server, over real sockets; dnsmasq's configuration as rendered."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cbios import manifest
+from cbios.errors import CbiosError
+from cbios.pxe.bundle import FILES, PXE_DIR, check_bundle, make_bundle
+from cbios.pxe.httpd import BundleServer
+from cbios.pxe.serve import dnsmasq_conf
+
+BIG = 3 << 20
+
+
+def fake_build(out: Path) -> Path:
+    """A published build's files (small stand-ins), with its manifest."""
+    out.mkdir(parents=True, exist_ok=True)
+    names = [n for n in FILES if n not in ("SHA256SUMS", manifest.MANIFEST)]
+    for name in names:
+        (out / name).write_bytes(os.urandom(BIG) if name == "root.img.zst" else f"{name}\n".encode())
+    (out / "boot.ipxe").write_text("#!ipxe\necho hello\n")
+    artifacts = manifest.describe(out, names)
+    (out / "SHA256SUMS").write_text("".join(f"{m['sha256']}  {n}\n" for n, m in artifacts.items()))
+    manifest.write(out / manifest.MANIFEST, {"profile": "qemu-test", "version": "1.0.0", "artifacts": artifacts})
+    return out
+
+
+@pytest.fixture
+def bundle(tmp_path: Path) -> Path:
+    return make_bundle(fake_build(tmp_path / "build"))
+
+
+@pytest.fixture
+def server(bundle: Path, tmp_path: Path) -> Iterator[BundleServer]:
+    srv = BundleServer(("127.0.0.1", 0), bundle, FILES, tmp_path / "receipts", preset_mode="install",
+                       preset_args="cbios.flash.done=poweroff")
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def request(srv: BundleServer, method: str, path: str, body: bytes | None = None,
+            headers: dict[str, str] | None = None) -> tuple[int, bytes, dict[str, str]]:
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
+    conn.request(method, path, body=body, headers=headers or {})
+    resp = conn.getresponse()
+    data = resp.read()
+    conn.close()
+    return resp.status, data, dict(resp.getheaders())
+
+
+def test_bundle_links_the_builds_files_and_is_remade_whole(tmp_path: Path) -> None:
+    out = fake_build(tmp_path / "build")
+    pxe = make_bundle(out)
+    assert pxe == out / PXE_DIR and sorted(p.name for p in pxe.iterdir()) == sorted(FILES)
+    assert (pxe / "root.img.zst").stat().st_ino == (out / "root.img.zst").stat().st_ino  # no copy
+    assert check_bundle(pxe)["version"] == "1.0.0"
+    (out / "grub.cfg").unlink()
+    (out / "grub.cfg").write_text("changed\n")
+    make_bundle(out)
+    assert (pxe / "grub.cfg").read_text() == "changed\n"
+    assert not list(out.glob(".pxe*"))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda b: (b / "root.img.zst").write_bytes(b"x"), "root.img.zst: does not match its sha256"),
+    (lambda b: (b / "initrd.img").unlink(), "initrd.img: missing from the bundle"),
+    (lambda b: (b / manifest.MANIFEST).write_text("{"), "unreadable manifest"),
+    (lambda b: (b / manifest.MANIFEST).unlink(), "not a PXE bundle"),
+])
+def test_a_damaged_bundle_is_refused_by_name(bundle: Path, damage, message: str) -> None:  # type: ignore[no-untyped-def]
+    (bundle / "root.img.zst").unlink()  # unlink the hard link first: the build's file stays intact
+    (bundle / "root.img.zst").write_bytes((bundle.parent / "root.img.zst").read_bytes())
+    damage(bundle)
+    with pytest.raises(CbiosError, match=message):
+        check_bundle(bundle)
+
+
+def test_files_are_served_whole_and_nothing_else(server: BundleServer, bundle: Path) -> None:
+    status, data, headers = request(server, "GET", "/root.img.zst?mac=52:54:00:c0:00:01")
+    assert status == 200 and data == (bundle / "root.img.zst").read_bytes()
+    assert headers["Content-Length"] == str(BIG)
+    status, data, headers = request(server, "HEAD", "/root.img.zst")
+    assert status == 200 and data == b"" and headers["Content-Length"] == str(BIG)
+    for path in ("/", "/../build/root.img.zst", "/receipts", "/root.img", "/%2e%2e/SHA256SUMS"):
+        assert request(server, "GET", path)[0] == 404, path
+    assert server.bytes_sent("root.img.zst") == BIG
+    assert [(t.mac, t.name, t.done) for t in server.transfers] == [("52:54:00:c0:00:01", "root.img.zst", True)]
+
+
+def test_the_script_is_told_its_server_and_the_preset_mode(server: BundleServer) -> None:
+    status, data, _ = request(server, "GET", "/boot.ipxe", headers={"Host": "10.0.2.100"})
+    assert status == 200
+    assert data.decode().splitlines() == ["#!ipxe", "set cbios-server http://10.0.2.100/", "set cbios-mode install",
+                                          "set cbios-args cbios.flash.done=poweroff", "echo hello"]
+
+
+def test_receipts_are_kept_and_bad_ones_refused(server: BundleServer, tmp_path: Path) -> None:
+    receipt = {"result": "FLASHED", "mode": "install", "mac": "52:54:00:c0:00:01", "object_id": "31000040010",
+               "profile": "qemu-test", "version": "1.0.0", "root_sha256": "ab" * 32}
+    status, _, _ = request(server, "POST", "/receipt?mac=52:54:00:c0:00:01", json.dumps(receipt).encode())
+    assert status == 200
+    [saved] = (tmp_path / "receipts").glob("*-525400c00001.json")
+    assert json.loads(saved.read_text())["root_sha256"] == "ab" * 32
+    assert server.received[0]["client"] == "127.0.0.1"
+    for body in (b"{", b"[]", json.dumps({"mac": "nope"}).encode(), b"x" * (65 << 10)):
+        assert request(server, "POST", "/receipt", body)[0] in (400, 413)
+    assert request(server, "POST", "/root.img.zst", b"{}")[0] == 404
+    assert len(server.received) == 1 and len(list((tmp_path / "receipts").iterdir())) == 1
+
+
+def test_stop_breaks_off_a_transfer_under_way(bundle: Path, tmp_path: Path) -> None:
+    (bundle / "root.img.zst").unlink()
+    with open(bundle / "root.img.zst", "wb") as f:
+        f.truncate(256 << 20)  # more than the sockets' buffers hold
+    srv = BundleServer(("127.0.0.1", 0), bundle, FILES, tmp_path / "receipts")
+    srv.start()
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
+    conn.request("GET", "/root.img.zst")
+    resp = conn.getresponse()
+    first = resp.read(1 << 16)
+    stopper = threading.Thread(target=srv.stop)
+    stopper.start()
+    with pytest.raises(http.client.IncompleteRead):
+        resp.read()
+    stopper.join(10)
+    assert not stopper.is_alive() and len(first) == 1 << 16
+    assert srv.transfers[0].done is False and srv.transfers[0].sent < 256 << 20
+
+
+def test_dnsmasq_configuration_is_a_proxy_with_tftp_and_the_ipxe_chain() -> None:
+    conf = dnsmasq_conf(profile="qemu-test", version="1.0.0", interface="eth1", network="192.168.7.0",
+                        tftp_root=Path("/run/x/tftp"), script_url="http://192.168.7.1:8080/boot.ipxe")
+    lines = [line for line in conf.splitlines() if line and not line.startswith("#")]
+    assert "port=0" in lines  # no DNS
+    assert "dhcp-range=192.168.7.0,proxy" in lines  # never hands out addresses
+    assert {"interface=eth1", "bind-interfaces", "enable-tftp", "tftp-root=/run/x/tftp"} <= set(lines)
+    assert 'pxe-service=tag:!ipxe,x86PC,"CBIOS qemu-test 1.0.0 (iPXE)",undionly.kpxe' in lines
+    assert 'pxe-service=tag:!ipxe,X86-64_EFI,"CBIOS qemu-test 1.0.0 (iPXE)",ipxe.efi' in lines
+    assert "dhcp-boot=tag:ipxe,http://192.168.7.1:8080/boot.ipxe" in lines
