@@ -1,4 +1,4 @@
-"""Figures, not assertions: build times (cold, warm, no-op), artifact sizes, boot time to ready."""
+"""Figures, not assertions: build times (cold, warm, no-op), artifact sizes, boot time to ready,\nPXE install time."""
 
 from __future__ import annotations
 
@@ -13,10 +13,13 @@ from typing import Any
 from cbios import lvm_layout, manifest
 from cbios.boot import disk_boot_spec, kernel_boot_spec
 from cbios.build import build
-from cbios.disk import DISK, make_disk, overlay
+from cbios.disk import DISK, FLASH_TIMEOUT, disk_size, make_disk, overlay
 from cbios.machine import Machine
 from cbios.profile import Profile, load_profile
 from cbios.project import Project
+from cbios.pxe.bundle import PXE_DIR
+from cbios.pxe.lab import PxeLab
+from cbios.run import run
 
 log = logging.getLogger("cbios")
 
@@ -37,6 +40,35 @@ def _slot_figures(m: Machine, profile: Profile, figures: dict[str, Any]) -> None
                         "python3 -c \"import sys; print(round(float(sys.argv[2]) - float(sys.argv[1]), 1))\" $s $e",
                         timeout=300)
         figures[f"slot_restart_{slot.template}_s"] = float(out)
+
+
+def _pxe_figures(project: Project, profile: Profile, out: Path, logdir: Path, figures: dict[str, Any]) -> None:
+    """A blank disk installed over PXE (QEMU user networking, HTTP through guestfwd), then
+    the bytes the flasher wrote (both copies) written again with dd in the same VM."""
+    root_bytes = manifest.read(out / manifest.MANIFEST)["artifacts"]["root.img"]["size"]
+    with tempfile.TemporaryDirectory(prefix="cbios-bench-pxe-") as tmp:
+        disk = Path(tmp) / "node.qcow2"
+        run(["qemu-img", "create", "-q", "-f", "qcow2", disk, str(disk_size(project, profile))], step="qemu-img")
+        with PxeLab(out / PXE_DIR, Path(tmp), mode="install") as lab:
+            spec = disk_boot_spec(project, profile, out, disk, persist=True)
+            spec.pxe, spec.boot = lab.netdev_options(), "once=n"
+            with Machine(spec, logdir, name=f"{profile.name}-pxe-install") as m:
+                line = m.wait_report(("FLASHED",), FLASH_TIMEOUT)
+                figures["pxe_install_s"] = round(m.uptime(), 1)
+                figures["pxe_install_bytes_sent"] = lab.server.bytes_sent()
+                receipt = lab.server.received[-1] if lab.server.received else {}
+                figures["pxe_install_flasher_s"] = receipt.get("seconds")
+                log.info("  %s", line)
+                m.wait_ready(profile.qemu.ready_timeout)
+                figures["pxe_install_to_ready_s"] = round(m.uptime(), 1)
+                vg = profile.storage.vg
+                # The spare copy is rewritten twice over: the bytes of both copies, as the flasher wrote them.
+                out_ = m.succeed(f"s=$(date +%s.%N); for i in 1 2; do head -c {root_bytes} /dev/{vg}/root "
+                                 f"| dd of=/dev/{vg}/root-spare bs=4M iflag=fullblock conv=fsync status=none; "
+                                 "done; e=$(date +%s.%N); python3 -c \"import sys; "
+                                 "print(round(float(sys.argv[2]) - float(sys.argv[1]), 1))\" $s $e", timeout=900)
+                figures["dd_same_bytes_s"] = float(out_)
+                m.kill()
 
 
 def run_bench(name: str, *, cold: bool) -> dict[str, Any]:
@@ -77,6 +109,7 @@ def run_bench(name: str, *, cold: bool) -> dict[str, Any]:
             m.wait_ready(profile.qemu.ready_timeout)
             figures["broken_primary_to_ready_on_spare_s"] = round(m.uptime(), 1)
             m.shutdown()
+    _pxe_figures(project, profile, out, logdir, figures)
     path = out / "bench.json"
     path.write_text(json.dumps(figures, indent=2) + "\n")
     for key, value in figures.items():

@@ -8,6 +8,7 @@ network is restrict=on: the guest reaches nothing else."""
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 from types import TracebackType
 
@@ -26,9 +27,22 @@ class PxeLab:
         self.workdir = workdir
         self.tftp = workdir / "tftp"
         self.tftp.mkdir(parents=True, exist_ok=True)
-        (self.tftp / CHAIN).write_text(f"#!ipxe\nchain http://{GUEST_SERVER}/boot.ipxe\n")
+        (self.tftp / CHAIN).write_text(f"#!ipxe\nchain http://{GUEST_SERVER}/boot.ipxe?mac=${{netX/mac}}\n")
+        self.taken: list[dict[str, object]] = []
         self.server = BundleServer(("127.0.0.1", 0), bundle, FILES, workdir / "receipts",
                                    preset_mode=mode, preset_args=kernel_args)
+
+    def wait_receipt(self, timeout: float = 60) -> dict[str, object]:
+        """The next receipt the flasher sends (it sends it just after its verdict)."""
+        seen = len(self.taken)
+        deadline = time.monotonic() + timeout
+        while len(self.server.received) <= seen:
+            if time.monotonic() > deadline:
+                raise StepError("pxe lab", f"no receipt from the flasher within {timeout:.0f} s")
+            time.sleep(0.2)
+        receipt = self.server.received[seen]
+        self.taken.append(receipt)
+        return receipt
 
     def netdev_options(self) -> str:
         """Options for the PXE NIC's -netdev user,...: QEMU's TFTP, and the forward to HTTP."""

@@ -82,6 +82,7 @@ def test_status_text_names_copies_versions_and_the_last_fallback(monkeypatch: py
         "copy   LV              version     state  tries",
         "root   lvm/root        unreadable  bad    -",
         "spare  lvm/root-spare  1.0.0       good   -      (running)",
+        "booted from:   disk",
         "next boot:     spare",
         "last fallback: copy root could not be loaded (kernel, initrd or file system)",
     ]
@@ -92,3 +93,57 @@ def test_rendered_grub_cfg_is_valid_grub_script(project: Project, tmp_path: Path
     cfg.write_text(boot_files(project, load_profile(project, "qemu-test"))["grub.cfg"])
     proc = subprocess.run(["grub-script-check", str(cfg)], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+LIB_SH = Path(__file__).resolve().parents[2] / "initrd/tree/usr/lib/cbios/lib.sh"
+
+
+def _initrd_shell(grubenv: Path, script: str) -> str:
+    """SCRIPT run by bash with the initrd's lib.sh, the boot state GRUBENV loaded."""
+    proc = subprocess.run(["bash", "-c", f'set -eu; . "{LIB_SH}"; env_load "{grubenv}"; {script}'],
+                          capture_output=True, text=True, check=True)
+    return proc.stdout
+
+
+def _grubenv(tmp_path: Path, *assignments: str) -> Path:
+    path = tmp_path / "grubenv"
+    subprocess.run(["grub-editenv", str(path), "create"], check=True)
+    subprocess.run(["grub-editenv", str(path), "set", *assignments], check=True)
+    return path
+
+
+@pytest.mark.parametrize(("state", "chosen", "after"), [
+    # A new copy spends a try; with none left it is bad and the other copy boots (as grub.cfg).
+    (["cbios_active=root", "cbios_root_state=new", "cbios_root_tries=2", "cbios_spare_state=good"],
+     "root", {"cbios_root_tries": "1", "cbios_root_state": "new"}),
+    (["cbios_active=spare", "cbios_spare_state=new", "cbios_spare_tries=0", "cbios_root_state=good"],
+     "root", {"cbios_spare_state": "bad", "cbios_active": "root",
+              "cbios_fallback": "copy spare did not become ready in its tries"}),
+    (["cbios_active=spare", "cbios_spare_state=good", "cbios_root_state=bad"], "spare", {}),
+    ([], "root", {}),
+])
+def test_netboot_spends_tries_and_falls_back_as_grub_does(tmp_path: Path, state: list[str], chosen: str,
+                                                         after: dict[str, str]) -> None:
+    path = _grubenv(tmp_path, "cbios_installed=qemu-test 1.0.0", *state)
+    before = bootenv.read(path)
+    out = _initrd_shell(path, 'spend_try >/dev/null; echo "$CHOSEN"')
+    assert out.strip() == chosen
+    assert path.stat().st_size == bootenv.SIZE  # rewritten in place, GRUB's size
+    assert bootenv.read(path) == {**before, **after}  # the Python reader agrees with the shell writer
+    listed = subprocess.run(["grub-editenv", str(path), "list"], capture_output=True, text=True, check=True).stdout
+    assert "cbios_installed=qemu-test 1.0.0" in listed.splitlines()  # and so does GRUB's own tool
+
+
+def test_initrd_marks_a_copy_that_cannot_be_loaded_bad(tmp_path: Path) -> None:
+    path = _grubenv(tmp_path, "cbios_active=root", "cbios_root_state=good", "cbios_spare_state=good")
+    _initrd_shell(path, 'mark_bad root "copy root could not be loaded (file system)"')
+    env = bootenv.read(path)
+    assert (env["cbios_active"], env["cbios_root_state"]) == ("spare", "bad")
+    assert env["cbios_fallback"] == "copy root could not be loaded (file system)"
+
+
+def test_running_copy_of_a_netboot_comes_from_the_initrd(tmp_path: Path) -> None:
+    (tmp_path / "copy").write_text("spare\n")
+    assert bootenv.running_copy("cbios.netboot cbios.vg=lvm", tmp_path / "copy") == "spare"
+    assert bootenv.running_copy("cbios.copy=root", tmp_path / "copy") == "root"  # GRUB's word first
+    assert bootenv.running_copy("cbios.netboot", tmp_path / "none") is None

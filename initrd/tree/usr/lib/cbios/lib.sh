@@ -65,8 +65,9 @@ net_up() {
         if [ -n "$mac" ]; then echo "MACAddress=$(boot_mac)"; else echo "Type=ether"; fi
         printf '\n[Network]\nDHCP=ipv4\n\n[DHCPv4]\nClientIdentifier=mac\n'
     } >/run/systemd/network/10-cbios-initrd.network
+    # A restart: its socket may have started networkd already, before this file existed.
     # --no-block: this runs early in the initrd; never wait on the job queue unbounded.
-    systemctl start --no-block systemd-networkd.service
+    systemctl restart --no-block systemd-networkd.service
     /lib/systemd/systemd-networkd-wait-online --any --ipv4 --timeout="${1:-90}" >/dev/null 2>&1
 }
 
@@ -90,8 +91,41 @@ env_save() {
     body="# GRUB Environment Block"$'\n'"$body"
     if [ ${#body} -gt 1024 ]; then say "boot state too large"; return 1; fi
     { printf '%s' "$body"; head -c $((1024 - ${#body})) /dev/zero | tr '\0' '#'; } \
-        | dd of="$GRUBENV" bs=1024 count=1 conv=notrunc,fsync status=none
+        | dd of="$GRUBENV" bs=1024 count=1 iflag=fullblock conv=notrunc,fsync status=none
 }
 
 other_copy() { if [ "$1" = root ]; then echo spare; else echo root; fi; }
 copy_lv() { if [ "$1" = root ]; then echo root; else echo root-spare; fi; }
+
+# spend_try: the boot state's choice of copy, as grub.cfg makes it: the active copy, and
+# if it is new, one try spent; with none left it is bad and the other copy is chosen.
+# Saves the state when it changes; sets CHOSEN to the copy.
+export CHOSEN=''
+spend_try() {
+    local active other tries
+    active=${ENV[cbios_active]:-root}
+    [ "$active" = spare ] || active=root
+    other=$(other_copy "$active")
+    if [ "${ENV[cbios_${active}_state]:-}" = new ]; then
+        tries=${ENV[cbios_${active}_tries]:-0}
+        if [[ $tries =~ ^[1-9]$ ]]; then
+            ENV[cbios_${active}_tries]=$((tries - 1))
+        else
+            ENV[cbios_${active}_state]=bad
+            ENV[cbios_active]=$other
+            ENV[cbios_fallback]="copy $active did not become ready in its tries"
+            say "copy $active did not become ready in its tries: falling back to $other"
+            active=$other
+        fi
+        env_save
+    fi
+    CHOSEN=$active
+}
+
+# mark_bad COPY REASON: COPY cannot be loaded; the other copy becomes the active one.
+mark_bad() {
+    ENV[cbios_$1_state]=bad
+    ENV[cbios_active]=$(other_copy "$1")
+    ENV[cbios_fallback]=$2
+    env_save
+}
