@@ -18,7 +18,7 @@ import pytest
 
 from cbios.pxe.bundle import make_bundle
 from cbios.pxe.serve import IPXE_DIR
-from tests.unit.test_pxe import fake_build
+from tests.unit.test_pxe_bundle import fake_build
 
 SERVER_IP, CLIENT_IP = "10.77.0.1", "10.77.0.2"
 MAC = "52:54:00:aa:bb:cc"
