@@ -21,7 +21,8 @@ CHAIN = "chain.ipxe"
 
 
 class PxeLab:
-    def __init__(self, bundle: Path, workdir: Path, *, mode: str, kernel_args: str = "") -> None:
+    def __init__(self, bundle: Path, workdir: Path, *, mode: str | None, kernel_args: str = "") -> None:
+        """MODE: what the node does (boot, update, install); None: iPXE's menu, and its default."""
         if shutil.which("socat") is None:
             raise StepError("pxe lab", "socat is not installed", hint="run 'make deps'")
         self.workdir = workdir

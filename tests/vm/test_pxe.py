@@ -198,10 +198,11 @@ def test_update_over_pxe_writes_the_other_copy_and_the_node_runs_it(
         m.shutdown()
 
 
-def test_netboot_runs_the_firmware_from_the_nodes_own_lvs(
+def test_netboot_by_the_menus_default_runs_the_firmware_from_the_nodes_own_lvs(
         vm_project: Project, profile: Profile, built: Path, next_build: Path, node: Node) -> None:
     vg = profile.storage.vg
-    with PxeLab(next_build / PXE_DIR, node.logdir / "netboot", mode="boot") as lab, \
+    # No mode chosen for the node: iPXE's menu, whose default after its timeout is netboot.
+    with PxeLab(next_build / PXE_DIR, node.logdir / "netboot", mode=None) as lab, \
             pxe_machine(vm_project, profile, built, node, lab, "pxe-netboot") as m:
         ready = m.wait_ready(profile.qemu.ready_timeout)
         assert f"version={NEXT_VERSION} copy=spare" in ready  # the copy the boot state names
