@@ -46,6 +46,9 @@ def disk(c: Context, profile: str = "qemu-test", force: bool = False) -> None:
 def pxe_serve(c: Context, profile: str = "qemu-test", interface: str = "", mode: str = "",
               http_port: int = 8080) -> None:
     """Serve build/PROFILE/pxe to nodes: proxy-DHCP, TFTP and HTTP until Ctrl-C."""
+    if not interface:
+        raise Exit("pxe-serve: --interface IF is required: the interface on the nodes' network ('ip -br addr')",
+                   code=2)
     _cbios("build", profile)
     _cbios("pxe", "serve", "--profile", profile, "--interface", interface, "--http-port", str(http_port),
            *(["--mode", mode] if mode else []))
