@@ -100,7 +100,7 @@ def test_install_refuses_a_disk_that_holds_cbios(
     make_media(built, media, tmp_path / "media.log")
     before = _sha256(disk_copy)
     line = flash(flasher_spec(vm_project, profile, built, disk_copy, media), tmp_path / "vm", "reflash")
-    assert line.startswith("FAILED refusing to install: /dev/vda holds LVM VG lvm")
+    assert line.startswith("FAILED install: /dev/vda holds LVM VG lvm (a CBIOS node?): not overwritten"), line
     assert "cbios.force" in line
     assert _sha256(disk_copy) == before
 

@@ -142,7 +142,7 @@ def test_update_from_a_corrupted_server_is_refused_and_changes_nothing(
     shutil.copyfile(node.disk, before)
     with PxeLab(bad, node.logdir / "corrupt", mode="update", kernel_args=POWEROFF) as lab:
         line = flash(vm_project, profile, built, node, lab, "pxe-corrupt")
-        assert line.startswith("FAILED update http://10.0.2.100/root.img.zst: checksum mismatch"), line
+        assert line.startswith("FAILED update: http://10.0.2.100/root.img.zst: checksum mismatch"), line
         receipt = lab.wait_receipt()
         assert receipt["result"] == "FAILED" and "checksum mismatch" in str(receipt["reason"])
     compare = subprocess.run(["qemu-img", "compare", "-q", str(before), str(node.disk)], check=False)
@@ -163,7 +163,7 @@ def test_server_stopped_mid_update_leaves_the_node_on_its_old_firmware(
             time.sleep(0.05)
         threading.Thread(target=lab.server.stop).start()
         line = m.wait_report(("FLASHED", "FAILED"), FLASH_TIMEOUT)
-        assert line.startswith("FAILED update http://10.0.2.100/root.img.zst: the transfer broke off"), line
+        assert line.startswith("FAILED update: http://10.0.2.100/root.img.zst: the transfer broke off"), line
         assert m.wait_exit(120), "the flasher did not power off"
 
     with disk_machine(vm_project, profile, built, node, "after-stopped") as m:
