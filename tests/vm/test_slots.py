@@ -202,7 +202,9 @@ def test_remove_then_install_makes_and_deletes_the_volumes(node: Machine) -> Non
     assert node.succeed("blockdev --getsize64 /dev/mapper/lvm-slot6-0") == str(16 << 20)
     assert status_of(node, DNS) == "ON"
     query = "env PYTHONPATH=/usr/lib/cbios/python python3 -m cbios.node.dnsquery"
-    assert node.succeed(f"{query} 10.0.249.1 cluster SOA") == "SOA"
+    # ON means its health check passed inside the slot; from the node, its new bridge port
+    # forwards after STP's 2 x forward_delay.
+    assert node.wait_until_succeeds(f"{query} 10.0.249.1 cluster SOA", timeout=30) == "SOA"
 
 
 MALFORMED = [
