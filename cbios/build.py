@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from cbios import __version__, image, manifest, mkosi
+from cbios import __version__, image, manifest, mkosi, signing
 from cbios.errors import StepError
 from cbios.profile import Profile, parse_size, profile_hash
 from cbios.profile import template as slot_template
@@ -26,6 +26,7 @@ from cbios.pxe.bundle import PXE_DIR, make_bundle
 from cbios.render import (
     add_files,
     add_node_package,
+    architecture,
     boot_files,
     mkosi_configs,
     network_files,
@@ -72,8 +73,12 @@ def build(project: Project, profile: Profile, *, force: bool = False) -> Path:
     add_files(network_files(project, profile), overlay)
     slot_template.bake(project, profile, overlay)
     add_node_package(overlay)
+    key = project.root / profile.update.signing_key if profile.update.signing_key else None
+    if key is not None:
+        (overlay / signing.NODE_KEY).parent.mkdir(parents=True, exist_ok=True)
+        (overlay / signing.NODE_KEY).write_bytes(signing.public_key(key))
     inputs = _inputs_digest(project, profile, configs, overlay)
-    if not force and _up_to_date(dirs.out, inputs):
+    if not force and _up_to_date(dirs.out, inputs, signed=key is not None):
         log.info("‣ %s %s is up to date (%s)", profile.name, profile.version, project.display(dirs.out))
         if not (dirs.out / PXE_DIR / manifest.MANIFEST).is_file():
             make_bundle(dirs.out)
@@ -123,6 +128,8 @@ def build(project: Project, profile: Profile, *, force: bool = False) -> Path:
         "format": manifest.FORMAT,
         "profile": profile.name,
         "version": profile.version,
+        "architecture": architecture(),
+        "boot": {"tries": profile.boot.tries, "ready_timeout": profile.boot.ready_timeout},
         "profile_sha256": profile_hash(profile),
         "inputs_sha256": inputs,
         "cbios_version": __version__,
@@ -144,7 +151,7 @@ def build(project: Project, profile: Profile, *, force: bool = False) -> Path:
         "artifacts": manifest.describe(dirs.staging, ARTIFACTS),
         "build_seconds": round(time.monotonic() - start, 1),
     }
-    _publish(dirs, data)
+    _publish(dirs, data, key)
     make_bundle(dirs.out)
     log.info("‣ Built %s %s in %.0f s: %s", profile.name, profile.version,
              time.monotonic() - start, project.display(dirs.out))
@@ -187,19 +194,26 @@ def _slot_images(project: Project, profile: Profile, dirs: BuildDirs, configs: d
     return described
 
 
-def _publish(dirs: BuildDirs, data: dict[str, object]) -> None:
+def _publish(dirs: BuildDirs, data: dict[str, object], key: Path | None) -> None:
+    """Artifacts into OUT; the manifest (and its signature) last: a build cut off before has none."""
+    manifest.write(dirs.staging / manifest.MANIFEST, data)
+    if key is not None:
+        signing.sign(key, dirs.staging / manifest.MANIFEST)
     (dirs.out / manifest.MANIFEST).unlink(missing_ok=True)
+    (dirs.out / manifest.SIGNATURE).unlink(missing_ok=True)
     (dirs.out / "disk.qcow2").unlink(missing_ok=True)  # made from the previous firmware
     for name in ARTIFACTS:
         os.replace(dirs.staging / name, dirs.out / name)
     artifacts: dict[str, dict[str, object]] = data["artifacts"]  # type: ignore[assignment]
     (dirs.out / SUMS).write_text("".join(f"{m['sha256']}  {n}\n" for n, m in sorted(artifacts.items())))
-    manifest.write(dirs.out / manifest.MANIFEST, data)
+    if key is not None:
+        os.replace(dirs.staging / manifest.SIGNATURE, dirs.out / manifest.SIGNATURE)
+    os.replace(dirs.staging / manifest.MANIFEST, dirs.out / manifest.MANIFEST)
 
 
-def _up_to_date(out: Path, inputs: str) -> bool:
+def _up_to_date(out: Path, inputs: str, *, signed: bool) -> bool:
     path = out / manifest.MANIFEST
-    if not path.is_file():
+    if not path.is_file() or (signed and not (out / manifest.SIGNATURE).is_file()):
         return False
     try:
         data = manifest.read(path)

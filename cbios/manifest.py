@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST = "manifest.json"
+SIGNATURE = MANIFEST + ".sig"  # Ed25519, where the profile has a signing key
 FORMAT = 1
 
 

@@ -6,6 +6,7 @@ instead of rendering an empty string."""
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,15 @@ def environment(project: Project) -> jinja2.Environment:
     return env
 
 
+ARCHITECTURES = {"x86_64": "x86-64", "aarch64": "arm64"}  # uname -m -> mkosi's names
+
+
+def architecture() -> str:
+    """The firmware's architecture: mkosi builds for the build machine's."""
+    machine = platform.machine()
+    return ARCHITECTURES.get(machine, machine)
+
+
 def context(profile: Profile, extra_packages: list[str] | None = None) -> dict[str, Any]:
     """What templates see: the profile, and a few values derived from it. EXTRA_PACKAGES:
     what the profile's lxc-service slots need in the root they share."""
@@ -45,6 +55,7 @@ def context(profile: Profile, extra_packages: list[str] | None = None) -> dict[s
         "ssh_keys": {u.name: u.ssh_keys for u in profile.users},
         "dist": profile.distribution,
         "vg": profile.storage.vg,
+        "architecture": architecture(),
         "cmdline": " ".join(profile.kernel.cmdline),
         "sizes": {
             "boot": parse_size(profile.storage.boot_size),

@@ -92,6 +92,16 @@ def boot_source(netboot_source: Path = NETBOOT_SOURCE) -> str:
     return "network" if netboot_source.is_file() else "disk"
 
 
+FAILURE_MAX = 300  # the block is 1024 bytes in all
+
+
+def with_failure(env: dict[str, str], copy: str, version: str, reason: str) -> dict[str, str]:
+    """ENV keeping why COPY (at VERSION) was not ready on its last boot."""
+    new = dict(env)
+    new["cbios_failure"] = f"copy {copy} ({version}): {' '.join(reason.split())}"[:FAILURE_MAX]
+    return new
+
+
 def committed(env: dict[str, str], copy: str) -> dict[str, str]:
     """ENV after committing COPY: good, no tries pending, and the copy to boot next."""
     new = dict(env)

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from cbios.node import lxcconf, requests, slotdefs, wire
+from cbios.node import bootenv, lxcconf, requests, slotdefs, update, wire
 from cbios.node.wire import Failed, Invalid
 
 log = logging.getLogger("cbios")
@@ -52,6 +52,7 @@ class Executor:
         self.templates = templates
         self.images = images
         self.lock = threading.RLock()  # one change at a time: LVM and LXC state stay coherent
+        self.updating = threading.Lock()
 
     # -- dispatch ------------------------------------------------------------------
 
@@ -59,13 +60,31 @@ class Executor:
         checked = requests.check(op, args)
         method = getattr(self, "op_" + op.replace(".", "_"))
         if op in ("hello", "volume.list", "container.state", "container.list", "container.runtime",
-                  "container.health"):
+                  "container.health", "firmware.update"):  # an update has its own lock: slots go on
             return method(**checked)
         with self.lock:
             log.info("%s %s", op, json.dumps(checked, sort_keys=True)[:300])
             result = method(**checked)
             log.info("%s done", op)
             return result
+
+    def op_firmware_update(self, source: str, allow_downgrade: bool = False, reboot: bool = False) -> dict[str, Any]:
+        """`cbios update` for CB-Manager: the copy that is not running, then (REBOOT) a reboot."""
+        if not self.updating.acquire(blocking=False):
+            raise Failed("firmware.update: an update is already running")
+        try:
+            log.info("firmware.update %s", source)
+            result = update.update(update.node_here(), source, allow_downgrade=allow_downgrade,
+                                   say=lambda line: log.info("update: %s", line))
+        except update.UpdateError as e:
+            raise Invalid(f"firmware.update: {e}") from None
+        except (OSError, bootenv.BootEnvError) as e:
+            raise Failed(f"firmware.update: {e}") from None
+        finally:
+            self.updating.release()
+        if reboot:
+            subprocess.run(["systemctl", "--no-block", "reboot"], check=False, stdin=subprocess.DEVNULL)
+        return result
 
     def op_hello(self) -> dict[str, Any]:
         return {"protocol": wire.PROTOCOL, "node": self.node_id, "vg": self.vg,

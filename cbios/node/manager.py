@@ -129,6 +129,7 @@ class Manager:
             "runtime": self.op_runtime, "start": self.op_start, "stop": self.op_stop,
             "restart": self.op_restart, "startall": self.op_startall, "stopall": self.op_stopall,
             "install": self.op_install, "remove": self.op_remove, "ready": self.op_ready,
+            "update": self.op_update,
         }
         if op not in handlers:
             raise Invalid(f"unknown request '{op}' (known: {', '.join(sorted(handlers))})")
@@ -136,6 +137,12 @@ class Manager:
             return handlers[op](**args)
         except TypeError as e:
             raise Invalid(f"{op}: bad arguments ({e})") from None
+
+    def op_update(self, source: str, allow_downgrade: bool = False, reboot: bool = True) -> dict[str, Any]:
+        """The node's firmware update (CB-Executor writes it: the disk is the host's)."""
+        result: dict[str, Any] = self.ex("firmware.update", source=source, allow_downgrade=allow_downgrade,
+                                         reboot=reboot)
+        return result
 
     def op_hello(self) -> dict[str, Any]:
         return {"protocol": wire.PROTOCOL, "node": self.node_id, "reconciled": self.reconciled}

@@ -93,6 +93,13 @@ def _bool(v: Any) -> bool:
     return v
 
 
+def _source(v: Any) -> str:
+    """Where firmware is, as the node sees it: an http(s) URL or an absolute path."""
+    if not isinstance(v, str) or len(v) > 1024 or not re.fullmatch(r"(https?://|/)[^\s\0]*", v):
+        raise ValueError("must be an http(s) URL or an absolute path on the node")
+    return v
+
+
 EID = _int(0, 9)
 Schema = dict[str, tuple[Check, bool]]  # argument -> (check, required)
 
@@ -112,6 +119,7 @@ REQUESTS: dict[str, Schema] = {
     "container.list": {},
     "container.runtime": {"eid": (EID, True)},
     "container.health": {"eid": (EID, True)},
+    "firmware.update": {"source": (_source, True), "allow_downgrade": (_bool, False), "reboot": (_bool, False)},
 }
 
 

@@ -45,6 +45,7 @@ def gather(env: dict[str, str] | None, running: str | None, own: dict[str, str],
         "booted_from": booted_from if running is not None else None,
         "next_boot": (env or {}).get("cbios_active") or None,
         "last_fallback": (env or {}).get("cbios_fallback") or None,
+        "last_failure": (env or {}).get("cbios_failure") or None,
         "copies": copies if env is not None else {},
     }
 
@@ -63,4 +64,5 @@ def render_text(st: dict[str, Any]) -> str:
     lines.append(f"booted from:   {st['booted_from']}")
     lines.append(f"next boot:     {st['next_boot']}")
     lines.append(f"last fallback: {st['last_fallback'] or 'none'}")
+    lines.append(f"last failure:  {st['last_failure'] or 'none'}")
     return "\n".join(lines) + "\n"

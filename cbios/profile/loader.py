@@ -74,6 +74,9 @@ def semantic_problems(project: Project, profile: Profile) -> list[tuple[KeyPath,
         if not (project.overlays / overlay).is_dir():
             out.append((("overlays", i), f"no overlay '{overlay}' in {project.display(project.overlays)}/"))
     out += _slot_problems(project, profile)
+    key = profile.update.signing_key
+    if key is not None and not (project.root / key).is_file():
+        out.append((("update", "signing_key"), f"no such file: {key} (from {project.display(project.root)})"))
     nics = [n.name for n in profile.network.nics]
     for i, nic in enumerate(nics):
         if nic in nics[:i]:

@@ -175,6 +175,15 @@ class Boot(Strict):
     ready_timeout: Annotated[int, Field(ge=10, description="seconds a boot has to become ready")] = 600
 
 
+class Update(Strict):
+    """How a node takes new firmware (cbios update)."""
+
+    signing_key: str | None = Field(
+        default=None,
+        description="Ed25519 private key (PEM), a path from the project's root: it signs manifest.json, "
+                    "and the firmware then takes only updates it signed")
+
+
 class Qemu(Strict):
     """How tests boot the image in QEMU."""
 
@@ -200,6 +209,7 @@ class Profile(Strict):
     network: Network = Network()
     slots: list[Slot] = []
     boot: Boot = Boot()
+    update: Update = Update()
     qemu: Qemu = Qemu()
 
     def slot_object_id(self, eid: int) -> str:

@@ -14,7 +14,8 @@ from cbios.errors import CbiosError
 
 PXE_DIR = "pxe"
 FILES = ["boot.ipxe", "vmlinuz", "initrd.img", "root.img.zst", "grub.cfg", "disk.conf", "SHA256SUMS",
-         manifest.MANIFEST]
+         manifest.MANIFEST, manifest.SIGNATURE]
+OPTIONAL = {manifest.SIGNATURE}
 
 
 def make_bundle(out: Path) -> Path:
@@ -24,6 +25,8 @@ def make_bundle(out: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     for name in FILES:
+        if name in OPTIONAL and not (out / name).is_file():
+            continue
         try:
             os.link(out / name, tmp / name)
         except OSError:
@@ -48,7 +51,7 @@ def check_bundle(bundle: Path) -> dict[str, object]:
     except (ValueError, KeyError, TypeError) as e:
         raise CbiosError(f"{bundle / manifest.MANIFEST}: unreadable manifest ({e})") from None
     for name in FILES:
-        if name == manifest.MANIFEST or name == "SHA256SUMS":
+        if name in (manifest.MANIFEST, "SHA256SUMS", *OPTIONAL):
             continue
         meta = artifacts.get(name)
         path = bundle / name

@@ -1,0 +1,284 @@
+"""`cbios update` (cbios.node.update) on files standing in for the node's LVs and boot
+partition: real zstd, real openssl signatures, a real HTTP server."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import http.server
+import json
+import os
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cbios import signing
+from cbios.errors import StepError
+from cbios.node import bootenv, cli, requests, status, update
+from cbios.node.wire import Invalid
+
+OWN = {"CBIOS_PROFILE": "qemu-test", "CBIOS_VERSION": "1.0.0", "CBIOS_ARCHITECTURE": "x86-64", "CBIOS_VG": "lvm"}
+COPY_SIZE = 4 << 20
+ROOT = os.urandom(1 << 20) + bytes(1 << 20)  # a "root.img" of 2 MiB
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def make_release(directory: Path, key: Path | None, *, root: bytes = ROOT, **fields: Any) -> Path:
+    """A build directory as `cbios build` leaves it: root.img.zst, manifest.json (signed with KEY)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    zst = subprocess.run(["zstd", "-q", "-c"], input=root, capture_output=True, check=True).stdout
+    (directory / "root.img.zst").write_bytes(zst)
+    data = {"format": 1, "profile": "qemu-test", "version": "2.0.0", "architecture": "x86-64",
+            "boot": {"tries": 2, "ready_timeout": 300},
+            "artifacts": {"root.img": {"sha256": sha256(root), "size": len(root)},
+                          "root.img.zst": {"sha256": sha256(zst), "size": len(zst)}}}
+    data.update(fields)
+    (directory / "manifest.json").write_text(json.dumps(data))
+    if key is not None:
+        sign(key, directory / "manifest.json")
+    return directory
+
+
+def sign(key: Path, path: Path) -> None:
+    subprocess.run(["openssl", "pkeyutl", "-sign", "-rawin", "-inkey", str(key), "-in", str(path),
+                    "-out", f"{path}.sig"], check=True)
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("keys")
+    subprocess.run(["openssl", "genpkey", "-algorithm", "ed25519", "-out", str(d / "key.pem")], check=True)
+    subprocess.run(["openssl", "pkey", "-in", str(d / "key.pem"), "-pubout", "-out", str(d / "pub.pem")], check=True)
+    return d / "key.pem", d / "pub.pem"
+
+
+class FakeNode:
+    """Two copy "LVs" (files) and a boot partition's grubenv, as a node has them."""
+
+    def __init__(self, tmp: Path, pub: Path, running: str = "root", **env: str) -> None:
+        self.dir = tmp
+        self.copies = {c: tmp / f"{c}.lv" for c in bootenv.COPIES}
+        for path in self.copies.values():
+            path.write_bytes(b"\xaa" * COPY_SIZE)
+        self.grubenv = tmp / "grubenv"
+        base = {"cbios_active": running, "cbios_root_state": "good", "cbios_spare_state": "good"}
+        self.grubenv.write_bytes(bootenv.render({**base, **env}))
+        self.node = update.Node(own=dict(OWN), running=running, boot_env=self._env,
+                                device=lambda c: self.copies[c], key=pub)
+
+    @contextlib.contextmanager
+    def _env(self, writable: bool) -> Iterator[Path]:
+        yield self.grubenv
+
+    def env(self) -> dict[str, str]:
+        return bootenv.read(self.grubenv)
+
+    def snapshot(self) -> dict[str, str]:
+        return {name: sha256(p.read_bytes()) for name, p in [*self.copies.items(), ("env", self.grubenv)]}
+
+
+def mkdir(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def node(tmp_path: Path, keys: tuple[Path, Path]) -> FakeNode:
+    return FakeNode(mkdir(tmp_path / "node"), keys[1])
+
+
+def run(node: FakeNode, source: Path | str, **kw: Any) -> dict[str, Any]:
+    lines: list[str] = []
+    result = update.update(node.node, str(source), say=lines.append, **kw)
+    result["said"] = lines
+    return result
+
+
+def test_an_update_writes_the_copy_not_running_and_makes_it_the_one_to_try(
+        node: FakeNode, keys: tuple[Path, Path], tmp_path: Path) -> None:
+    release = make_release(tmp_path / "v2", keys[0])
+    root_before = node.snapshot()["root"]
+    result = run(node, release)
+    assert result["copy"] == "spare" and result["version"] == "2.0.0" and result["from"] == "1.0.0"
+    assert node.copies["spare"].read_bytes()[:len(ROOT)] == ROOT
+    assert node.snapshot()["root"] == root_before  # the running copy is not touched
+    env = node.env()
+    assert env["cbios_active"] == "spare" and env["cbios_spare_state"] == "new" and env["cbios_spare_tries"] == "2"
+    assert env["cbios_root_state"] == "good"
+    assert any("signature good" in line for line in result["said"])
+    # The manifest's path works as well as its directory.
+    node2 = FakeNode(mkdir(tmp_path / "n2"), keys[1], running="spare")
+    assert run(node2, release / "manifest.json")["copy"] == "root"
+
+
+@pytest.mark.parametrize("tamper, message", [
+    ("image", "checksum mismatch"),
+    ("manifest", "signature does not verify"),
+    ("unsigned", "manifest.json.sig: missing"),
+    ("truncated", "the transfer broke off"),
+    ("wrong-root", "does not unpack to the manifest's root.img"),
+])
+def test_a_tampered_release_is_refused_before_anything_is_written(
+        node: FakeNode, keys: tuple[Path, Path], tmp_path: Path, tamper: str, message: str) -> None:
+    release = make_release(tmp_path / "v2", keys[0])
+    zst = release / "root.img.zst"
+    if tamper == "image":
+        data = bytearray(zst.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        zst.write_bytes(bytes(data))
+    elif tamper == "manifest":
+        m = json.loads((release / "manifest.json").read_text())
+        m["version"] = "9.0.0"
+        (release / "manifest.json").write_text(json.dumps(m))
+    elif tamper == "unsigned":
+        (release / "manifest.json.sig").unlink()
+    elif tamper == "truncated":
+        zst.write_bytes(zst.read_bytes()[:-100])
+    elif tamper == "wrong-root":  # a signed manifest whose root.img sum is not what the image unpacks to
+        m = json.loads((release / "manifest.json").read_text())
+        m["artifacts"]["root.img"]["sha256"] = sha256(b"other")
+        (release / "manifest.json").write_text(json.dumps(m))
+        sign(keys[0], release / "manifest.json")
+    before = node.snapshot()
+    with pytest.raises(update.UpdateError, match=message):
+        run(node, release)
+    assert node.snapshot() == before
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"profile": "service-node"}, "firmware of profile service-node, this node runs qemu-test"),
+    ({"architecture": "arm64"}, "firmware for arm64, this node is x86-64"),
+    ({"version": "0.9.9"}, "version 0.9.9 is older than 1.0.0"),
+    ({"version": "1.0.0"}, "version 1.0.0 is the one this node runs"),
+    ({"artifacts": {}}, "not a CBIOS manifest"),
+])
+def test_firmware_of_another_kind_or_older_is_refused(
+        node: FakeNode, keys: tuple[Path, Path], tmp_path: Path, fields: dict[str, Any], message: str) -> None:
+    release = make_release(tmp_path / "v", keys[0], **fields)
+    before = node.snapshot()
+    with pytest.raises(update.UpdateError, match=message):
+        run(node, release)
+    assert node.snapshot() == before
+
+
+def test_a_downgrade_is_written_when_allowed(node: FakeNode, keys: tuple[Path, Path], tmp_path: Path) -> None:
+    release = make_release(tmp_path / "v", keys[0], version="0.9.9")
+    assert run(node, release, allow_downgrade=True)["version"] == "0.9.9"
+
+
+def test_no_update_from_a_copy_still_on_trial_nor_into_a_copy_too_small(
+        keys: tuple[Path, Path], tmp_path: Path) -> None:
+    release = make_release(tmp_path / "v2", keys[0])
+    trial = FakeNode(mkdir(tmp_path / "trial"), keys[1], cbios_root_state="new", cbios_root_tries="1")
+    with pytest.raises(update.UpdateError, match="copy root \\(running\\) is not committed yet"):
+        run(trial, release)
+    small = FakeNode(mkdir(tmp_path / "small"), keys[1])
+    small.copies["spare"].write_bytes(bytes(1 << 20))
+    before = small.snapshot()
+    with pytest.raises(update.UpdateError, match=r"too small for root\.img"):
+        run(small, release)
+    assert small.snapshot() == before
+
+
+def test_without_a_key_in_the_firmware_checksums_still_hold(keys: tuple[Path, Path], tmp_path: Path) -> None:
+    n = FakeNode(mkdir(tmp_path / "n"), tmp_path / "no-key.pem")
+    release = make_release(tmp_path / "v2", None)
+    result = run(n, release)
+    assert result["copy"] == "spare" and any("sha256 only" in line for line in result["said"])
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    cut_after: int | None = None
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def copyfile(self, source: Any, outputfile: Any) -> None:
+        if self.cut_after is None or not self.path.endswith(".zst"):
+            super().copyfile(source, outputfile)
+        else:
+            outputfile.write(source.read(self.cut_after))  # then the connection closes
+
+
+@contextlib.contextmanager
+def http_server(directory: Path, cut_after: int | None = None) -> Iterator[str]:
+    handler = type("H", (_Handler,), {"cut_after": cut_after})
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(directory)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_an_update_from_a_url(node: FakeNode, keys: tuple[Path, Path], tmp_path: Path) -> None:
+    release = make_release(tmp_path / "v2", keys[0])
+    with http_server(release) as url:
+        assert run(node, url.rstrip("/"))["copy"] == "spare"
+    assert node.copies["spare"].read_bytes()[:len(ROOT)] == ROOT
+
+
+def test_a_url_that_breaks_off_changes_nothing(node: FakeNode, keys: tuple[Path, Path], tmp_path: Path) -> None:
+    release = make_release(tmp_path / "v2", keys[0])
+    before = node.snapshot()
+    with http_server(release, cut_after=1000) as url, pytest.raises(update.UpdateError, match="broke off after"):
+        run(node, url)
+    assert node.snapshot() == before
+    with http_server(tmp_path / "nothing-here") as url, pytest.raises(update.UpdateError, match="HTTP 404"):
+        run(node, url)
+
+
+def test_versions_compare_as_numbers() -> None:
+    assert update.version_key("1.10.0") > update.version_key("1.9.2")
+    assert update.version_key("2") > update.version_key("1.99")
+    assert update.version_key("1.0.1") > update.version_key("1.0")
+
+
+def test_a_failed_boot_is_kept_for_status_in_the_boot_block() -> None:
+    env = bootenv.with_failure({"cbios_active": "spare"}, "spare", "2.0.1", "state=degraded\nunits=x " * 100)
+    assert env["cbios_failure"].startswith("copy spare (2.0.1): state=degraded units=x")
+    assert len(bootenv.render(env)) == bootenv.SIZE  # still fits
+    st = status.gather(env, "root", OWN)
+    assert st["last_failure"] == env["cbios_failure"]
+    assert "last failure:  copy spare (2.0.1): state=degraded" in status.render_text(st)
+
+
+def test_cb_executor_checks_an_update_request() -> None:
+    assert requests.check("firmware.update", {"source": "http://10.0.2.100/", "reboot": True})["reboot"] is True
+    for bad in ({"source": "relative/dir"}, {"source": "http://x/ y"}, {"source": 5}, {},
+                {"source": "/srv", "allow_downgrade": "yes"}, {"source": "/srv", "force": True}):
+        with pytest.raises(Invalid):
+            requests.check("firmware.update", bad)
+
+
+def test_cbios_update_says_one_line_and_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                 monkeypatch: pytest.MonkeyPatch, keys: tuple[Path, Path]) -> None:
+    n = FakeNode(mkdir(tmp_path / "n"), keys[1])
+    monkeypatch.setattr(update, "node_here", lambda: n.node)
+    assert cli.main(["update", str(tmp_path / "nowhere"), "--no-reboot"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nowhere: no manifest.json there" in err
+
+
+def test_what_the_build_signs_the_node_verifies(keys: tuple[Path, Path], tmp_path: Path) -> None:
+    doc = tmp_path / "manifest.json"
+    doc.write_text('{"version": "2.0.0"}')
+    signing.sign(keys[0], doc)
+    (tmp_path / "pub.pem").write_bytes(signing.public_key(keys[0]))
+    sig = (tmp_path / "manifest.json.sig").read_bytes()
+    assert update.verify_signature(doc.read_bytes(), sig, tmp_path / "pub.pem")
+    assert not update.verify_signature(b'{"version": "9.0.0"}', sig, tmp_path / "pub.pem")
+    rsa = tmp_path / "rsa.pem"
+    subprocess.run(["openssl", "genpkey", "-algorithm", "rsa", "-pkeyopt", "rsa_keygen_bits:1024", "-out", str(rsa)],
+                   check=True, capture_output=True)
+    with pytest.raises(StepError, match="not an Ed25519 key"):
+        signing.public_key(rsa)
