@@ -54,6 +54,14 @@ def pxe_serve(c: Context, profile: str = "qemu-test", interface: str = "", mode:
            *(["--mode", mode] if mode else []))
 
 
+@task(help={"profile": "profile whose release to publish (built first if needed)",
+            "port": "HTTP port on 127.0.0.1 (default 8086: VMs of 'invoke boot' reach it at http://10.0.2.100/)"})
+def publish(c: Context, profile: str = "qemu-test", port: int = 8086) -> None:
+    """Serve build/PROFILE/pxe over HTTP for `cbios update URL` on running nodes, until Ctrl-C."""
+    _cbios("build", profile)
+    _cbios("pxe", "publish", "--profile", profile, "--port", str(port))
+
+
 @task(help={"profile": "profile to boot (built first if needed)",
             "check": "wait for ready, power off; exit non-zero with the console's tail on failure",
             "timeout": "seconds to wait for ready (default: the profile's qemu.ready_timeout)",

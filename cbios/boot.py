@@ -67,6 +67,10 @@ def boot(project: Project, profile: Profile, *, check: bool, timeout: int | None
     else:
         spec = kernel_boot_spec(project, profile, out)
     if not check:
+        from cbios.pxe.serve import RELEASE_PORT, VM_RELEASE_SERVER
+
+        # `cbios pxe publish` on this machine is http://10.0.2.100/ for the node: cbios update.
+        spec.pxe = f"guestfwd=tcp:{VM_RELEASE_SERVER}:80-cmd:socat - TCP:127.0.0.1:{RELEASE_PORT}"
         log.info("‣ Booting %s in QEMU (%s). Serial console here; Ctrl-A X quits.", profile.name, spec.accel)
         argv = spec.argv()
         os.execvp(argv[0], argv)

@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import yaml
@@ -73,20 +74,28 @@ def cmd_disk(args: argparse.Namespace, project: Project) -> int:
     return 0
 
 
-def cmd_pxe_serve(args: argparse.Namespace, project: Project) -> int:
-    from pathlib import Path
-
+def _bundle(args: argparse.Namespace, project: Project) -> Path:
     from cbios.pxe.bundle import PXE_DIR
-    from cbios.pxe.serve import serve
 
     if args.bundle:
-        bundle = Path(args.bundle)
-    elif args.profile:
+        return Path(args.bundle)
+    if args.profile:
         from cbios.boot import built
 
-        bundle = built(project, _profile(project, args.profile)) / PXE_DIR
-    else:
-        raise CbiosError("pxe serve: name the firmware: --profile NAME (a build) or --bundle DIR")
+        return built(project, _profile(project, args.profile)) / PXE_DIR
+    raise CbiosError(f"pxe {args.pxe_command}: name the firmware: --profile NAME (a build) or --bundle DIR")
+
+
+def cmd_pxe_publish(args: argparse.Namespace, project: Project) -> int:
+    from cbios.pxe.serve import publish
+
+    return publish(_bundle(args, project), address=args.address, port=args.port)
+
+
+def cmd_pxe_serve(args: argparse.Namespace, project: Project) -> int:
+    from cbios.pxe.serve import serve
+
+    bundle = _bundle(args, project)
     receipts = Path(args.receipts) if args.receipts else bundle.resolve().parent / "receipts"
     return serve(bundle, args.interface, http_port=args.http_port, receipts=receipts, mode=args.mode)
 
@@ -140,6 +149,14 @@ def parser() -> argparse.ArgumentParser:
                     help="what every node does, with no menu (default: iPXE's menu, which boots after 10 s)")
     ps.add_argument("--receipts", metavar="DIR", help="where the flasher's receipts go (default: beside the bundle)")
     ps.set_defaults(func=cmd_pxe_serve)
+    pp = pxsub.add_parser("publish", help="HTTP only: a release for `cbios update URL` on running nodes",
+                          description="Serve a build's bundle (build/NAME/pxe) over HTTP until Ctrl-C, for "
+                                      "`cbios update http://HOST:PORT/` on running nodes.")
+    pp.add_argument("--profile", metavar="NAME", help="serve build/NAME/pxe")
+    pp.add_argument("--bundle", metavar="DIR", help="serve this bundle folder instead")
+    pp.add_argument("--address", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    pp.add_argument("--port", type=int, default=8086, help="HTTP port (default 8086)")
+    pp.set_defaults(func=cmd_pxe_publish)
     return p
 
 

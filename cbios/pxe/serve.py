@@ -36,6 +36,8 @@ DNSMASQ = "dnsmasq"
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
 MODES = ("boot", "update", "install")
+RELEASE_PORT = 8086  # `cbios pxe publish`; QEMU VMs of `cbios boot` reach it at VM_RELEASE_SERVER
+VM_RELEASE_SERVER = "10.0.2.100"
 
 
 @dataclass(frozen=True)
@@ -182,6 +184,36 @@ def serve(bundle: Path, interface: str, *, http_port: int, receipts: Path, mode:
         shutil.rmtree(runtime, ignore_errors=True)
     done = sum(1 for t in httpd.transfers if t.done)
     log.info("‣ Stopped: %d transfers (%d MiB), %d receipts", done, httpd.bytes_sent() >> 20, len(httpd.received))
+    return 0
+
+
+def publish(bundle: Path, *, address: str, port: int, stop: threading.Event | None = None,
+            ready: threading.Event | None = None) -> int:
+    """Serve BUNDLE over HTTP only, for `cbios update SOURCE` on running nodes, until SIGINT/SIGTERM."""
+    data = check_bundle(bundle)
+    stop = stop or threading.Event()
+    try:
+        httpd = BundleServer((address, port), bundle, FILES, bundle.resolve().parent / "receipts")
+    except OSError as e:
+        raise CbiosError(f"cannot serve HTTP on {address}:{port}: {e.strerror}", hint="pick another --port") from None
+    previous = {sig: signal.signal(sig, _stopper(stop)) for sig in (signal.SIGINT, signal.SIGTERM)} \
+        if threading.current_thread() is threading.main_thread() else {}
+    try:
+        httpd.start()
+        log.info("‣ Publishing CBIOS %s %s on http://%s:%d/ (%s). On a node: cbios update http://%s:%d/",
+                 data["profile"], data["version"], address, httpd.port, bundle, address, httpd.port)
+        if address == "127.0.0.1" and port == RELEASE_PORT:
+            log.info("  VMs of 'cbios boot' reach it as http://%s/ (give ctl an address in 10.0.2.0/24 first)",
+                     VM_RELEASE_SERVER)
+        log.info("  Ctrl-C stops.")
+        if ready is not None:
+            ready.set()
+        stop.wait()
+    finally:
+        httpd.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    log.info("‣ Stopped: %d transfers (%d MiB)", sum(1 for t in httpd.transfers if t.done), httpd.bytes_sent() >> 20)
     return 0
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import socket
 import threading
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from cbios import manifest
 from cbios.errors import CbiosError
 from cbios.pxe.bundle import FILES, PXE_DIR, check_bundle, make_bundle
 from cbios.pxe.httpd import BundleServer
-from cbios.pxe.serve import dnsmasq_conf
+from cbios.pxe.serve import dnsmasq_conf, publish
 
 BIG = 3 << 20
 
@@ -23,7 +25,7 @@ BIG = 3 << 20
 def fake_build(out: Path) -> Path:
     """A published build's files (small stand-ins), with its manifest."""
     out.mkdir(parents=True, exist_ok=True)
-    names = [n for n in FILES if n not in ("SHA256SUMS", manifest.MANIFEST)]
+    names = [n for n in FILES if n not in ("SHA256SUMS", manifest.MANIFEST, manifest.SIGNATURE)]
     for name in names:
         (out / name).write_bytes(os.urandom(BIG) if name == "root.img.zst" else f"{name}\n".encode())
     (out / "boot.ipxe").write_text("#!ipxe\necho hello\n")
@@ -60,7 +62,8 @@ def request(srv: BundleServer, method: str, path: str, body: bytes | None = None
 def test_bundle_links_the_builds_files_and_is_remade_whole(tmp_path: Path) -> None:
     out = fake_build(tmp_path / "build")
     pxe = make_bundle(out)
-    assert pxe == out / PXE_DIR and sorted(p.name for p in pxe.iterdir()) == sorted(FILES)
+    unsigned = set(FILES) - {manifest.SIGNATURE}  # an unsigned build's bundle has no signature
+    assert pxe == out / PXE_DIR and sorted(p.name for p in pxe.iterdir()) == sorted(unsigned)
     assert (pxe / "root.img.zst").stat().st_ino == (out / "root.img.zst").stat().st_ino  # no copy
     assert check_bundle(pxe)["version"] == "1.0.0"
     (out / "grub.cfg").unlink()
@@ -146,3 +149,26 @@ def test_dnsmasq_configuration_is_a_proxy_with_tftp_and_the_ipxe_chain() -> None
     assert 'pxe-service=tag:!ipxe,x86PC,"CBIOS qemu-test 1.0.0 (iPXE)",undionly.kpxe' in lines
     assert 'pxe-service=tag:!ipxe,X86-64_EFI,"CBIOS qemu-test 1.0.0 (iPXE)",ipxe.efi' in lines
     assert "dhcp-boot=tag:ipxe,http://192.168.7.1:8080/boot.ipxe" in lines
+
+
+def test_publish_serves_a_release_over_http_until_stopped(tmp_path: Path) -> None:
+    out = fake_build(tmp_path / "build")
+    (out / manifest.SIGNATURE).write_bytes(b"signature")
+    bundle = make_bundle(out)
+    assert (bundle / manifest.SIGNATURE).read_bytes() == b"signature"  # a signed build's bundle carries it
+    stop, ready = threading.Event(), threading.Event()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t = threading.Thread(target=publish, args=(bundle,), kwargs={"address": "127.0.0.1", "port": port,
+                                                                  "stop": stop, "ready": ready})
+    t.start()
+    try:
+        assert ready.wait(10)
+        for name in (manifest.MANIFEST, manifest.SIGNATURE, "root.img.zst"):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/{name}") as r:
+                assert r.read() == (bundle / name).read_bytes()
+    finally:
+        stop.set()
+        t.join(10)
+    assert not t.is_alive()

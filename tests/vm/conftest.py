@@ -4,8 +4,9 @@ cheap) and boot it in QEMU. Chosen with `pytest -m vm`; they need root, mkosi an
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,9 @@ from cbios.profile import Profile, load_profile
 from cbios.project import Project
 
 PROFILE = "qemu-test"
+NEXT_VERSION = "2.0.1"  # qemu-test with a changed overlay file
+NEXT_MARK = f"# qemu-test {NEXT_VERSION}: journald as before"
+BROKEN_VERSION = "2.0.0"  # qemu-test whose CB-Manager cannot start
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -91,3 +95,38 @@ def disk_copy(node_disk: Path, tmp_path: Path) -> Path:
     from cbios.disk import overlay
 
     return overlay(node_disk, tmp_path / "node.qcow2")
+
+
+def release(vm_project: Project, work: Path, version: str, change: Callable[[Path], None]) -> Path:
+    """qemu-test at VERSION, built from a copy of the project's inputs that CHANGE edits, as
+    a release engineer makes the next release; mkosi's caches are shared with the first build."""
+    root = work / "project"
+    for name in ("profiles", "overlays", "initrd", "slot-templates"):
+        shutil.copytree(vm_project.root / name, root / name, symlinks=True)
+    (root / ".cache").symlink_to(vm_project.cache.resolve())
+    yaml = root / "profiles" / f"{PROFILE}.yaml"
+    yaml.write_text(yaml.read_text().replace('version: "1.0.0"', f'version: "{version}"', 1))
+    change(root)
+    project = Project(root, build_dir=work / "build")
+    return build(project, load_profile(project, PROFILE))
+
+
+@pytest.fixture(scope="session")
+def next_build(vm_project: Project, built: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The next release: NEXT_VERSION, one overlay file changed."""
+    def change(root: Path) -> None:
+        conf = root / "overlays/base/etc/systemd/journald.conf.d/cbios.conf"
+        conf.write_text(conf.read_text() + NEXT_MARK + "\n")
+    return release(vm_project, tmp_path_factory.mktemp("next-release"), NEXT_VERSION, change)
+
+
+@pytest.fixture(scope="session")
+def broken_build(vm_project: Project, built: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bad release: BROKEN_VERSION, whose CB-Manager exits at once. One try to become ready
+    (its profile says so), so that its rollback costs one failed boot, not two."""
+    def change(root: Path) -> None:
+        (root / "slot-templates/cb-manager/run").write_text(
+            "#!/bin/sh\necho 'CB-Manager: a broken release: exiting' >&2\nexit 1\n")
+        yaml = root / "profiles" / f"{PROFILE}.yaml"
+        yaml.write_text(yaml.read_text().replace("  tries: 2\n", "  tries: 1\n", 1))
+    return release(vm_project, tmp_path_factory.mktemp("broken-release"), BROKEN_VERSION, change)

@@ -24,17 +24,16 @@ import pytest
 
 from cbios import manifest
 from cbios.boot import disk_boot_spec
-from cbios.build import build
 from cbios.disk import FLASH_TIMEOUT, disk_size
 from cbios.machine import Machine
 from cbios.profile import Profile
 from cbios.project import Project
 from cbios.pxe.bundle import PXE_DIR
 from cbios.pxe.lab import PxeLab
+from tests.vm.conftest import NEXT_VERSION
 
 log = logging.getLogger("cbios")
 
-NEXT_VERSION = "1.0.1"
 MAC = "52:54:00:c0:00:01"  # qemu-test's first NIC: the one that PXE-boots
 POWEROFF = "cbios.flash.done=poweroff"  # instead of the bundle's reboot: the tests boot the disk next
 
@@ -56,14 +55,6 @@ def node(tmp_path_factory: pytest.TempPathFactory, vm_project: Project, profile:
     n = Node(disk, work / "vm")
     yield n
     log.info("PXE figures: %s", json.dumps(n.figures))
-
-
-@pytest.fixture(scope="module")
-def next_build(vm_project: Project, profile: Profile, built: Path,
-               tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """qemu-test at a higher version, built beside the first (mkosi's caches are shared)."""
-    project = dataclasses.replace(vm_project, build_dir=tmp_path_factory.mktemp("next-build"))
-    return build(project, profile.model_copy(update={"version": NEXT_VERSION}))
 
 
 def pxe_machine(vm_project: Project, profile: Profile, built: Path, node: Node, lab: PxeLab, name: str) -> Machine:
