@@ -126,6 +126,8 @@ BAD = [
     ("nic-twice", 'extends: base\nnetwork:\n  nics:\n    - {name: ctl, mac: "52:54:00:00:00:01"}\n'
      '    - {name: ctl, mac: "52:54:00:00:00:02"}\n',
      "profiles/nic-twice.yaml:5: network.nics[1].name: NIC 'ctl' is declared twice"),
+    ("no-key", 'extends: base\nupdate:\n  signing_key: keys/none.pem\n',
+     "profiles/no-key.yaml:3: update.signing_key: no such file: keys/none.pem (from .)"),
 ]
 
 
