@@ -123,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         status_code: int = args.func(args)
         return status_code
     except update.UpdateError as e:
-        print(f"cbios: update refused: {e}", file=sys.stderr)
+        print(f"cbios: update: {e}", file=sys.stderr)
         return 2
     except wire.RemoteError as e:
         print(f"cbios: {e}", file=sys.stderr)

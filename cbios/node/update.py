@@ -42,6 +42,10 @@ class UpdateError(Exception):
     """A refusal or a failure: one line that names what and where."""
 
 
+class NotThere(UpdateError):
+    """The source has no such file."""
+
+
 # -- the source ----------------------------------------------------------------------
 
 
@@ -70,7 +74,10 @@ class Source:
                 return urllib.request.urlopen(self.where(name), timeout=HTTP_TIMEOUT)  # type: ignore[no-any-return]
             return open(self.where(name), "rb")
         except urllib.error.HTTPError as e:
-            raise UpdateError(f"{self.where(name)}: HTTP {e.code} {e.reason}") from None
+            error = NotThere if e.code == 404 else UpdateError
+            raise error(f"{self.where(name)}: HTTP {e.code} {e.reason}") from None
+        except FileNotFoundError:
+            raise NotThere(f"{self.where(name)}: no such file") from None
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or e
             raise UpdateError(f"{self.where(name)}: {reason}") from None
@@ -82,14 +89,12 @@ class Source:
             raise UpdateError(f"{self.where(name)}: larger than {limit} bytes")
         return data
 
-    def exists(self, name: str) -> bool:
-        if self.directory is not None:
-            return (self.directory / name).is_file()
+    def read_if_there(self, name: str, limit: int) -> bytes | None:
+        """NAME's bytes, or None when the source has no such file."""
         try:
-            self.read(name)
-            return True
-        except UpdateError:
-            return False
+            return self.read(name, limit)
+        except NotThere:
+            return None
 
 
 # -- the manifest --------------------------------------------------------------------
@@ -158,9 +163,10 @@ def load_manifest(source: Source, own: dict[str, str], key: Path, *, allow_downg
     data = source.read(MANIFEST)
     where = source.where(MANIFEST)
     if key.is_file():
-        if not source.exists(SIGNATURE):
+        signature = source.read_if_there(SIGNATURE, 4096)
+        if signature is None:
             raise UpdateError(f"{source.where(SIGNATURE)}: missing: this firmware accepts signed updates only")
-        if not verify_signature(data, source.read(SIGNATURE, 4096), key):
+        if not verify_signature(data, signature, key):
             raise UpdateError(f"{where}: signature does not verify with this node's key ({key})")
         say(f"{MANIFEST}: signature good ({key})")
     else:

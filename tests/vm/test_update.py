@@ -40,29 +40,50 @@ KEY = Path(__file__).resolve().parents[2] / "profiles/keys/qemu-test-signing.pem
 
 @dataclasses.dataclass
 class Node:
+    """One node through the module: its disk, the release server it reaches, the VM running now."""
+
     disk: Path
     logdir: Path
+    lab: PxeLab
+    vm_project: Project
+    profile: Profile
+    built: Path
+    m: Machine | None = None
     slots: str = ""
     figures: dict[str, float] = dataclasses.field(default_factory=dict)
 
+    def serve(self, bundle: Path) -> None:
+        self.lab.server.bundle = bundle
+
+    def up(self, name: str) -> Machine:
+        """The node running and ready: as it is, or booted from its disk (a fresh QEMU)."""
+        if self.m is None or not self.m.running():
+            spec = disk_boot_spec(self.vm_project, self.profile, self.built, self.disk, persist=True)
+            spec.pxe = self.lab.netdev_options()  # the release server at 10.0.2.100
+            self.m = Machine(spec, self.logdir, name=name)
+            self.m.start()
+            self.m.wait_ready(self.profile.qemu.ready_timeout)
+        on_server_link(self.m)
+        return self.m
+
 
 @pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory, node_disk: Path) -> Iterator[Node]:
+def node(tmp_path_factory: pytest.TempPathFactory, vm_project: Project, profile: Profile, built: Path,
+         node_disk: Path) -> Iterator[Node]:
     work = tmp_path_factory.mktemp("update")
-    n = Node(overlay(node_disk, work / "node.qcow2"), work / "vm")
-    yield n
+    with PxeLab(built / PXE_DIR, work / "server", mode=None) as lab:
+        n = Node(overlay(node_disk, work / "node.qcow2"), work / "vm", lab, vm_project, profile, built)
+        try:
+            yield n
+        finally:
+            if n.m is not None:
+                n.m.kill()
     log.info("update figures: %s", json.dumps(n.figures))
 
 
-def boot(vm_project: Project, profile: Profile, built: Path, node: Node, lab: PxeLab, name: str) -> Machine:
-    """The node from its disk, with the release server at 10.0.2.100 on its ctl link."""
-    spec = disk_boot_spec(vm_project, profile, built, node.disk, persist=True)
-    spec.pxe = lab.netdev_options()
-    return Machine(spec, node.logdir, name=name)
-
-
 def on_server_link(m: Machine) -> None:
-    # QEMU's user network is untagged on ctl (the node's management VLAN rides on it).
+    # QEMU's user network is untagged on ctl (the node's management VLAN rides on it); after a
+    # reboot the address is gone.
     m.succeed("ip -4 addr show dev ctl | grep -q 10.0.2.15/ || ip addr add 10.0.2.15/24 dev ctl")
 
 
@@ -116,95 +137,81 @@ def tampered(source: Path, work: Path, how: str) -> Path:
 
 
 def test_tampered_releases_are_refused_before_anything_is_written(
-        vm_project: Project, profile: Profile, built: Path, next_build: Path, node: Node, tmp_path: Path) -> None:
+        profile: Profile, next_build: Path, node: Node, tmp_path: Path) -> None:
     vg = profile.storage.vg
     cases = [("image", "root.img.zst: checksum mismatch"),
              ("manifest", "manifest.json: signature does not verify with this node's key"),
              ("other-profile", "firmware of profile service-node, this node runs qemu-test")]
-    with PxeLab(next_build / PXE_DIR, node.logdir / "tampered", mode=None) as lab, \
-            boot(vm_project, profile, built, node, lab, "v1") as m:
-        assert "version=1.0.0 copy=root" in m.wait_ready(profile.qemu.ready_timeout)
-        on_server_link(m)
-        m.succeed("echo kept > /var/lib/cbios-update-test; "
-                  "lxc-attach -n slot2 -- sh -c 'echo kept > /var/lib/dnsmasq/cbios-update-test'")
-        node.slots = m.succeed("slot list")
-        before = untouched(m, vg)
-        for how, message in cases:
-            lab.server.bundle = tampered(next_build / PXE_DIR, tmp_path, how)
-            for through in ("", " --through-manager"):
-                rc, err = m.execute(f"cbios update {URL}{through} 2>&1 >/dev/null", timeout=300)  # stderr only
-                assert rc == 2, f"{how}{through}: status {rc}: {err}"
-                assert len(err.splitlines()) == 1 and message in err, f"{how}{through}: {err}"
-        assert untouched(m, vg) == before
-        assert status(m)["copies"]["spare"]["state"] == "good"
-        m.shutdown()
+    m = node.up("v1")
+    m.succeed("echo kept > /var/lib/cbios-update-test; "
+              "lxc-attach -n slot2 -- sh -c 'echo kept > /var/lib/dnsmasq/cbios-update-test'")
+    node.slots = m.succeed("slot list")
+    before = untouched(m, vg)
+    for how, message in cases:
+        node.serve(tampered(next_build / PXE_DIR, tmp_path, how))
+        for through in ("", " --through-manager"):
+            rc, err = m.execute(f"cbios update {URL}{through} 2>&1 >/dev/null", timeout=300)  # stderr only
+            assert rc == 2, f"{how}{through}: status {rc}: {err}"
+            assert len(err.splitlines()) == 1 and message in err, f"{how}{through}: {err}"
+    assert untouched(m, vg) == before
+    assert status(m)["copies"]["spare"]["state"] == "good"
 
 
-def test_power_cut_while_writing_leaves_the_node_on_its_firmware(
-        vm_project: Project, profile: Profile, built: Path, next_build: Path, node: Node) -> None:
-    with PxeLab(next_build / PXE_DIR, node.logdir / "power-cut", mode=None) as lab:
-        with boot(vm_project, profile, built, node, lab, "power-cut") as m:
-            m.wait_ready(profile.qemu.ready_timeout)
-            on_server_link(m)
-            in_background(m, f"cbios update {URL}")
-            wait_console(m, "cbios: writing copy spare: ", 300)  # its progress: the write is under way
-            m.kill()  # the power cut
-        with boot(vm_project, profile, built, node, lab, "after-power-cut") as m:
-            assert "version=1.0.0 copy=root" in m.wait_ready(profile.qemu.ready_timeout)
-            st = status(m)
-            assert (st["running"], st["next_boot"]) == ("root", "root")
-            assert st["copies"]["spare"]["state"] == "bad"  # half written: never booted
-            assert m.succeed(KEPT) == "kept\nkept"
-            m.shutdown()
+def test_power_cut_while_writing_leaves_the_node_on_its_firmware(next_build: Path, node: Node) -> None:
+    m = node.up("v1")
+    node.serve(next_build / PXE_DIR)
+    in_background(m, f"cbios update {URL}")
+    wait_console(m, "cbios: writing copy spare: ", 300)  # its progress: the write is under way
+    m.kill()  # the power cut
+    m = node.up("after-power-cut")
+    assert "version=1.0.0 copy=root" in m.reports[-1]
+    st = status(m)
+    assert (st["running"], st["next_boot"]) == ("root", "root")
+    assert st["copies"]["spare"]["state"] == "bad"  # half written: never booted
+    assert m.succeed(KEPT) == "kept\nkept"
 
 
 def test_a_release_that_is_not_ready_is_rolled_back_with_no_input(
-        vm_project: Project, profile: Profile, built: Path, broken_build: Path, node: Node) -> None:
-    with PxeLab(broken_build / PXE_DIR, node.logdir / "broken", mode=None) as lab, \
-            boot(vm_project, profile, built, node, lab, "broken") as m:
-        m.wait_ready(profile.qemu.ready_timeout)
-        on_server_link(m)
-        in_background(m, f"cbios update {URL}")  # and it reboots by itself
-        failed = m.wait_report(("FAILED",), 600)
-        start = m.uptime()
-        assert f"version={BROKEN_VERSION} copy=spare" in failed and "cbios-slots.service" in failed, failed
-        ready = m.wait_report(("READY",), 2 * profile.qemu.ready_timeout)
-        node.figures["rollback_s"] = round(m.uptime() - start, 1)
-        assert "version=1.0.0 copy=root" in ready
-        console = m.console_log.read_text(errors="replace")
-        assert f"cbios: UPDATED qemu-test 1.0.0 -> {BROKEN_VERSION}: copy spare boots next" in console
-        st = status(m)
-        assert (st["running"], st["next_boot"], st["version"]) == ("root", "root", "1.0.0")
-        assert st["copies"]["spare"]["state"] == "bad"
-        assert st["copies"]["spare"]["version"] == BROKEN_VERSION
-        assert st["last_fallback"] == "copy spare did not become ready in its tries"
-        assert st["last_failure"].startswith(f"copy spare ({BROKEN_VERSION}): "), st["last_failure"]
-        assert "cbios-slots.service" in st["last_failure"]
-        text = m.succeed("cbios status")
-        assert f"last failure:  copy spare ({BROKEN_VERSION})" in text
-        assert m.succeed(KEPT) == "kept\nkept"
-        assert m.succeed("slot list") == node.slots
-        m.shutdown()
+        profile: Profile, broken_build: Path, node: Node) -> None:
+    m = node.up("broken")
+    node.serve(broken_build / PXE_DIR)
+    in_background(m, f"cbios update {URL}")  # and it reboots by itself
+    failed = m.wait_report(("FAILED",), 600)
+    start = m.uptime()
+    assert f"version={BROKEN_VERSION} copy=spare" in failed and "cbios-slots.service" in failed, failed
+    ready = m.wait_report(("READY",), 2 * profile.qemu.ready_timeout)
+    node.figures["rollback_s"] = round(m.uptime() - start, 1)
+    assert "version=1.0.0 copy=root" in ready
+    console = m.console_log.read_text(errors="replace")
+    assert f"cbios: UPDATED qemu-test 1.0.0 -> {BROKEN_VERSION}: copy spare boots next" in console
+    st = status(m)
+    assert (st["running"], st["next_boot"], st["version"]) == ("root", "root", "1.0.0")
+    assert st["copies"]["spare"]["state"] == "bad"
+    assert st["copies"]["spare"]["version"] == BROKEN_VERSION
+    assert st["last_fallback"] == "copy spare did not become ready in its tries"
+    assert st["last_failure"].startswith(f"copy spare ({BROKEN_VERSION}): "), st["last_failure"]
+    assert "cbios-slots.service" in st["last_failure"]
+    assert f"last failure:  copy spare ({BROKEN_VERSION})" in m.succeed("cbios status")
+    assert m.succeed(KEPT) == "kept\nkept"
+    assert m.succeed("slot list") == node.slots
 
 
 def test_a_good_release_through_cb_manager_is_committed_and_keeps_the_slots(
-        vm_project: Project, profile: Profile, built: Path, next_build: Path, node: Node) -> None:
-    with PxeLab(next_build / PXE_DIR, node.logdir / "next", mode=None) as lab, \
-            boot(vm_project, profile, built, node, lab, "next") as m:
-        m.wait_ready(profile.qemu.ready_timeout)
-        on_server_link(m)
-        start = m.uptime()
-        result = json.loads(m.succeed(f"cbios update {URL} --through-manager --json", timeout=900))
-        node.figures["update_write_s"] = result["seconds"]
-        assert (result["from"], result["version"], result["copy"]) == ("1.0.0", NEXT_VERSION, "spare")
-        ready = m.wait_report(("READY",), profile.qemu.ready_timeout)  # CB-Executor reboots the node
-        node.figures["update_to_ready_s"] = round(m.uptime() - start, 1)
-        assert f"version={NEXT_VERSION} copy=spare" in ready
-        st = status(m)
-        assert (st["running"], st["version"], st["next_boot"]) == ("spare", NEXT_VERSION, "spare")
-        assert st["copies"]["spare"]["state"] == "good"  # committed once ready
-        assert (st["copies"]["root"]["version"], st["copies"]["root"]["state"]) == ("1.0.0", "good")
-        assert m.succeed("tail -n 1 /etc/systemd/journald.conf.d/cbios.conf") == NEXT_MARK
-        assert m.succeed(KEPT) == "kept\nkept"
-        assert m.succeed("slot list") == node.slots
-        m.shutdown()
+        profile: Profile, next_build: Path, node: Node) -> None:
+    m = node.up("next")
+    node.serve(next_build / PXE_DIR)
+    start = m.uptime()
+    result = json.loads(m.succeed(f"cbios update {URL} --through-manager --json", timeout=900))
+    node.figures["update_write_s"] = result["seconds"]
+    assert (result["from"], result["version"], result["copy"]) == ("1.0.0", NEXT_VERSION, "spare")
+    ready = m.wait_report(("READY",), profile.qemu.ready_timeout)  # CB-Executor reboots the node
+    node.figures["update_to_ready_s"] = round(m.uptime() - start, 1)
+    assert f"version={NEXT_VERSION} copy=spare" in ready
+    st = status(m)
+    assert (st["running"], st["version"], st["next_boot"]) == ("spare", NEXT_VERSION, "spare")
+    assert st["copies"]["spare"]["state"] == "good"  # committed once ready
+    assert (st["copies"]["root"]["version"], st["copies"]["root"]["state"]) == ("1.0.0", "good")
+    assert m.succeed("tail -n 1 /etc/systemd/journald.conf.d/cbios.conf") == NEXT_MARK
+    assert m.succeed(KEPT) == "kept\nkept"
+    assert m.succeed("slot list") == node.slots
+    m.shutdown()
