@@ -348,7 +348,7 @@ def update(node: Node, source_text: str, *, allow_downgrade: bool = False,
         "check_seconds": round(checked - start, 1), "seconds": round(time.monotonic() - start, 1),
     }
     say(f"UPDATED {new.profile} {node.own['CBIOS_VERSION']} -> {new.version}: copy {target} boots next, "
-        f"with {new.tries} tries to become ready ({result['seconds']} s)")
+        f"with {new.tries} {'try' if new.tries == 1 else 'tries'} to become ready ({result['seconds']} s)")
     return result
 
 
