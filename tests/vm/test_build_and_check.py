@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cbios import manifest, signing
 from cbios.build import ARTIFACTS, build
+from cbios.node import update
 from cbios.profile import Profile
 from cbios.project import Project
 
@@ -23,6 +25,19 @@ def test_manifest_lists_every_artifact_with_its_sha256(built: Path, build_manife
     packages = build_manifest["packages"]["root"]
     assert all(p["name"] and p["version"] for p in packages)
     assert "linux-image-amd64" in {p["name"] for p in packages}
+
+
+def test_the_manifest_is_signed_and_the_firmware_holds_the_key_that_verifies_it(
+        vm_project: Project, profile: Profile, built: Path, build_manifest: dict[str, Any], tmp_path: Path) -> None:
+    assert profile.update.signing_key is not None
+    in_firmware = subprocess.run(["debugfs", "-R", f"cat /{signing.NODE_KEY}", str(built / "root.img")],
+                                 capture_output=True, check=True).stdout
+    assert in_firmware == signing.public_key(vm_project.root / profile.update.signing_key)
+    (tmp_path / "key.pem").write_bytes(in_firmware)
+    data, sig = (built / manifest.MANIFEST).read_bytes(), (built / manifest.SIGNATURE).read_bytes()
+    assert update.verify_signature(data, sig, tmp_path / "key.pem")
+    assert not update.verify_signature(data.replace(b'"1.0.0"', b'"9.0.0"'), sig, tmp_path / "key.pem")
+    assert (build_manifest["architecture"], build_manifest["boot"]["tries"]) == ("x86-64", profile.boot.tries)
 
 
 def test_root_img_is_ext4_sized_to_contents_plus_headroom(built: Path, profile: Profile) -> None:
