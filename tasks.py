@@ -54,6 +54,14 @@ def pxe_serve(c: Context, profile: str = "qemu-test", interface: str = "", mode:
            *(["--mode", mode] if mode else []))
 
 
+@task(help={"profile": "profile whose release file to write (built first if needed)",
+            "output": "where (default: build/PROFILE/PROFILE-VERSION.cbios.tar)"})
+def release(c: Context, profile: str = "qemu-test", output: str = "") -> None:
+    """One file with a build's update, for `cbios update FILE` on a node."""
+    _cbios("build", profile)
+    _cbios("release", profile, *(["--output", output] if output else []))
+
+
 @task(help={"profile": "profile whose release to publish (built first if needed)",
             "port": "HTTP port on 127.0.0.1 (default 8086: VMs of 'invoke boot' reach it at http://10.0.2.100/)"})
 def publish(c: Context, profile: str = "qemu-test", port: int = 8086) -> None:

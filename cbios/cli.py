@@ -74,6 +74,16 @@ def cmd_disk(args: argparse.Namespace, project: Project) -> int:
     return 0
 
 
+def cmd_release(args: argparse.Namespace, project: Project) -> int:
+    from cbios.boot import built
+    from cbios.release import write_release
+
+    path = write_release(built(project, _profile(project, args.name)), Path(args.output) if args.output else None)
+    log.info("‣ Release file: %s (%d MiB). On a node: cbios update FILE", project.display(path),
+             path.stat().st_size >> 20)
+    return 0
+
+
 def _bundle(args: argparse.Namespace, project: Project) -> Path:
     from cbios.pxe.bundle import PXE_DIR
 
@@ -135,6 +145,11 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("name", metavar="PROFILE")
     d.add_argument("--force", action="store_true", help="remake it even when it is up to date")
     d.set_defaults(func=cmd_disk)
+
+    r = sub.add_parser("release", help="one file with a build's update, for `cbios update FILE` on a node")
+    r.add_argument("name", metavar="PROFILE")
+    r.add_argument("--output", "-o", metavar="FILE", help="where (default: build/NAME/NAME-VERSION.cbios.tar)")
+    r.set_defaults(func=cmd_release)
 
     pxe = sub.add_parser("pxe", help="network boots: serve a build to nodes over PXE")
     pxsub = pxe.add_subparsers(dest="pxe_command", required=True, metavar="SUBCOMMAND")

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import subprocess
+import tarfile
 import tempfile
 import threading
 import time
@@ -50,25 +51,48 @@ class NotThere(UpdateError):
 
 
 class Source:
-    """Where the new firmware is: a directory or an http(s) base URL."""
+    """Where the new firmware is: an http(s) base URL, a directory, or a release file (a tar
+    archive of the same files, `cbios release`)."""
 
     def __init__(self, text: str) -> None:
-        if re.match(r"^https?://", text):
-            self.url: str | None = text if text.endswith("/") else text + "/"
-            self.directory: Path | None = None
-        else:
-            path = Path(text)
-            if path.name == MANIFEST and path.is_file():
-                path = path.parent
-            if not (path / MANIFEST).is_file():
-                raise UpdateError(f"{text}: no {MANIFEST} there (a build or PXE bundle directory, or an http(s) URL)")
-            self.url, self.directory = None, path
         self.text = text
+        self.url: str | None = None
+        self.directory: Path | None = None
+        self.tar: tarfile.TarFile | None = None
+        path = Path(text)
+        if re.match(r"^https?://", text):
+            self.url = text if text.endswith("/") else text + "/"
+        elif path.is_file() and path.name != MANIFEST:
+            try:
+                self.tar = tarfile.open(path, "r:")
+            except (tarfile.TarError, OSError) as e:
+                raise UpdateError(f"{text}: not a release file (a tar archive from 'cbios release'): {e}") from None
+        else:
+            self.directory = path.parent if path.name == MANIFEST else path
+            if not (self.directory / MANIFEST).is_file():
+                raise UpdateError(f"{text}: no {MANIFEST} there (a build or PXE bundle directory, "
+                                  "a release file, or an http(s) URL)")
 
     def where(self, name: str) -> str:
-        return f"{self.url}{name}" if self.url else str(self.directory / name)  # type: ignore[operator]
+        if self.url:
+            return self.url + name
+        if self.tar is not None:
+            return f"{self.text}:{name}"
+        assert self.directory is not None
+        return str(self.directory / name)
 
     def open(self, name: str) -> IO[bytes]:
+        if self.tar is not None:
+            try:
+                member = self.tar.getmember(name)
+            except KeyError:
+                raise NotThere(f"{self.where(name)}: not in the release file") from None
+            except tarfile.TarError as e:
+                raise UpdateError(f"{self.where(name)}: the release file is damaged ({e})") from None
+            f = self.tar.extractfile(member) if member.isfile() else None
+            if f is None:
+                raise UpdateError(f"{self.where(name)}: not a plain file")
+            return f
         try:
             if self.url:
                 return urllib.request.urlopen(self.where(name), timeout=HTTP_TIMEOUT)  # type: ignore[no-any-return]
@@ -253,7 +277,7 @@ def stream(source: Source, new: Firmware, sink: IO[bytes] | None, say: Callable[
 def _read(f: IO[bytes], where: str, done: int) -> bytes:
     try:
         return f.read(CHUNK)
-    except (OSError, urllib.error.URLError, http.client.HTTPException) as e:
+    except (OSError, urllib.error.URLError, http.client.HTTPException, tarfile.TarError) as e:
         raise UpdateError(f"{where}: the transfer broke off after {done >> 20} MiB ({e})") from None
 
 

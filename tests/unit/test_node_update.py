@@ -10,6 +10,7 @@ import http.server
 import json
 import os
 import subprocess
+import tarfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,9 +19,10 @@ from typing import Any
 import pytest
 
 from cbios import signing
-from cbios.errors import StepError
+from cbios.errors import CbiosError, StepError
 from cbios.node import bootenv, cli, requests, status, update
 from cbios.node.wire import Invalid
+from cbios.release import write_release
 
 OWN = {"CBIOS_PROFILE": "qemu-test", "CBIOS_VERSION": "1.0.0", "CBIOS_ARCHITECTURE": "x86-64", "CBIOS_VG": "lvm"}
 COPY_SIZE = 4 << 20
@@ -282,3 +284,36 @@ def test_what_the_build_signs_the_node_verifies(keys: tuple[Path, Path], tmp_pat
                    check=True, capture_output=True)
     with pytest.raises(StepError, match="not an Ed25519 key"):
         signing.public_key(rsa)
+
+
+def test_an_update_from_a_release_file(node: FakeNode, keys: tuple[Path, Path], tmp_path: Path) -> None:
+    release = make_release(tmp_path / "v2", keys[0])
+    (release / "SHA256SUMS").write_text("")
+    path = write_release(release, tmp_path / "qemu-test-2.0.0.cbios.tar")
+    with tarfile.open(path) as tar:
+        assert tar.getnames() == ["manifest.json", "manifest.json.sig", "SHA256SUMS", "root.img.zst"]
+    assert run(node, path)["copy"] == "spare"
+    assert node.copies["spare"].read_bytes()[:len(ROOT)] == ROOT
+
+
+def test_a_damaged_release_file_changes_nothing(node: FakeNode, keys: tuple[Path, Path], tmp_path: Path) -> None:
+    release = make_release(tmp_path / "v2", keys[0])
+    path = write_release(release, tmp_path / "r.cbios.tar")
+    before = node.snapshot()
+    cut = tmp_path / "cut.cbios.tar"
+    cut.write_bytes(path.read_bytes()[:path.stat().st_size // 2])  # a copy broken off half-way
+    with pytest.raises(update.UpdateError, match=r"cut\.cbios\.tar:\S+: the release file is damaged"):
+        run(node, cut)
+    (tmp_path / "junk.tar").write_bytes(b"not a tar" * 100)
+    with pytest.raises(update.UpdateError, match=r"junk\.tar: not a release file"):
+        run(node, tmp_path / "junk.tar")
+    assert node.snapshot() == before
+
+
+def test_cbios_release_refuses_a_build_whose_image_is_not_its_manifests(
+        keys: tuple[Path, Path], tmp_path: Path) -> None:
+    release = make_release(tmp_path / "v2", keys[0])
+    (release / "root.img.zst").write_bytes(b"other")
+    with pytest.raises(CbiosError, match="not what the manifest says"):
+        write_release(release)
+    assert not list(release.glob("*.tar*"))
