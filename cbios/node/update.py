@@ -215,27 +215,34 @@ class Stream:
 
 def stream(source: Source, new: Firmware, sink: IO[bytes] | None, say: Callable[[str], None],
            doing: str) -> Stream:
-    """Pass root.img.zst through zstd; the output goes to SINK (None: only hashed)."""
+    """Pass root.img.zst through zstd; the output goes to SINK (None: only hashed).
+
+    Both ends are always read to their end, whatever goes wrong (zstd refusing the data, a
+    write failing, more output than the manifest says), so that neither pipe can stall and
+    the verdict is the checksum's."""
     zst, root = hashlib.sha256(), hashlib.sha256()
     out = Stream()
-    proc = subprocess.Popen(["zstd", "-dc"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    write_error: list[OSError] = []
+    proc = subprocess.Popen(["zstd", "-dcq"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL)
     assert proc.stdin is not None and proc.stdout is not None
 
-    def reader() -> None:
+    def unpacked() -> None:
         assert proc.stdout is not None
         while chunk := proc.stdout.read(CHUNK):
             root.update(chunk)
             out.root_bytes += len(chunk)
-            if out.root_bytes > new.root_size:
-                break  # more than the manifest says: no need to read on
-            if sink is not None:
-                sink.write(chunk)
+            if sink is not None and not write_error and out.root_bytes <= new.root_size:
+                try:
+                    sink.write(chunk)
+                except OSError as e:
+                    write_error.append(e)
 
-    t = threading.Thread(target=reader, daemon=True)
+    t = threading.Thread(target=unpacked, daemon=True)
     t.start()
     last = time.monotonic()
     where = source.where(IMAGE)
+    unpacking = True
     try:
         with source.open(IMAGE) as f:
             while chunk := _read(f, where, out.zst_bytes):
@@ -243,10 +250,11 @@ def stream(source: Source, new: Firmware, sink: IO[bytes] | None, say: Callable[
                 out.zst_bytes += len(chunk)
                 if out.zst_bytes > new.zst_size:
                     raise UpdateError(f"{where}: more than the {new.zst_size} bytes the manifest says")
-                try:
-                    proc.stdin.write(chunk)
-                except BrokenPipeError:
-                    break
+                if unpacking:
+                    try:
+                        proc.stdin.write(chunk)
+                    except BrokenPipeError:
+                        unpacking = False  # zstd gave up on the data: the checksums will say why
                 if time.monotonic() - last >= PROGRESS_EVERY:
                     last = time.monotonic()
                     say(f"{doing}: {out.zst_bytes >> 20}/{new.zst_size >> 20} MiB "
@@ -265,12 +273,14 @@ def stream(source: Source, new: Firmware, sink: IO[bytes] | None, say: Callable[
     if out.zst_bytes < new.zst_size:
         raise UpdateError(f"{where}: the transfer broke off after {out.zst_bytes >> 20} MiB "
                           f"({out.zst_bytes} of {new.zst_size} bytes)")
-    if out.zst_bytes != new.zst_size or out.zst_sha256 != new.zst_sha256:
-        raise UpdateError(f"{where}: checksum mismatch ({out.zst_bytes} bytes, sha256 {out.zst_sha256[:12]}; "
-                          f"the manifest says {new.zst_size} bytes, {new.zst_sha256[:12]})")
-    if out.root_bytes != new.root_size or out.root_sha256 != new.root_sha256:
-        raise UpdateError(f"{where}: does not unpack to the manifest's root.img "
-                          f"({out.root_bytes} bytes, sha256 {out.root_sha256[:12]})")
+    if out.zst_sha256 != new.zst_sha256:
+        raise UpdateError(f"{where}: checksum mismatch (sha256 {out.zst_sha256[:12]}, "
+                          f"the manifest says {new.zst_sha256[:12]})")
+    if proc.returncode != 0 or out.root_bytes != new.root_size or out.root_sha256 != new.root_sha256:
+        raise UpdateError(f"{where}: does not unpack to the manifest's root.img (zstd status {proc.returncode}, "
+                          f"{out.root_bytes} bytes, sha256 {out.root_sha256[:12]})")
+    if write_error:
+        raise UpdateError(f"{getattr(sink, 'name', 'the copy')}: writing failed: {write_error[0]}")
     return out
 
 

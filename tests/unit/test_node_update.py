@@ -127,6 +127,7 @@ def test_an_update_writes_the_copy_not_running_and_makes_it_the_one_to_try(
     ("unsigned", "manifest.json.sig: missing"),
     ("truncated", "the transfer broke off"),
     ("wrong-root", "does not unpack to the manifest's root.img"),
+    ("not-zstd", "does not unpack to the manifest's root.img \\(zstd status 1"),
 ])
 def test_a_tampered_release_is_refused_before_anything_is_written(
         node: FakeNode, keys: tuple[Path, Path], tmp_path: Path, tamper: str, message: str) -> None:
@@ -147,6 +148,13 @@ def test_a_tampered_release_is_refused_before_anything_is_written(
     elif tamper == "wrong-root":  # a signed manifest whose root.img sum is not what the image unpacks to
         m = json.loads((release / "manifest.json").read_text())
         m["artifacts"]["root.img"]["sha256"] = sha256(b"other")
+        (release / "manifest.json").write_text(json.dumps(m))
+        sign(keys[0], release / "manifest.json")
+    elif tamper == "not-zstd":  # a signed manifest that describes bytes zstd cannot unpack
+        junk = os.urandom(100_000)
+        zst.write_bytes(junk)
+        m = json.loads((release / "manifest.json").read_text())
+        m["artifacts"]["root.img.zst"] = {"sha256": sha256(junk), "size": len(junk)}
         (release / "manifest.json").write_text(json.dumps(m))
         sign(keys[0], release / "manifest.json")
     before = node.snapshot()
