@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from cbios.node import bootenv, bootstrap, slotdefs, status, update, wire
 
-UPDATE_TIMEOUT = 1800  # through CB-Manager: the whole write, under TCG too
+UPDATE_TIMEOUT = 1800 + 60  # through CB-Manager, which gives CB-Executor 1800 s for it
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -27,9 +27,14 @@ Executor = Callable[..., Any]
 MONITOR_PERIOD = 15.0
 
 
+EXECUTOR_TIMEOUT = 600
+UPDATE_TIMEOUT = 1800  # a firmware update writes a whole copy: minutes under TCG
+
+
 def executor_client(op: str, **args: Any) -> Any:
+    timeout = UPDATE_TIMEOUT if op == "firmware.update" else EXECUTOR_TIMEOUT
     try:
-        return wire.call(slotdefs.EXECUTOR_SOCKET, op, args, timeout=600)
+        return wire.call(slotdefs.EXECUTOR_SOCKET, op, args, timeout=timeout)
     except RemoteError as e:
         raise (Invalid if e.code == "invalid" else Failed)(str(e)) from None
     except OSError as e:

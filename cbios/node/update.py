@@ -11,6 +11,8 @@ boot loader falls back. /var and the slots' volumes are never touched."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import http.client
 import json
@@ -34,6 +36,7 @@ MANIFEST = "manifest.json"
 SIGNATURE = MANIFEST + ".sig"
 IMAGE = "root.img.zst"
 KEY = Path("/usr/lib/cbios/update-key.pem")
+LOCK = Path("/run/cbios/update.lock")
 CHUNK = 1 << 20
 PROGRESS_EVERY = 5.0
 HTTP_TIMEOUT = 30
@@ -73,6 +76,10 @@ class Source:
                 raise UpdateError(f"{text}: no {MANIFEST} there (a build or PXE bundle directory, "
                                   "a release file, or an http(s) URL)")
 
+    def close(self) -> None:
+        if self.tar is not None:
+            self.tar.close()
+
     def where(self, name: str) -> str:
         if self.url:
             return self.url + name
@@ -105,10 +112,12 @@ class Source:
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or e
             raise UpdateError(f"{self.where(name)}: {reason}") from None
+        except (ValueError, http.client.HTTPException) as e:  # a malformed URL, a broken reply
+            raise UpdateError(f"{self.where(name)}: {e or type(e).__name__}") from None
 
     def read(self, name: str, limit: int = 1 << 20) -> bytes:
         with self.open(name) as f:
-            data = f.read(limit + 1)
+            data = _read(f, self.where(name), 0, limit + 1)
         if len(data) > limit:
             raise UpdateError(f"{self.where(name)}: larger than {limit} bytes")
         return data
@@ -135,9 +144,13 @@ def verify_signature(data: bytes, signature: bytes, key: Path) -> bool:
     return proc.returncode == 0
 
 
-def version_key(text: str) -> tuple[tuple[int, str], ...]:
-    """'1.10.0' > '1.9.2': numbers compare as numbers, other parts as text."""
-    return tuple((int(p), "") if p.isdigit() else (-1, p) for p in re.split(r"[.+~-]", text))
+VERSION = re.compile(r"\d+(\.\d+){0,3}")  # as a profile's version
+
+
+def version_key(text: str) -> tuple[int, ...]:
+    """'1.10.0' > '1.9.2', and '1.0' == '1.0.0'."""
+    parts = [int(p) for p in text.split(".")]
+    return tuple(parts + [0] * (4 - len(parts)))
 
 
 @dataclass(frozen=True)
@@ -158,7 +171,7 @@ def parse_manifest(data: bytes, where: str) -> Firmware:
     try:
         m = json.loads(data)
         arts = m["artifacts"]
-        return Firmware(
+        firmware = Firmware(
             profile=str(m["profile"]), version=str(m["version"]), architecture=str(m["architecture"]),
             tries=int(m["boot"]["tries"]),
             root_sha256=str(arts["root.img"]["sha256"]), root_size=int(arts["root.img"]["size"]),
@@ -167,6 +180,10 @@ def parse_manifest(data: bytes, where: str) -> Firmware:
         raise UpdateError(f"{where}: not JSON ({e.msg}, line {e.lineno})") from None
     except (KeyError, TypeError, ValueError) as e:
         raise UpdateError(f"{where}: not a CBIOS manifest (no {e})") from None
+    if not VERSION.fullmatch(firmware.version) or not 1 <= firmware.tries <= 9:
+        raise UpdateError(f"{where}: not a CBIOS manifest (version {firmware.version!r}, "
+                          f"tries {firmware.tries}: a version like 1.2.3 and 1 to 9 tries)")
+    return firmware
 
 
 def check_firmware(new: Firmware, own: dict[str, str], *, allow_downgrade: bool, where: str) -> None:
@@ -178,7 +195,8 @@ def check_firmware(new: Firmware, own: dict[str, str], *, allow_downgrade: bool,
                           f"{own.get('CBIOS_ARCHITECTURE', 'of an unknown architecture')}")
     running = own["CBIOS_VERSION"]
     if not allow_downgrade and version_key(new.version) <= version_key(running):
-        what = "the one this node runs" if new.version == running else f"older than {running}, which this node runs"
+        what = ("the one this node runs" if version_key(new.version) == version_key(running)
+                else f"older than {running}, which this node runs")
         raise UpdateError(f"{where}: version {new.version} is {what}; add --allow-downgrade to write it anyway")
 
 
@@ -245,7 +263,7 @@ def stream(source: Source, new: Firmware, sink: IO[bytes] | None, say: Callable[
     unpacking = True
     try:
         with source.open(IMAGE) as f:
-            while chunk := _read(f, where, out.zst_bytes):
+            while chunk := _read(f, where, out.zst_bytes, CHUNK):
                 zst.update(chunk)
                 out.zst_bytes += len(chunk)
                 if out.zst_bytes > new.zst_size:
@@ -266,9 +284,14 @@ def stream(source: Source, new: Firmware, sink: IO[bytes] | None, say: Callable[
         t.join()
         proc.wait()
     finally:
+        # Whatever happened, zstd is gone and the reader has stopped before SINK is closed.
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        t.join()
+        for pipe in (proc.stdin, proc.stdout):
+            with contextlib.suppress(OSError):
+                pipe.close()
     out.zst_sha256, out.root_sha256 = zst.hexdigest(), root.hexdigest()
     if out.zst_bytes < new.zst_size:
         raise UpdateError(f"{where}: the transfer broke off after {out.zst_bytes >> 20} MiB "
@@ -284,9 +307,9 @@ def stream(source: Source, new: Firmware, sink: IO[bytes] | None, say: Callable[
     return out
 
 
-def _read(f: IO[bytes], where: str, done: int) -> bytes:
+def _read(f: IO[bytes], where: str, done: int, size: int) -> bytes:
     try:
-        return f.read(CHUNK)
+        return f.read(size)
     except (OSError, urllib.error.URLError, http.client.HTTPException, tarfile.TarError) as e:
         raise UpdateError(f"{where}: the transfer broke off after {done >> 20} MiB ({e})") from None
 
@@ -317,9 +340,12 @@ def target_copy(env: dict[str, str], running: str) -> str:
 
 
 def marked_bad(env: dict[str, str], copy: str) -> dict[str, str]:
+    """COPY bad, and the other one (the running one) to boot: GRUB boots an active copy that
+    is bad (it counts tries of new copies only), so a bad copy must never be the active one."""
     new = dict(env)
     new[f"cbios_{copy}_state"] = "bad"
     new.pop(f"cbios_{copy}_tries", None)
+    new["cbios_active"] = other(copy)
     return new
 
 
@@ -344,14 +370,27 @@ class Node:
     boot_env: Callable[[bool], Any]  # context manager yielding the grubenv path
     device: Callable[[str], Path]  # copy -> its block device
     key: Path = KEY
+    lock: Path = LOCK
 
 
 def update(node: Node, source_text: str, *, allow_downgrade: bool = False,
            say: Callable[[str], None] = print) -> dict[str, Any]:
-    start = time.monotonic()
+    """One update at a time on a node, whoever asks (the CLI, CB-Executor)."""
     if node.running is None:
         raise UpdateError("not booted from a node disk (no copy is running): nothing to update")
-    source = Source(source_text)
+    node.lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(node.lock, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UpdateError(f"another update is running ({node.lock})") from None
+        with contextlib.closing(Source(source_text)) as source:
+            return _update(node, source, allow_downgrade=allow_downgrade, say=say)
+
+
+def _update(node: Node, source: Source, *, allow_downgrade: bool, say: Callable[[str], None]) -> dict[str, Any]:
+    assert node.running is not None
+    start = time.monotonic()
     new = load_manifest(source, node.own, node.key, allow_downgrade=allow_downgrade, say=say)
     with node.boot_env(False) as path:
         env = bootenv.read(path)
@@ -367,11 +406,14 @@ def update(node: Node, source_text: str, *, allow_downgrade: bool = False,
 
     # From here on the target copy is bad until it is whole and checked: a cut-off never boots it.
     with node.boot_env(True) as path:
-        bootenv.write(path, marked_bad(bootenv.read(path), target))
+        env = bootenv.read(path)
+        target_copy(env, node.running)  # still so, now that the block is ours to write
+        bootenv.write(path, marked_bad(env, target))
     say(f"writing copy {target} ({device})")
     with open(device, "r+b", buffering=0) as dev:
         stream(source, new, dev, say, f"writing copy {target}")
         os.fsync(dev.fileno())
+        os.posix_fadvise(dev.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # read back the disk, not the cache
     if readback(device, new.root_size) != new.root_sha256:
         raise UpdateError(f"{device}: read back, it does not match root.img: copy {target} stays bad")
     with node.boot_env(True) as path:

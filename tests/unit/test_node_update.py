@@ -4,11 +4,13 @@ partition: real zstd, real openssl signatures, a real HTTP server."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import hashlib
 import http.server
 import json
 import os
+import re
 import subprocess
 import tarfile
 import threading
@@ -74,11 +76,14 @@ class FakeNode:
         base = {"cbios_active": running, "cbios_root_state": "good", "cbios_spare_state": "good"}
         self.grubenv.write_bytes(bootenv.render({**base, **env}))
         self.node = update.Node(own=dict(OWN), running=running, boot_env=self._env,
-                                device=lambda c: self.copies[c], key=pub)
+                                device=lambda c: self.copies[c], key=pub, lock=tmp / "update.lock")
 
     @contextlib.contextmanager
     def _env(self, writable: bool) -> Iterator[Path]:
+        """As the boot partition: mounted read-only unless asked, so a write then is a bug."""
+        before = self.grubenv.read_bytes()
         yield self.grubenv
+        assert writable or self.grubenv.read_bytes() == before, "boot state written under a read-only mount"
 
     def env(self) -> dict[str, str]:
         return bootenv.read(self.grubenv)
@@ -207,20 +212,24 @@ def test_without_a_key_in_the_firmware_checksums_still_hold(keys: tuple[Path, Pa
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
     cut_after: int | None = None
+    whole: int = 0  # how many transfers of the image go whole before the cut
+    served: list[str]
 
     def log_message(self, *args: Any) -> None:
         pass
 
     def copyfile(self, source: Any, outputfile: Any) -> None:
-        if self.cut_after is None or not self.path.endswith(".zst"):
+        self.served.append(self.path)
+        images = sum(1 for p in self.served if p.endswith(".zst"))
+        if self.cut_after is None or not self.path.endswith(".zst") or images <= self.whole:
             super().copyfile(source, outputfile)
         else:
             outputfile.write(source.read(self.cut_after))  # then the connection closes
 
 
 @contextlib.contextmanager
-def http_server(directory: Path, cut_after: int | None = None) -> Iterator[str]:
-    handler = type("H", (_Handler,), {"cut_after": cut_after})
+def http_server(directory: Path, cut_after: int | None = None, whole: int = 0) -> Iterator[str]:
+    handler = type("H", (_Handler,), {"cut_after": cut_after, "whole": whole, "served": []})
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(directory)))
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
@@ -325,3 +334,53 @@ def test_cbios_release_refuses_a_build_whose_image_is_not_its_manifests(
     with pytest.raises(CbiosError, match="not what the manifest says"):
         write_release(release)
     assert not list(release.glob("*.tar*"))
+
+
+def test_a_write_cut_off_leaves_the_running_copy_to_boot_even_when_the_other_was_next(
+        keys: tuple[Path, Path], tmp_path: Path) -> None:
+    # An earlier update with --no-reboot made spare the copy to try; this one fails while writing it.
+    n = FakeNode(mkdir(tmp_path / "n"), keys[1], cbios_active="spare", cbios_spare_state="new",
+                 cbios_spare_tries="2")
+    release = make_release(tmp_path / "v2", keys[0])
+    root_before = n.snapshot()["root"]
+    with http_server(release, cut_after=300_000, whole=1) as url, \
+            pytest.raises(update.UpdateError, match="broke off after"):
+        run(n, url)  # the checking pass gets it whole, the writing pass is cut
+    env = n.env()
+    assert (env["cbios_active"], env["cbios_spare_state"], env["cbios_root_state"]) == ("root", "bad", "good")
+    assert "cbios_spare_tries" not in env
+    assert n.snapshot()["root"] == root_before
+
+
+def test_one_update_at_a_time(node: FakeNode, keys: tuple[Path, Path], tmp_path: Path) -> None:
+    release = make_release(tmp_path / "v2", keys[0])
+    before = node.snapshot()
+    with open(node.node.lock, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(update.UpdateError, match="another update is running"):
+            run(node, release)
+    assert node.snapshot() == before
+    assert run(node, release)["copy"] == "spare"  # the lock is free again
+
+
+@pytest.mark.parametrize("source, message", [
+    ("http://127.0.0.1:abc/", "http://127.0.0.1:abc/manifest.json: "),
+    ("http://127.0.0.1:9/", "http://127.0.0.1:9/manifest.json: "),
+])
+def test_a_bad_url_is_one_error(node: FakeNode, source: str, message: str) -> None:
+    with pytest.raises(update.UpdateError, match=re.escape(message)):
+        run(node, source)
+
+
+@pytest.mark.parametrize("fields", [{"version": "2.0.0-rc1"}, {"boot": {"tries": 0}}, {"boot": {"tries": 12}}])
+def test_a_manifest_out_of_bounds_is_refused(node: FakeNode, keys: tuple[Path, Path], tmp_path: Path,
+                                             fields: dict[str, Any]) -> None:
+    release = make_release(tmp_path / "v", keys[0], **fields)
+    with pytest.raises(update.UpdateError, match="not a CBIOS manifest"):
+        run(node, release)
+
+
+def test_the_same_version_spelt_shorter_is_the_same(node: FakeNode, keys: tuple[Path, Path], tmp_path: Path) -> None:
+    assert update.version_key("1.0") == update.version_key("1.0.0")
+    with pytest.raises(update.UpdateError, match="is the one this node runs"):
+        run(node, make_release(tmp_path / "v", keys[0], version="1.0"))
