@@ -10,6 +10,7 @@ from cbios.boot import kernel_boot_spec
 from cbios.machine import Machine
 from cbios.profile import Profile
 from cbios.project import Project
+from cbios.render import architecture
 
 
 def test_ready_reports_profile_and_version(machine: Machine, profile: Profile) -> None:
@@ -42,6 +43,7 @@ def test_node_identity_comes_from_the_profile(machine: Machine, profile: Profile
     assert machine.succeed("hostname") == profile.node.hostname
     release = dict(line.split("=", 1) for line in machine.succeed("cat /usr/lib/cbios/release").splitlines())
     assert release == {"CBIOS_PROFILE": profile.name, "CBIOS_VERSION": profile.version,
+                       "CBIOS_ARCHITECTURE": architecture(),
                        "CBIOS_OBJECT_ID": profile.node.object_id, "CBIOS_VG": profile.storage.vg,
                        "CBIOS_READY_TIMEOUT": str(profile.boot.ready_timeout)}
     cmdline = machine.succeed("cat /proc/cmdline").split()
