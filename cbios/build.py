@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from cbios import __version__, image, manifest, mkosi, signing
+from cbios import __version__, image, manifest, mkosi, signing, vmimage
 from cbios.errors import StepError
 from cbios.profile import Profile, parse_size, profile_hash
 from cbios.profile import template as slot_template
@@ -115,6 +115,7 @@ def build(project: Project, profile: Profile, *, force: bool = False) -> Path:
     shutil.copy2(root_out / "root.vmlinuz", dirs.staging / "vmlinuz")
     shutil.copy2(root_out / "root.initrd", dirs.staging / "initrd.img")
     image.finish_tree(tree, profile, dirs.staging / "vmlinuz", dirs.staging / "initrd.img")
+    slot_images.update(_vm_images(project, profile, dirs, tree))
     fs_uuid = uuid.uuid5(uuid.NAMESPACE_URL, f"cbios:{profile.name}:{profile.version}:{inputs}")
     size = image.make_root_img(tree, profile, dirs.staging / "root.img", fs_uuid, dirs.logs / "image.log")
     if size > parse_size(profile.storage.root_size):
@@ -178,12 +179,7 @@ def _slot_images(project: Project, profile: Profile, dirs: BuildDirs, configs: d
         fs_uuid = uuid.uuid5(uuid.NAMESPACE_URL, f"cbios:{profile.name}:{profile.version}:slot:{name}")
         size = image.make_ext4(img.output_dir / name, raw, f"slot-{name}"[:16], fs_uuid, 16 << 20,
                                dirs.logs / f"slot-{name}.log")
-        room = min(parse_size(v.size) for v in templates[name].volumes if v.iid == 0)
-        room = min([room, *(parse_size(v.size) for s in profile.slots if s.template == name
-                            for v in s.volumes if v.iid == 0)])
-        if size > room:
-            raise StepError(f"slot {name}", f"its image ({size >> 20} MiB) does not fit its volume 0 "
-                            f"({room >> 20} MiB): raise the volume's size")
+        _check_room(profile, templates[name], name, size)
         target = overlay / slot_template.NODE_IMAGES / f"{name}.img.zst"
         target.parent.mkdir(parents=True, exist_ok=True)
         image.compress(raw, target, dirs.logs / f"slot-{name}.log")
@@ -192,6 +188,37 @@ def _slot_images(project: Project, profile: Profile, dirs: BuildDirs, configs: d
                            "sha256": manifest.sha256_file(target),
                            "packages": mkosi.packages(img.output_dir / f"{name}.manifest")}
     return described
+
+
+def _vm_images(project: Project, profile: Profile, dirs: BuildDirs, tree: Path) -> dict[str, dict[str, object]]:
+    """Each kvm-system template's system disk, made from the root just built (its kernel,
+    its modules, its static busybox), into that root's tree beside the other slot images."""
+    described: dict[str, dict[str, object]] = {}
+    for name, template in slot_template.templates_of(project, profile).items():
+        if template.type != "kvm-system":
+            continue
+        raw = dirs.work / "out" / f"slot-{name}.img"
+        fs_uuid = uuid.uuid5(uuid.NAMESPACE_URL, f"cbios:{profile.name}:{profile.version}:slot:{name}")
+        size = vmimage.make_system_disk(name, template, project.slot_templates / name, tree, dirs.staging / "vmlinuz",
+                                        dirs.work / "vm" / name, raw, fs_uuid, dirs.logs / f"slot-{name}.log")
+        _check_room(profile, template, name, size)
+        target = tree / slot_template.NODE_IMAGES / f"{name}.img.zst"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        image.compress(raw, target, dirs.logs / f"slot-{name}.log")
+        raw.unlink()
+        described[name] = {"image_bytes": size, "zst_bytes": target.stat().st_size,
+                           "sha256": manifest.sha256_file(target), "packages": {}}
+    return described
+
+
+def _check_room(profile: Profile, template: slot_template.SlotTemplate, name: str, size: int) -> None:
+    """The image must fit volume 0: the template's, and every one the profile sets for it."""
+    room = min(parse_size(v.size) for v in template.volumes if v.iid == 0)
+    room = min([room, *(parse_size(v.size) for s in profile.slots if s.template == name
+                        for v in s.volumes if v.iid == 0)])
+    if size > room:
+        raise StepError(f"slot {name}", f"its image ({size >> 20} MiB) does not fit its volume 0 "
+                        f"({room >> 20} MiB): raise the volume's size")
 
 
 def _publish(dirs: BuildDirs, data: dict[str, object], key: Path | None) -> None:

@@ -115,7 +115,8 @@ def boot_files(project: Project, profile: Profile) -> dict[str, str]:
     volumes = []
     for s in slot_template.node_slots(profile, templates)["slots"]:
         for v in s["volumes"]:
-            fill = "format" if v["iid"] else "image" if templates[s["template"]].type == "lxc-system" else "seed"
+            has_image = templates[s["template"]].type in ("lxc-system", "kvm-system")
+            fill = "format" if v["iid"] else "image" if has_image else "seed"
             volumes.append(f"slot{s['eid']}-{v['iid']}:{v['size']}:{s['template']}:{fill}")
     ctx = {**context(profile), "slot_volumes": volumes}
     return {

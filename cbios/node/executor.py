@@ -2,8 +2,9 @@
 
 Slot volumes (LVs slot<eid>-<iid> in the node's VG, and nothing else), LXC containers
 slot<eid> (configuration written here from a checked definition, never taken from the
-caller), their veths on the bridge. Requests come on a UNIX socket (wire.py); each is
-checked in full (requests.py) before anything is done, and logged to the journal."""
+caller), their veths on the bridge, and the VMs of kvm-system slots (kvm.py). Requests
+come on a UNIX socket (wire.py); each is checked in full (requests.py) before anything is
+done, and logged to the journal."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from cbios.node import bootenv, lxcconf, requests, slotdefs, update, wire
+from cbios.node import bootenv, kvm, lxcconf, requests, slotdefs, update, wire
+from cbios.node.command import run as _run
 from cbios.node.wire import Failed, Invalid
 
 log = logging.getLogger("cbios")
@@ -28,18 +30,6 @@ LXC_PATH = Path("/var/lib/lxc")
 MOUNTS = Path("/run/cbios/executor-mnt")
 SIDE_FILE = "cbios.json"  # the checked definition, beside LXC's config
 HEALTH_TIMEOUT = 30
-
-
-def _run(argv: list[str], *, timeout: float = 120, input: bytes | None = None) -> str:
-    try:
-        proc = subprocess.run(argv, capture_output=True, timeout=timeout, input=input,
-                              stdin=None if input is not None else subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        raise Failed(f"{argv[0]}: no answer within {timeout:.0f} s") from None
-    if proc.returncode != 0:
-        err = (proc.stderr or proc.stdout).decode(errors="replace").strip().splitlines()
-        raise Failed(f"{' '.join(argv[:3])}: {err[-1] if err else f'exit status {proc.returncode}'}")
-    return proc.stdout.decode(errors="replace")
 
 
 class Executor:
@@ -144,7 +134,7 @@ class Executor:
         dev = self._device(volume)
         if if_blank and _has_signature(dev):
             return {"written": False}
-        if tpl["type"] == "lxc-system" and iid == 0:
+        if tpl["type"] in ("lxc-system", "kvm-system") and iid == 0:
             image = self.images / f"{template}.img.zst"
             if not image.is_file():
                 raise Failed(f"{image}: no image of {template} in this firmware")
@@ -163,10 +153,10 @@ class Executor:
         return {"written": True}
 
     @contextmanager
-    def _mounted(self, volume: str) -> Iterator[Path]:
+    def _mounted(self, volume: str, *, read_only: bool = False) -> Iterator[Path]:
         target = MOUNTS / volume
         target.mkdir(parents=True, exist_ok=True)
-        _run(["mount", "-o", "nodev,nosuid,noexec", self._device(volume), str(target)])
+        _run(["mount", "-o", "nodev,nosuid,noexec" + (",ro" if read_only else ""), self._device(volume), str(target)])
         try:
             yield target
         finally:
@@ -216,11 +206,17 @@ class Executor:
     def op_container_define(self, eid: int, template: str, volumes: list[int], hostname: str | None = None,
                             address: str | None = None) -> None:
         tpl = self._template(template)
-        if tpl["type"] not in ("lxc-service", "lxc-system"):
-            raise Invalid(f"{template}: {tpl['type']} slots are not supported by this firmware")
         self._stopped(eid, "redefining it")
         for iid in volumes:
             self._need(slotdefs.volume_name(eid, iid))
+        side = {"eid": eid, "template": template, "kind": tpl["type"], "hostname": hostname,
+                "address": address, "volumes": volumes}
+        cdir = LXC_PATH / slotdefs.container_name(eid)
+        if tpl["type"] == "kvm-system":  # no LXC configuration: the VM's settings are the template's
+            side["vm"] = {"memory": tpl["vm"]["memory"], "cpus": tpl["vm"]["cpus"]}
+            (cdir / "config").unlink(missing_ok=True)
+            _write_files(cdir, {SIDE_FILE: json.dumps(side, indent=2) + "\n"})
+            return
         extra_file = self.templates / template / "lxc.conf"
         d = lxcconf.Definition(eid=eid, template=template, kind=tpl["type"], vg=self.vg, bridge=self.bridge,
                                node_id=self.node_id, hostname=hostname, address=address, volumes=tuple(volumes),
@@ -229,15 +225,8 @@ class Executor:
             text = lxcconf.render(d)
         except (KeyError, ValueError) as e:
             raise Failed(f"{extra_file}: {e}") from None
-        cdir = LXC_PATH / slotdefs.container_name(eid)
-        cdir.mkdir(parents=True, exist_ok=True)
         Path(lxcconf.LOG_DIR).mkdir(parents=True, exist_ok=True)
-        side = {"eid": eid, "template": template, "kind": tpl["type"], "hostname": hostname,
-                "address": address, "volumes": volumes}
-        for name, data in (("config", text), (SIDE_FILE, json.dumps(side, indent=2) + "\n")):
-            with tempfile.NamedTemporaryFile("w", dir=cdir, delete=False) as tmp:
-                tmp.write(data)
-            os.replace(tmp.name, cdir / name)
+        _write_files(cdir, {"config": text, SIDE_FILE: json.dumps(side, indent=2) + "\n"})
 
     def op_container_undefine(self, eid: int) -> None:
         if self._definition(eid) is None:
@@ -245,9 +234,17 @@ class Executor:
         self._stopped(eid, "undefining it")
         shutil.rmtree(LXC_PATH / slotdefs.container_name(eid))
 
+    def _vm(self, d: dict[str, Any]) -> kvm.Vm:
+        return kvm.Vm(eid=d["eid"], vg=self.vg, bridge=self.bridge, node_id=self.node_id,
+                      memory=d["vm"]["memory"], cpus=d["vm"]["cpus"], volumes=tuple(d["volumes"]),
+                      console_log=_console_log(d["eid"]), accel=kvm.accel())
+
     def _state(self, eid: int) -> dict[str, Any]:
-        if self._definition(eid) is None:
+        d = self._definition(eid)
+        if d is None:
             return {"eid": eid, "state": "UNDEFINED", "pid": None}
+        if d["kind"] == "kvm-system":
+            return kvm.state(self._vm(d))
         out = _run(["lxc-info", "-n", slotdefs.container_name(eid), "-H", "-s", "-p"], timeout=30)
         info = _key_values(out)
         pid = info.get("PID")
@@ -261,18 +258,26 @@ class Executor:
         return [self._state(eid) for eid in eids]
 
     def op_container_start(self, eid: int) -> dict[str, Any]:
-        if self._definition(eid) is None:
+        d = self._definition(eid)
+        if d is None:
             raise Invalid(f"slot {eid} is not defined")
         name = slotdefs.container_name(eid)
         if self._state(eid)["state"] == "RUNNING":
+            return self._state(eid)
+        if d["kind"] == "kvm-system":
+            with self._mounted(slotdefs.volume_name(eid, 0), read_only=True) as disk:
+                kvm.start(self._vm(d), disk / "boot")
             return self._state(eid)
         _run(["lxc-start", "-n", name], timeout=60)
         _run(["lxc-wait", "-n", name, "-s", "RUNNING", "-t", "30"], timeout=40)
         return self._state(eid)
 
     def op_container_stop(self, eid: int, timeout: int = 30) -> dict[str, Any]:
-        if self._definition(eid) is None:
+        d = self._definition(eid)
+        if d is None:
             raise Invalid(f"slot {eid} is not defined")
+        if d["kind"] == "kvm-system":  # the ACPI power button within the bound, then a kill
+            return kvm.stop(self._vm(d), timeout)
         if self._state(eid)["state"] != "STOPPED":
             # A clean stop (the halt signal) within the bound, then a kill.
             _run(["lxc-stop", "-n", slotdefs.container_name(eid), "-t", str(timeout)], timeout=timeout + 30)
@@ -283,8 +288,17 @@ class Executor:
         if d is None:
             raise Invalid(f"slot {eid} is not defined")
         name = slotdefs.container_name(eid)
-        info = _key_values(_run(["lxc-info", "-n", name, "-H"], timeout=30))
         vols = {v["volume"]: v for v in self.op_volume_list()}
+        if d["kind"] == "kvm-system":
+            vm = self._vm(d)
+            return {**d, **kvm.runtime(vm), "ips": [d["address"]] if d.get("address") else [],
+                    "veth": None, "bridge": self.bridge, "console_log": vm.console_log,
+                    "volumes": [{"volume": slotdefs.volume_name(eid, i),
+                                 "device": f"/dev/mapper/{self.vg}-{slotdefs.volume_name(eid, i)}",
+                                 "size": vols.get(slotdefs.volume_name(eid, i), {}).get("size"),
+                                 "mount": f"/dev/vd{chr(ord('a') + n)} in the VM"}
+                                for n, i in enumerate(d["volumes"])]}
+        info = _key_values(_run(["lxc-info", "-n", name, "-H"], timeout=30))
         running = info.get("State") == "RUNNING"
         pid = int(info["PID"]) if info.get("PID") else None
         usage = _cgroup_usage(pid) if running and pid else {}
@@ -302,7 +316,7 @@ class Executor:
                          "size": vols.get(slotdefs.volume_name(eid, i), {}).get("size"),
                          "mount": "/" if (i == 0 and d["kind"] == "lxc-system")
                          else "/" + lxcconf.mount_point(d["kind"], i)} for i in d["volumes"]],
-            "console_log": f"{lxcconf.LOG_DIR}/{name}.console.log",
+            "console_log": _console_log(eid),
         }
 
     def op_container_health(self, eid: int) -> dict[str, Any]:
@@ -314,6 +328,8 @@ class Executor:
         if self._state(eid)["state"] != "RUNNING":
             return {"ok": False, "output": "not running"}
         script = (self.templates / d["template"] / "health").read_bytes()
+        if d["kind"] == "kvm-system":
+            return _health_on_node(d, script)
         try:
             # No log: lxc-attach complains of a key LXC 5 no longer has, at every check.
             proc = subprocess.run(["lxc-attach", "-n", slotdefs.container_name(eid), "--clear-env",
@@ -324,6 +340,33 @@ class Executor:
             return {"ok": False, "output": f"health check gave no answer within {HEALTH_TIMEOUT} s"}
         text = (proc.stdout + proc.stderr).decode(errors="replace").strip()
         return {"ok": proc.returncode == 0, "output": text.splitlines()[-1] if text else ""}
+
+
+def _console_log(eid: int) -> str:
+    return f"{lxcconf.LOG_DIR}/{slotdefs.container_name(eid)}.console.log"
+
+
+def _write_files(cdir: Path, files: dict[str, str]) -> None:
+    """Each file written whole, then renamed into place."""
+    cdir.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        with tempfile.NamedTemporaryFile("w", dir=cdir, delete=False) as tmp:
+            tmp.write(data)
+        os.replace(tmp.name, cdir / name)
+
+
+def _health_on_node(d: dict[str, Any], script: bytes) -> dict[str, Any]:
+    """A VM's health check runs on the node, with what it needs to reach the VM."""
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "SLOT_EID": str(d["eid"]),
+           "SLOT_ADDRESS": d.get("address") or "", "SLOT_HOSTNAME": d.get("hostname") or "",
+           "SLOT_CONSOLE_LOG": _console_log(d["eid"])}
+    try:
+        proc = subprocess.run(["/bin/sh", "-s"], input=script, capture_output=True, env=env,
+                              timeout=HEALTH_TIMEOUT, check=False)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "output": f"health check gave no answer within {HEALTH_TIMEOUT} s"}
+    text = (proc.stdout + proc.stderr).decode(errors="replace").strip()
+    return {"ok": proc.returncode == 0, "output": text.splitlines()[-1] if text else ""}
 
 
 def _cgroup_usage(pid: int) -> dict[str, float]:

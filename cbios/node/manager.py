@@ -330,7 +330,8 @@ class Manager:
             self.sleep(1.0)
 
     def _stop(self, eid: int) -> None:
-        self.ex("container.stop", eid=eid)
+        tpl = self.catalogue.get(self.slots[eid]["template"], {})
+        self.ex("container.stop", eid=eid, timeout=tpl.get("stop_timeout", 30))
         self.health.pop(eid, None)
         self.failed.pop(eid, None)
 

@@ -75,7 +75,8 @@ def runtime_text(info: dict[str, Any]) -> str:
         ("Kind", info["kind"]), ("Version", info["version"]), ("Status", info["status"]),
         ("State", info["state"]), ("PID", info.get("pid") or "-"),
         ("Hostname", info.get("hostname") or "-"), ("Address", info.get("address") or "-"),
-        ("Interface", f"eth0 <-> {info['veth']} on {info['bridge']}" if info.get("veth") else "-"),
+        ("Interface", f"eth0 <-> {info['veth']} on {info['bridge']}" if info.get("veth")
+         else f"eth0 ({info['mac']}) <-> {info['tap']} on {info['bridge']}" if info.get("tap") else "-"),
         ("IPs", " ".join(info.get("ips") or []) or "-"),
         ("CPU time", f"{info['cpu_seconds']:.2f} s" if info.get("cpu_seconds") is not None else "-"),
         ("Memory", f"{info['memory_bytes'] / (1 << 20):.1f} MiB" if info.get("memory_bytes") else "-"),
@@ -83,6 +84,10 @@ def runtime_text(info: dict[str, Any]) -> str:
                                                                      if health.get("output") else "")
          if health else "-"),
     ]
+    if info.get("kind") == "kvm-system":  # the VM: what QEMU was given, and how it runs
+        rows[7:8] = [("PID", f"{info['pid']} (qemu-system-x86_64, {info['unit']})" if info.get("pid") else "-"),
+                     ("vCPUs", str(info["vcpus"])), ("VM memory", f"{info['memory_mib']} MiB"),
+                     ("Acceleration", info["accel"].upper())]
     if info.get("error"):
         rows.append(("Error", info["error"]))
     for vol in info.get("volumes", []):

@@ -114,8 +114,6 @@ def _slot_problems(project: Project, profile: Profile) -> list[tuple[KeyPath, st
             if key not in template.params:
                 out.append((("slots", i, "params", key), f"{slot.template} has no parameter '{key}'"
                             f"{_suggest(key, sorted(template.params))}"))
-        if template.type == "kvm-system":
-            out.append((("slots", i, "template"), "kvm-system slots are not supported yet"))
     if profile.slots and slot_template.MANAGER_EID not in eids:
         out.append((("slots",), f"a node with slots needs CB-Manager: {{template: {slot_template.MANAGER}, "
                     f"eid: {slot_template.MANAGER_EID}}}"))

@@ -7,7 +7,9 @@ A template is a directory:
   lxc.conf    optional: container configuration added to what CB-Executor writes
               (${eid}, ${volume0} ... substituted on the node);
   volume/     optional: the initial content of the slot's volume 0 (its /var);
-  mkosi.conf  lxc-system: the image of the slot's own root file system.
+  mkosi.conf  lxc-system: the image of the slot's own root file system;
+  vm/         kvm-system: the VM's initrd (vm/init is its PID 1), made into its system
+              disk with the node's kernel (cbios/vmimage.py); `health` runs on the node.
 
 The build bakes the templates a profile uses into the root (as JSON, for the node's
 standard-library code) with the profile's slots, resolved: slots.json."""
@@ -40,6 +42,16 @@ class TemplateVolume(Strict):
     size: Size
 
 
+class VmSettings(Strict):
+    """kvm-system: how CB-Executor runs the VM, and what its initrd holds."""
+
+    memory: Annotated[int, Field(ge=64, le=65536, description="MiB")] = 256
+    cpus: Annotated[int, Field(ge=1, le=64)] = 1
+    cmdline: str = Field(default="console=ttyS0", pattern=r"^[^\n\x00]*$")
+    modules: list[Annotated[str, Field(pattern=r"^[a-z0-9_-]+$")]] = Field(
+        default=[], description="kernel modules the initrd loads, in this order (with what they need)")
+
+
 class SlotTemplate(Strict):
     """slot.yaml."""
 
@@ -48,12 +60,16 @@ class SlotTemplate(Strict):
     released: str | None = Field(default=None, pattern=r"^\d{4}-\d{2}-\d{2}$",
                                  description="release date, shown beside the version")
     description: str
-    packages: list[Name] = Field(default=[], description="lxc-service: added to the CBIOS root it shares")
+    packages: list[Name] = Field(default=[], description="added to the CBIOS root: what an lxc-service slot "
+                                 "runs from the root it shares, what the node needs to run a kvm-system slot")
     volumes: list[TemplateVolume] = Field(default_factory=lambda: [TemplateVolume(iid=0, size="16M")])
     address: Literal["required", "optional"] = "optional"
     params: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")], str] = Field(
         default={}, description="parameters a profile may set, with their defaults")
     start_timeout: Annotated[int, Field(ge=1, le=600)] = 60
+    stop_timeout: Annotated[int, Field(ge=1, le=300, description="s from the halt signal (the power button "
+                                       "of a VM) to a kill")] = 30
+    vm: VmSettings | None = Field(default=None, description="kvm-system: the VM")
 
 
 def available(project: Project) -> list[str]:
@@ -76,6 +92,10 @@ def load_template(project: Project, name: str) -> SlotTemplate:
             problems.append(f"{shown}:{line}: {format_path(loc) or '(top level)'}: {err['msg']}")
         raise ProfileError(problems) from None
     missing = [f for f in _required_files(template) if not (path.parent / f).is_file()]
+    if template.type == "kvm-system" and template.vm is None:
+        missing.append("a vm: section in slot.yaml")
+    elif template.type != "kvm-system" and template.vm is not None:
+        raise ProfileError([f"{shown}: vm: is for kvm-system templates, this one is {template.type}"])
     if missing:
         raise ProfileError([f"{project.display(path.parent)}: a {template.type} template needs "
                             f"{' and '.join(missing)}"])
@@ -87,7 +107,7 @@ def _required_files(template: SlotTemplate) -> list[str]:
         return ["run", "health"]
     if template.type == "lxc-system":
         return ["mkosi.conf", "health"]
-    return ["health"]
+    return ["vm/init", "health"]
 
 
 def templates_of(project: Project, profile: Profile) -> dict[str, SlotTemplate]:
@@ -101,8 +121,8 @@ def slot_volumes(profile_volumes: list[SlotVolume], template: SlotTemplate) -> l
 
 
 def packages(templates: dict[str, SlotTemplate]) -> list[str]:
-    """What lxc-service slots need in the root they share."""
-    return sorted({p for t in templates.values() if t.type == "lxc-service" for p in t.packages})
+    """What lxc-service slots need in the root they share, and what runs kvm-system slots."""
+    return sorted({p for t in templates.values() if t.type in ("lxc-service", "kvm-system") for p in t.packages})
 
 
 def node_slots(profile: Profile, templates: dict[str, SlotTemplate]) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from cbios.project import Project
 from tests.vm.conftest import ready_machine
 
 NODE = "31000040010"
-MANAGER, DHCP, SERVICE, DNS = "31000040075", "31000040275", "31000040575", "31000040675"
+MANAGER, DHCP, SERVICE, DNS, COMPUTE = "31000040075", "31000040275", "31000040575", "31000040675", "31000040775"
 COLUMNS = ["ParentID", "Location", "Type", "Version", "IP", "Hostname", "Status", "Description"]
 
 
@@ -63,7 +63,8 @@ def test_ready_means_every_autostart_slot_is_on(node: Machine) -> None:
     rows = slot_json(node, "show", NODE)
     # service (an lxc-system slot) is not autostart: ready did not wait for it.
     assert [(r["location"], r["type"], r["status"]) for r in rows] == [
-        (MANAGER, "cb-manager", "ON"), (DHCP, "dhcp", "ON"), (SERVICE, "service", "OFF"), (DNS, "dns_master", "ON")]
+        (MANAGER, "cb-manager", "ON"), (DHCP, "dhcp", "ON"), (SERVICE, "service", "OFF"), (DNS, "dns_master", "ON"),
+        (COMPUTE, "compute", "OFF")]
     assert node.succeed("lxc-info -n slot5 -s -H") == "STOPPED"
     out = node.succeed(f"slot start {SERVICE}", timeout=300)
     print(f"slot start {SERVICE}: {out}")
@@ -86,10 +87,10 @@ def test_slot_show_has_the_source_documents_columns_and_object_ids(node: Machine
     assert node.succeed("slot show") == node.succeed(f"slot show {NODE}")
     listed = [line.split() for line in node.succeed("slot list").splitlines()]
     assert listed[0] == ["ParentID", "Location", "Type", "Status"]
-    assert [row[1] for row in listed[1:]] == [MANAGER, DHCP, SERVICE, DNS]
+    assert [row[1] for row in listed[1:]] == [MANAGER, DHCP, SERVICE, DNS, COMPUTE]
     assert [line.split()[1] for line in node.succeed("slot show --by-type=dhcp").splitlines()[1:]] == [DHCP]
     images = [line.split()[0] for line in node.succeed("slot image list").splitlines()]
-    assert images == ["Image", "cb-manager", "dhcp", "dns_master", "service"]
+    assert images == ["Image", "cb-manager", "compute", "dhcp", "dns_master", "service"]
     runtime = node.succeed(f"slot show-runtime {DHCP}")
     assert re.search(r"^State\s+RUNNING$", runtime, re.M)
     assert re.search(r"^Interface\s+eth0 <-> veth2 on br0$", runtime, re.M)
@@ -161,6 +162,49 @@ def test_dns_master_answers_for_its_zone(node: Machine) -> None:
     assert node.succeed(f"{query} 10.0.249.1 dhcpd52.cluster A") == "10.0.249.52"
     assert node.succeed(f"ip netns exec client {query} 10.0.249.1 dns-master.cluster A") == "10.0.249.1"
     assert node.fail(f"{query} 10.0.249.1 nosuch.cluster A")
+
+
+def test_kvm_system_slot_boots_a_compute_node_vm_and_powers_it_off(node: Machine) -> None:
+    console = "/var/log/cbios/slots/slot7.console.log"
+    assert node.succeed("blockdev --getsize64 /dev/mapper/lvm-slot7-0") == str(64 << 20)
+    out = node.succeed(f"slot start {COMPUTE}", timeout=900)  # ON: its health check passed
+    print(f"slot start {COMPUTE} (a VM under nested TCG): {out}")
+    assert out.startswith(f"{COMPUTE} compute: ON")
+    rt = slot_json(node, "show-runtime", COMPUTE)
+    assert (rt["kind"], rt["state"], rt["status"]) == ("kvm-system", "RUNNING", "ON")
+    assert (rt["vcpus"], rt["memory_mib"], rt["accel"], rt["tap"]) == (1, 192, "tcg", "tap7")
+    assert rt["health"]["ok"] and rt["health"]["output"].startswith(f"compute70 ready: {COMPUTE}, boot 1")
+    assert rt["console_log"] == console
+    qemu = node.succeed(f"tr '\\0' ' ' < /proc/{rt['pid']}/cmdline")
+    assert qemu.split()[0].endswith("/qemu-system-x86_64") and "file=/dev/mapper/lvm-slot7-0," in qemu, qemu
+    assert node.succeed("systemctl is-active cbios-slot7.service") == "active"
+    text = node.succeed(f"slot show-runtime {COMPUTE}")
+    assert re.search(rf"^PID\s+{rt['pid']} \(qemu-system-x86_64, cbios-slot7.service\)$", text, re.M)
+    assert re.search(r"^Acceleration\s+TCG$", text, re.M) and re.search(r"^vCPUs\s+1$", text, re.M)
+    assert re.search(r"^Volume slot7-0\s+/dev/mapper/lvm-slot7-0 64 MiB on /dev/vda in the VM$", text, re.M)
+    assert re.search(rf"^Console log\s+{console}$", text, re.M)
+    # Its own kernel on its own disk, its tap on br0, and it answers the node over br0.
+    assert "compute: compute70 ready at 10.0.249.70/24 (boot 1)" in node.succeed(f"cat {console}")
+    assert "tap7" in node.succeed("ls /sys/class/net/br0/brif").split()
+    page = node.succeed("python3 -c 'import urllib.request; "
+                        "print(urllib.request.urlopen(\"http://10.0.249.70/\", timeout=10).read().decode())'")
+    assert page.startswith(f"compute70 ready: {COMPUTE}, boot 1, kernel ")
+    assert "lvm-slot7-0" in node.succeed("ls /dev/mapper")
+
+    # Stop: the ACPI power button, and the guest powers itself off within the bound.
+    out = node.succeed(f"slot stop {COMPUTE}", timeout=300)
+    print(f"slot stop {COMPUTE}: {out}")
+    assert out.startswith(f"{COMPUTE} compute: OFF")
+    log = node.succeed(f"cat {console}")
+    assert "compute: power button: shutting down" in log and "compute: system disk unmounted" in log, log[-2000:]
+    assert node.execute("systemctl is-active cbios-slot7.service")[1] in ("inactive", "unknown")
+    node.fail("test -e /sys/class/net/tap7")
+    # Its disk kept what the VM wrote on it: the count of its boots.
+    assert node.succeed("mount -o ro /dev/mapper/lvm-slot7-0 /mnt && cat /mnt/var/lib/compute/boots; "
+                        "umount /mnt") == "1"
+    # Removed like any slot: its volumes with it (and `slot startall` further on does not wait for a VM).
+    assert node.succeed(f"slot remove {COMPUTE}") == f"{COMPUTE} compute: removed, with its volumes"
+    node.fail("test -e /dev/mapper/lvm-slot7-0")
 
 
 def test_stop_start_and_restart_really_stop_and_start_the_container(node: Machine) -> None:

@@ -1,0 +1,112 @@
+"""kvm-system slots, the code around QEMU: its command line, the system disk's initrd
+contents (modules in load order, a static busybox), the template's checks, the CLI's view.
+That the VM boots, answers and powers off is shown in tests/vm/test_slots.py."""
+
+from __future__ import annotations
+
+import re
+import struct
+from pathlib import Path
+
+import pytest
+
+from cbios.errors import ProfileError
+from cbios.node import kvm, slotcli
+from cbios.profile import template as slot_template
+from cbios.project import Project
+from cbios.vmimage import is_static, module_paths
+
+MODULES_DEP = """\
+kernel/drivers/virtio/virtio_ring.ko:
+kernel/drivers/virtio/virtio.ko: kernel/drivers/virtio/virtio_ring.ko
+kernel/drivers/net/virtio_net.ko: kernel/drivers/net/net_failover.ko kernel/net/core/failover.ko \
+kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
+kernel/drivers/net/net_failover.ko: kernel/net/core/failover.ko
+kernel/net/core/failover.ko:
+kernel/arch/x86/crypto/crc32c-intel.ko:
+"""
+
+
+def test_modules_come_after_what_they_need_each_once() -> None:
+    assert module_paths(MODULES_DEP, ["virtio_net", "virtio", "crc32c_intel"]) == [
+        "kernel/net/core/failover.ko", "kernel/drivers/net/net_failover.ko", "kernel/drivers/virtio/virtio_ring.ko",
+        "kernel/drivers/virtio/virtio.ko", "kernel/drivers/net/virtio_net.ko", "kernel/arch/x86/crypto/crc32c-intel.ko"]
+    with pytest.raises(KeyError):
+        module_paths(MODULES_DEP, ["ext4"])
+
+
+def _elf(path: Path, program_headers: list[int]) -> Path:
+    """A 64-bit ELF header and program headers of the given types: enough for is_static."""
+    head = bytearray(64)
+    head[:5] = b"\x7fELF\x02"
+    struct.pack_into("<Q", head, 0x20, 64)
+    struct.pack_into("<HH", head, 0x36, 56, len(program_headers))
+    path.write_bytes(bytes(head) + b"".join(struct.pack("<I", t) + bytes(52) for t in program_headers))
+    return path
+
+
+def test_a_busybox_with_a_program_interpreter_is_not_static(tmp_path: Path) -> None:
+    assert is_static(_elf(tmp_path / "static", [1, 1, 4]))
+    assert not is_static(_elf(tmp_path / "dynamic", [6, 3, 1]))
+    (tmp_path / "script").write_text("#!/bin/sh\n")
+    assert not is_static(tmp_path / "script")
+
+
+def _vm(accel: str) -> kvm.Vm:
+    return kvm.Vm(eid=7, vg="lvm", bridge="br0", node_id="31000040010", memory=192, cpus=1, volumes=(0, 1),
+                  console_log="/var/log/cbios/slots/slot7.console.log", accel=accel)
+
+
+def test_qemu_command_line_of_a_slot() -> None:
+    argv = kvm.argv(_vm("tcg"), "console=ttyS0 quiet")
+    line = " ".join(argv)
+    assert argv[0] == "qemu-system-x86_64" and "-accel tcg" in line and "-cpu host" not in line
+    assert "-m 192 -smp 1" in line and "-no-reboot" in line and "-nodefaults" in line
+    assert "-kernel /run/cbios/kvm/slot7/vmlinuz -initrd /run/cbios/kvm/slot7/initrd.img" in line
+    assert argv[argv.index("-append") + 1] == "console=ttyS0 quiet"
+    drives = [argv[i + 1] for i, a in enumerate(argv) if a == "-drive"]
+    assert [d.split(",")[0] for d in drives] == ["file=/dev/mapper/lvm-slot7-0", "file=/dev/mapper/lvm-slot7-1"]
+    assert "tap,id=net0,ifname=tap7,script=no,downscript=no" in argv
+    assert f"mac={kvm.mac_address('31000040010', 7)}" in line
+    assert "file,id=console,path=/var/log/cbios/slots/slot7.console.log" in argv
+    assert "unix:/run/cbios/kvm/slot7/qmp.sock,server=on,wait=off" in argv
+    assert "-accel kvm -cpu host" in " ".join(kvm.argv(_vm("kvm"), ""))
+
+
+def test_mac_addresses_are_stable_and_apart_per_node_and_slot() -> None:
+    mac = kvm.mac_address("31000040010", 7)
+    assert mac == kvm.mac_address("31000040010", 7) and mac.startswith("52:54:00:")
+    assert len({mac, kvm.mac_address("31000040010", 6), kvm.mac_address("31000041010", 7)}) == 3
+
+
+def test_a_kvm_template_needs_its_vm_and_only_kvm_templates_have_one(project: Project, tmp_path: Path) -> None:
+    compute = slot_template.load_template(project, "compute")
+    assert compute.vm is not None and compute.vm.memory == 192 and "virtio_net" in compute.vm.modules
+    fake = Project(tmp_path, build_dir=tmp_path / "build")
+    for name, yaml in (("novm", "type: kvm-system\nversion: '1'\ndescription: x\n"),
+                       ("lxcvm", "type: lxc-system\nversion: '1'\ndescription: x\nvm: {memory: 128}\n")):
+        d = fake.slot_templates / name
+        (d / "vm").mkdir(parents=True)
+        for f in ("slot.yaml", "health", "vm/init", "mkosi.conf"):
+            (d / f).write_text(yaml if f == "slot.yaml" else "")
+        with pytest.raises(ProfileError) as err:
+            slot_template.load_template(fake, name)
+        assert ("a vm: section" if name == "novm" else "vm: is for kvm-system templates") in str(err.value)
+
+
+def test_show_runtime_of_a_vm_names_its_process_cpus_memory_and_acceleration() -> None:
+    info = {"location": "31000040775", "parent": "31000040010", "type": "compute", "kind": "kvm-system",
+            "version": "1.0.0", "status": "ON", "state": "RUNNING", "pid": 4242, "unit": "cbios-slot7.service",
+            "vcpus": 1, "memory_mib": 192, "accel": "tcg", "tap": "tap7", "mac": "52:54:00:aa:bb:cc",
+            "bridge": "br0", "address": "10.0.249.70/24", "ips": ["10.0.249.70/24"], "cpu_seconds": 12.5,
+            "memory_bytes": 300 << 20, "health": {"ok": True, "output": "compute70 ready"},
+            "volumes": [{"volume": "slot7-0", "device": "/dev/mapper/lvm-slot7-0", "size": 64 << 20,
+                         "mount": "/dev/vda in the VM"}],
+            "console_log": "/var/log/cbios/slots/slot7.console.log"}
+    text = slotcli.runtime_text(info)
+    rows = dict(re.split(r"\s{2,}", line, maxsplit=1) for line in text.splitlines())
+    assert rows["PID"] == "4242 (qemu-system-x86_64, cbios-slot7.service)"
+    assert rows["vCPUs"] == "1" and rows["VM memory"] == "192 MiB" and rows["Acceleration"] == "TCG"
+    assert rows["Interface"] == "eth0 (52:54:00:aa:bb:cc) <-> tap7 on br0"
+    assert rows["Volume slot7-0"] == "/dev/mapper/lvm-slot7-0 64 MiB on /dev/vda in the VM"
+    assert rows["Console log"] == "/var/log/cbios/slots/slot7.console.log"
