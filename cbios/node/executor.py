@@ -156,7 +156,9 @@ class Executor:
     def _mounted(self, volume: str, *, read_only: bool = False) -> Iterator[Path]:
         target = MOUNTS / volume
         target.mkdir(parents=True, exist_ok=True)
-        _run(["mount", "-o", "nodev,nosuid,noexec" + (",ro" if read_only else ""), self._device(volume), str(target)])
+        # noload: a read-only mount that does not replay the journal, so the volume is not written.
+        _run(["mount", "-o", "nodev,nosuid,noexec" + (",ro,noload" if read_only else ""), self._device(volume),
+              str(target)])
         try:
             yield target
         finally:
@@ -233,6 +235,7 @@ class Executor:
             raise Invalid(f"slot {eid} is not defined")
         self._stopped(eid, "undefining it")
         shutil.rmtree(LXC_PATH / slotdefs.container_name(eid))
+        shutil.rmtree(kvm.RUN / slotdefs.container_name(eid), ignore_errors=True)
 
     def _vm(self, d: dict[str, Any]) -> kvm.Vm:
         return kvm.Vm(eid=d["eid"], vg=self.vg, bridge=self.bridge, node_id=self.node_id,
@@ -265,8 +268,10 @@ class Executor:
         if self._state(eid)["state"] == "RUNNING":
             return self._state(eid)
         if d["kind"] == "kvm-system":
+            if self._state(eid)["state"] != "STOPPED":  # its disk may still be in use
+                raise Invalid(f"slot {eid} is still stopping")
             with self._mounted(slotdefs.volume_name(eid, 0), read_only=True) as disk:
-                kvm.start(self._vm(d), disk / "boot")
+                kvm.start(self._vm(d), disk)
             return self._state(eid)
         _run(["lxc-start", "-n", name], timeout=60)
         _run(["lxc-wait", "-n", name, "-s", "RUNNING", "-t", "30"], timeout=40)

@@ -13,7 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shutil
 import socket
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +30,7 @@ RUN = Path("/run/cbios/kvm")
 QEMU = "qemu-system-x86_64"
 BOOT_FILES = ("vmlinuz", "initrd.img", "cmdline")
 STOP_KILL_TIMEOUT = 10
+START_TIMEOUT = 60
 
 
 @dataclass(frozen=True)
@@ -75,7 +79,7 @@ def argv(vm: Vm, cmdline: str) -> list[str]:
            "-m", str(vm.memory), "-smp", str(vm.cpus),
            "-nodefaults", "-no-user-config", "-display", "none", "-vga", "none", "-no-reboot",
            "-kernel", str(vm.run_dir / "vmlinuz"), "-initrd", str(vm.run_dir / "initrd.img"), "-append", cmdline,
-           "-chardev", f"file,id=console,path={vm.console_log}", "-serial", "chardev:console",
+           "-chardev", f"file,id=console,path={vm.console_log},append=on", "-serial", "chardev:console",
            "-qmp", f"unix:{vm.qmp},server=on,wait=off"]
     for iid in vm.volumes:
         out += ["-drive", f"file=/dev/mapper/{vm.vg}-{volume_name(vm.eid, iid)},format=raw,if=virtio,cache=none"]
@@ -94,31 +98,88 @@ def state(vm: Vm) -> dict[str, Any]:
     return {"eid": vm.eid, "state": name, "pid": pid or None}
 
 
-def start(vm: Vm, boot: Path) -> None:
-    """Copy the kernel, initrd and command line from BOOT (its system disk's boot/,
-    mounted), put the tap on the bridge, and start QEMU in its unit."""
-    vm.run_dir.mkdir(parents=True, exist_ok=True)
-    for name in BOOT_FILES:
-        src = boot / name
-        if not src.is_file():
-            raise Failed(f"slot {vm.eid}: its system disk has no boot/{name}: reinstall the slot")
-        (vm.run_dir / name).write_bytes(src.read_bytes())
-    cmdline = (vm.run_dir / "cmdline").read_text().strip()
+MAX_BOOT_FILE = {"vmlinuz": 256 << 20, "initrd.img": 1 << 30, "cmdline": 2048}
+
+
+def copy_boot(disk: Path, dest: Path) -> str:
+    """boot/{vmlinuz,initrd.img,cmdline} of the mounted system disk DISK into DEST; the
+    command line. The guest writes that disk: nothing is followed out of it (a symbolic
+    link is refused), only regular files of bounded size are read, the command line is
+    one line of printable ASCII."""
+    dest.mkdir(parents=True, exist_ok=True)
+    flags = os.O_RDONLY | os.O_NOFOLLOW
+    try:
+        root = os.open(disk, flags | os.O_DIRECTORY)
+        try:
+            bdir = os.open("boot", flags | os.O_DIRECTORY, dir_fd=root)
+        finally:
+            os.close(root)
+    except OSError:
+        raise Failed("its system disk has no boot/ directory: reinstall the slot") from None
+    try:
+        for name in BOOT_FILES:
+            try:
+                fd = os.open(name, flags, dir_fd=bdir)
+            except OSError:
+                raise Failed(f"its system disk has no boot/{name} (or it is a link): reinstall the slot") from None
+            with os.fdopen(fd, "rb") as src:
+                st = os.fstat(src.fileno())
+                if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_BOOT_FILE[name]:
+                    raise Failed(f"boot/{name} on its system disk is not a file of at most "
+                                 f"{MAX_BOOT_FILE[name]} bytes")
+                with open(dest / name, "wb") as out:
+                    shutil.copyfileobj(src, out, 1 << 20)
+    finally:
+        os.close(bdir)
+    cmdline = (dest / "cmdline").read_bytes().strip()
+    if not re.fullmatch(rb"[\x20-\x7e]*", cmdline):
+        raise Failed("boot/cmdline on its system disk is not one line of printable ASCII")
+    return cmdline.decode()
+
+
+def start(vm: Vm, disk: Path) -> None:
+    """Copy the kernel, initrd and command line from DISK (its system disk, mounted), put
+    the tap on the bridge, start QEMU in its unit, and wait until the guest runs."""
+    try:
+        cmdline = copy_boot(disk, vm.run_dir)
+    except Failed as e:
+        raise Failed(f"slot {vm.eid}: {e}") from None
     vm.qmp.unlink(missing_ok=True)
+    errors = vm.run_dir / "qemu.log"
+    errors.unlink(missing_ok=True)
     Path(vm.console_log).parent.mkdir(parents=True, exist_ok=True)
     _tap_up(vm)
-    # Before=cbios-slots.service: at shutdown the VM is stopped after that unit's power button.
-    _run(["systemd-run", f"--unit={vm.unit}", "--collect", "--property=KillMode=mixed",
-          "--property=Before=cbios-slots.service",
-          f"--property=TimeoutStopSec={STOP_KILL_TIMEOUT}", f"--description=CBIOS slot {vm.eid} (kvm-system)",
-          "--", *argv(vm, cmdline)])
-    deadline = time.monotonic() + 30
-    while not vm.qmp.exists():  # QEMU is up once its monitor listens
+    try:
+        # Before=cbios-slots.service: at shutdown the VM is stopped after that unit's power
+        # button. ExecStopPost: the tap goes however QEMU ended (the guest's own power-off too).
+        _run(["systemd-run", f"--unit={vm.unit}", "--collect", "--property=KillMode=mixed",
+              "--property=Before=cbios-slots.service", f"--property=StandardError=file:{errors}",
+              f"--property=ExecStopPost=-/sbin/ip link del {vm.tap}",
+              f"--property=TimeoutStopSec={STOP_KILL_TIMEOUT}", f"--description=CBIOS slot {vm.eid} (kvm-system)",
+              "--", *argv(vm, cmdline)])
+        _wait_running(vm, errors)
+    except Failed:
+        _run(["systemctl", "stop", vm.unit], timeout=STOP_KILL_TIMEOUT + 30)
+        _tap_down(vm)
+        raise
+
+
+def _wait_running(vm: Vm, errors: Path) -> None:
+    """Until QEMU answers on its monitor that the guest runs: its machine is made, its
+    disks and tap open (its monitor answers only from its main loop)."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
         if state(vm)["state"] != "RUNNING":
-            tail = _run(["journalctl", "-u", vm.unit, "-n", "3", "-o", "cat", "--no-pager"]).strip()
-            raise Failed(f"slot {vm.eid}: QEMU ended at start: {tail.splitlines()[-1] if tail else 'no output'}")
+            lines = errors.read_text(errors="replace").strip().splitlines() if errors.exists() else []
+            raise Failed(f"slot {vm.eid}: QEMU ended at start: {lines[-1] if lines else 'no message'}")
+        try:
+            status = qmp(vm, "query-status")
+            if status.get("status") == "running":
+                return
+        except (OSError, ValueError):
+            pass
         if time.monotonic() > deadline:
-            raise Failed(f"slot {vm.eid}: QEMU's monitor not up within 30 s")
+            raise Failed(f"slot {vm.eid}: QEMU's guest not running within {START_TIMEOUT} s")
         time.sleep(0.2)
 
 
@@ -140,6 +201,7 @@ def stop(vm: Vm, timeout: int) -> dict[str, Any]:
         if how != "powered off":
             _run(["systemctl", "stop", vm.unit], timeout=STOP_KILL_TIMEOUT + 30)
     _tap_down(vm)
+    shutil.rmtree(vm.run_dir, ignore_errors=True)
     return {**state(vm), "stopped": how}
 
 

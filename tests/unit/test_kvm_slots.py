@@ -12,6 +12,7 @@ import pytest
 
 from cbios.errors import ProfileError
 from cbios.node import kvm, slotcli
+from cbios.node.wire import Failed
 from cbios.profile import template as slot_template
 from cbios.project import Project
 from cbios.vmimage import is_static, module_paths
@@ -68,7 +69,7 @@ def test_qemu_command_line_of_a_slot() -> None:
     assert [d.split(",")[0] for d in drives] == ["file=/dev/mapper/lvm-slot7-0", "file=/dev/mapper/lvm-slot7-1"]
     assert "tap,id=net0,ifname=tap7,script=no,downscript=no" in argv
     assert f"mac={kvm.mac_address('31000040010', 7)}" in line
-    assert "file,id=console,path=/var/log/cbios/slots/slot7.console.log" in argv
+    assert "file,id=console,path=/var/log/cbios/slots/slot7.console.log,append=on" in argv
     assert "unix:/run/cbios/kvm/slot7/qmp.sock,server=on,wait=off" in argv
     assert "-accel kvm -cpu host" in " ".join(kvm.argv(_vm("kvm"), ""))
 
@@ -110,3 +111,41 @@ def test_show_runtime_of_a_vm_names_its_process_cpus_memory_and_acceleration() -
     assert rows["Interface"] == "eth0 (52:54:00:aa:bb:cc) <-> tap7 on br0"
     assert rows["Volume slot7-0"] == "/dev/mapper/lvm-slot7-0 64 MiB on /dev/vda in the VM"
     assert rows["Console log"] == "/var/log/cbios/slots/slot7.console.log"
+
+
+def _disk(tmp_path: Path, cmdline: bytes = b"console=ttyS0 quiet\n") -> Path:
+    boot = tmp_path / "disk" / "boot"
+    boot.mkdir(parents=True)
+    (boot / "vmlinuz").write_bytes(b"kernel")
+    (boot / "initrd.img").write_bytes(b"initrd")
+    (boot / "cmdline").write_bytes(cmdline)
+    return tmp_path / "disk"
+
+
+def test_boot_files_are_copied_from_the_slots_disk(tmp_path: Path) -> None:
+    disk = _disk(tmp_path)
+    assert kvm.copy_boot(disk, tmp_path / "run") == "console=ttyS0 quiet"
+    assert (tmp_path / "run" / "vmlinuz").read_bytes() == b"kernel"
+    assert (tmp_path / "run" / "initrd.img").read_bytes() == b"initrd"
+
+
+def test_the_guest_cannot_lead_the_executor_out_of_its_disk(tmp_path: Path) -> None:
+    secret = tmp_path / "shadow"
+    secret.write_text("root:secret\n")
+    disk = _disk(tmp_path)
+    (disk / "boot" / "cmdline").unlink()
+    (disk / "boot" / "cmdline").symlink_to(secret)
+    with pytest.raises(Failed, match=r"boot/cmdline \(or it is a link\)"):
+        kvm.copy_boot(disk, tmp_path / "run")
+    assert not (tmp_path / "run" / "cmdline").exists()
+    # boot/ itself a link out of the disk
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "boot").symlink_to(disk / "boot")
+    with pytest.raises(Failed, match="no boot/ directory"):
+        kvm.copy_boot(other, tmp_path / "run2")
+
+
+def test_a_cmdline_that_is_not_one_printable_line_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(Failed, match="printable ASCII"):
+        kvm.copy_boot(_disk(tmp_path, b"console=ttyS0\ninit=/bin/sh\xff\n"), tmp_path / "run")

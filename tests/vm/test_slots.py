@@ -195,10 +195,13 @@ def test_kvm_system_slot_boots_a_compute_node_vm_and_powers_it_off(node: Machine
     out = node.succeed(f"slot stop {COMPUTE}", timeout=300)
     print(f"slot stop {COMPUTE}: {out}")
     assert out.startswith(f"{COMPUTE} compute: OFF")
+    took = re.search(r"\(([\d.]+) s\)$", out)
+    assert took and float(took.group(1)) < 60, out  # powered off by itself: the kill comes at 120 s
     log = node.succeed(f"cat {console}")
     assert "compute: power button: shutting down" in log and "compute: system disk unmounted" in log, log[-2000:]
     assert node.execute("systemctl is-active cbios-slot7.service")[1] in ("inactive", "unknown")
     node.fail("test -e /sys/class/net/tap7")
+    node.fail("test -e /run/cbios/kvm/slot7")
     # Its disk kept what the VM wrote on it: the count of its boots.
     assert node.succeed("mount -o ro /dev/mapper/lvm-slot7-0 /mnt && cat /mnt/var/lib/compute/boots; "
                         "umount /mnt") == "1"
