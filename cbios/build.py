@@ -179,14 +179,8 @@ def _slot_images(project: Project, profile: Profile, dirs: BuildDirs, configs: d
         fs_uuid = uuid.uuid5(uuid.NAMESPACE_URL, f"cbios:{profile.name}:{profile.version}:slot:{name}")
         size = image.make_ext4(img.output_dir / name, raw, f"slot-{name}"[:16], fs_uuid, 16 << 20,
                                dirs.logs / f"slot-{name}.log")
-        _check_room(profile, templates[name], name, size)
-        target = overlay / slot_template.NODE_IMAGES / f"{name}.img.zst"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        image.compress(raw, target, dirs.logs / f"slot-{name}.log")
-        raw.unlink()
-        described[name] = {"image_bytes": size, "zst_bytes": target.stat().st_size,
-                           "sha256": manifest.sha256_file(target),
-                           "packages": mkosi.packages(img.output_dir / f"{name}.manifest")}
+        described[name] = _pack(profile, templates[name], name, raw, size, overlay, dirs,
+                                mkosi.packages(img.output_dir / f"{name}.manifest"))
     return described
 
 
@@ -201,14 +195,21 @@ def _vm_images(project: Project, profile: Profile, dirs: BuildDirs, tree: Path) 
         fs_uuid = uuid.uuid5(uuid.NAMESPACE_URL, f"cbios:{profile.name}:{profile.version}:slot:{name}")
         size = vmimage.make_system_disk(name, template, project.slot_templates / name, tree, dirs.staging / "vmlinuz",
                                         dirs.work / "vm" / name, raw, fs_uuid, dirs.logs / f"slot-{name}.log")
-        _check_room(profile, template, name, size)
-        target = tree / slot_template.NODE_IMAGES / f"{name}.img.zst"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        image.compress(raw, target, dirs.logs / f"slot-{name}.log")
-        raw.unlink()
-        described[name] = {"image_bytes": size, "zst_bytes": target.stat().st_size,
-                           "sha256": manifest.sha256_file(target), "packages": {}}
+        described[name] = _pack(profile, template, name, raw, size, tree, dirs, {})
     return described
+
+
+def _pack(profile: Profile, template: slot_template.SlotTemplate, name: str, raw: Path, size: int, tree: Path,
+          dirs: BuildDirs, packages: object) -> dict[str, object]:
+    """A slot image (ext4 at RAW) checked against its volume 0, then zstd into TREE's
+    slot-images; what the manifest says of it."""
+    _check_room(profile, template, name, size)
+    target = tree / slot_template.NODE_IMAGES / f"{name}.img.zst"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    image.compress(raw, target, dirs.logs / f"slot-{name}.log")
+    raw.unlink()
+    return {"image_bytes": size, "zst_bytes": target.stat().st_size, "sha256": manifest.sha256_file(target),
+            "packages": packages}
 
 
 def _check_room(profile: Profile, template: slot_template.SlotTemplate, name: str, size: int) -> None:

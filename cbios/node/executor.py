@@ -265,10 +265,11 @@ class Executor:
         if d is None:
             raise Invalid(f"slot {eid} is not defined")
         name = slotdefs.container_name(eid)
-        if self._state(eid)["state"] == "RUNNING":
-            return self._state(eid)
+        now = self._state(eid)
+        if now["state"] == "RUNNING":
+            return now
         if d["kind"] == "kvm-system":
-            if self._state(eid)["state"] != "STOPPED":  # its disk may still be in use
+            if now["state"] != "STOPPED":  # its disk may still be in use
                 raise Invalid(f"slot {eid} is still stopping")
             with self._mounted(slotdefs.volume_name(eid, 0), read_only=True) as disk:
                 kvm.start(self._vm(d), disk)
@@ -296,7 +297,9 @@ class Executor:
         vols = {v["volume"]: v for v in self.op_volume_list()}
         if d["kind"] == "kvm-system":
             vm = self._vm(d)
-            return {**d, **kvm.runtime(vm), "ips": [d["address"]] if d.get("address") else [],
+            rt = kvm.runtime(vm)
+            usage = _cgroup_usage(rt["pid"]) if rt["state"] == "RUNNING" and rt["pid"] else {}
+            return {**d, **rt, **usage, "ips": [d["address"]] if d.get("address") else [],
                     "veth": None, "bridge": self.bridge, "console_log": vm.console_log,
                     "volumes": [{"volume": slotdefs.volume_name(eid, i),
                                  "device": f"/dev/mapper/{self.vg}-{slotdefs.volume_name(eid, i)}",
@@ -333,18 +336,14 @@ class Executor:
         if self._state(eid)["state"] != "RUNNING":
             return {"ok": False, "output": "not running"}
         script = (self.templates / d["template"] / "health").read_bytes()
-        if d["kind"] == "kvm-system":
-            return _health_on_node(d, script)
-        try:
-            # No log: lxc-attach complains of a key LXC 5 no longer has, at every check.
-            proc = subprocess.run(["lxc-attach", "-n", slotdefs.container_name(eid), "--clear-env",
-                                   "--logpriority=FATAL", "--logfile=/dev/null",
-                                   "--", "/bin/sh", "-s"], input=script, capture_output=True,
-                                  timeout=HEALTH_TIMEOUT, check=False)
-        except subprocess.TimeoutExpired:
-            return {"ok": False, "output": f"health check gave no answer within {HEALTH_TIMEOUT} s"}
-        text = (proc.stdout + proc.stderr).decode(errors="replace").strip()
-        return {"ok": proc.returncode == 0, "output": text.splitlines()[-1] if text else ""}
+        if d["kind"] == "kvm-system":  # on the node, with what it needs to reach the VM
+            env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "SLOT_EID": str(eid),
+                   "SLOT_ADDRESS": d.get("address") or "", "SLOT_HOSTNAME": d.get("hostname") or "",
+                   "SLOT_CONSOLE_LOG": _console_log(eid)}
+            return _health(["/bin/sh", "-s"], script, env)
+        # No log: lxc-attach complains of a key LXC 5 no longer has, at every check.
+        return _health(["lxc-attach", "-n", slotdefs.container_name(eid), "--clear-env", "--logpriority=FATAL",
+                        "--logfile=/dev/null", "--", "/bin/sh", "-s"], script)
 
 
 def _console_log(eid: int) -> str:
@@ -360,14 +359,10 @@ def _write_files(cdir: Path, files: dict[str, str]) -> None:
         os.replace(tmp.name, cdir / name)
 
 
-def _health_on_node(d: dict[str, Any], script: bytes) -> dict[str, Any]:
-    """A VM's health check runs on the node, with what it needs to reach the VM."""
-    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "SLOT_EID": str(d["eid"]),
-           "SLOT_ADDRESS": d.get("address") or "", "SLOT_HOSTNAME": d.get("hostname") or "",
-           "SLOT_CONSOLE_LOG": _console_log(d["eid"])}
+def _health(argv: list[str], script: bytes, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """A template's health script given on stdin to ARGV (a shell), within the bound."""
     try:
-        proc = subprocess.run(["/bin/sh", "-s"], input=script, capture_output=True, env=env,
-                              timeout=HEALTH_TIMEOUT, check=False)
+        proc = subprocess.run(argv, input=script, capture_output=True, env=env, timeout=HEALTH_TIMEOUT, check=False)
     except subprocess.TimeoutExpired:
         return {"ok": False, "output": f"health check gave no answer within {HEALTH_TIMEOUT} s"}
     text = (proc.stdout + proc.stderr).decode(errors="replace").strip()

@@ -228,18 +228,9 @@ def qmp(vm: Vm, command: str) -> Any:
 
 def runtime(vm: Vm) -> dict[str, Any]:
     st = state(vm)
-    usage: dict[str, float] = {}
-    if st["state"] == "RUNNING":
-        cg = Path("/sys/fs/cgroup/system.slice") / vm.unit
-        try:
-            stat = dict(line.split() for line in (cg / "cpu.stat").read_text().splitlines())
-            usage = {"cpu_seconds": int(stat["usage_usec"]) / 1e6,
-                     "memory_bytes": int((cg / "memory.current").read_text())}
-        except (OSError, KeyError, ValueError):
-            pass
     return {"state": st["state"], "pid": st["pid"], "vcpus": vm.cpus, "memory_mib": vm.memory,
             "accel": vm.accel, "unit": vm.unit, "tap": vm.tap if st["state"] == "RUNNING" else None,
-            "mac": mac_address(vm.node_id, vm.eid), **usage}
+            "mac": mac_address(vm.node_id, vm.eid)}
 
 
 def _tap_up(vm: Vm) -> None:
