@@ -79,9 +79,9 @@ def run_bench(name: str, *, cold: bool) -> dict[str, Any]:
     profile = load_profile(project, name)
     figures: dict[str, Any] = {"profile": name, "version": profile.version}
     if cold:
-        # Cold: no package cache, no incremental image.
+        # Cold: no package cache, no incremental image (they are shared between profiles).
         shutil.rmtree(project.cache / "packages", ignore_errors=True)
-        shutil.rmtree(project.cache / "mkosi" / name, ignore_errors=True)
+        shutil.rmtree(project.cache / "mkosi", ignore_errors=True)
         figures["build_cold_s"] = _timed(lambda: build(project, profile, force=True))
     figures["build_warm_s"] = _timed(lambda: build(project, profile, force=True))
     figures["build_noop_s"] = _timed(lambda: build(project, profile))

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from cbios import __version__, image, manifest, mkosi, signing, vmimage
 from cbios.errors import StepError
+from cbios.node import slotdefs
 from cbios.profile import Profile, parse_size, profile_hash
 from cbios.profile import template as slot_template
 from cbios.project import Project
@@ -77,6 +78,7 @@ def build(project: Project, profile: Profile, *, force: bool = False) -> Path:
     if key is not None:
         (overlay / signing.NODE_KEY).parent.mkdir(parents=True, exist_ok=True)
         (overlay / signing.NODE_KEY).write_bytes(signing.public_key(key))
+    _bake_secrets(project, profile, overlay)
     inputs = _inputs_digest(project, profile, configs, overlay)
     if not force and _up_to_date(dirs.out, inputs, signed=key is not None):
         log.info("‣ %s %s is up to date (%s)", profile.name, profile.version, project.display(dirs.out))
@@ -98,7 +100,7 @@ def build(project: Project, profile: Profile, *, force: bool = False) -> Path:
             name=name,
             config_dir=dirs.work / "mkosi" / name,
             output_dir=dirs.work / "out" / name,
-            cache_dir=project.cache / "mkosi" / profile.name / name,
+            cache_dir=_cache_dir(project, name, files),
             package_cache_dir=project.cache / "packages",
         )
     mkosi.build(images["initrd"], log_file=dirs.logs / "initrd.log",
@@ -159,6 +161,28 @@ def build(project: Project, profile: Profile, *, force: bool = False) -> Path:
     return dirs.out
 
 
+def _cache_dir(project: Project, name: str, files: dict[str, str]) -> Path:
+    """mkosi's incremental cache of one image, keyed by its rendered configuration without
+    comments and host name: profiles that install the same packages share it (a second
+    node's profile is a warm build), and different ones never overwrite each other's."""
+    h = hashlib.sha256()
+    for path, text in sorted(files.items()):
+        kept = [line for line in text.splitlines() if not line.startswith(("#", "Hostname="))]
+        h.update(f"{path}\0{chr(10).join(kept)}\0".encode())
+    return project.cache / "mkosi" / f"{name}-{h.hexdigest()[:16]}"
+
+
+def _bake_secrets(project: Project, profile: Profile, overlay: Path) -> None:
+    """usr/lib/cbios/secrets (0700; the slots' containers see an empty one): the cluster key."""
+    secrets = overlay / str(slotdefs.SECRETS).lstrip("/")
+    secrets.mkdir(parents=True, exist_ok=True)
+    secrets.chmod(0o700)
+    if profile.cluster.key and profile.cluster.nodes:
+        key = secrets / slotdefs.CLUSTER_KEY.name
+        key.touch(mode=0o600)
+        key.write_bytes((project.root / profile.cluster.key).read_bytes().strip())
+
+
 def _slot_images(project: Project, profile: Profile, dirs: BuildDirs, configs: dict[str, dict[str, str]],
                  overlay: Path, sde: int | None) -> dict[str, dict[str, object]]:
     """Each lxc-system template's root file system: mkosi, then ext4, then zstd, into the
@@ -171,7 +195,7 @@ def _slot_images(project: Project, profile: Profile, dirs: BuildDirs, configs: d
             name=f"slot {name}",
             config_dir=dirs.work / "mkosi" / f"slot-{name}",
             output_dir=dirs.work / "out" / f"slot-{name}",
-            cache_dir=project.cache / "mkosi" / profile.name / f"slot-{name}",
+            cache_dir=_cache_dir(project, f"slot-{name}", files),
             package_cache_dir=project.cache / "packages",
         )
         mkosi.build(img, log_file=dirs.logs / f"slot-{name}.log", source_date_epoch=sde)

@@ -46,6 +46,7 @@ class VmSpec:
     fw_cfg: dict[str, str] = field(default_factory=dict)  # -fw_cfg name=opt/...,string=...
     pxe: str = ""  # extra options of netdev n0 (tftp=, bootfile=, guestfwd=): the first NIC boots over PXE
     boot: str = ""  # -boot value, e.g. "once=n": PXE first, the disk after a reboot
+    links: dict[int, str] = field(default_factory=dict)  # NIC index -> its own netdev, e.g. "socket,udp=..."
 
     def argv(self) -> list[str]:
         cpu = "host" if self.accel == "kvm" else "max"
@@ -53,13 +54,10 @@ class VmSpec:
                 "-nodefaults", "-no-user-config", "-display", "none",
                 *(["-no-reboot"] if self.no_reboot else []),
                 "-serial", self.serial, "-device", "virtio-rng-pci"]
-        argv += ["-netdev", self.netdev + (f",{self.pxe}" if self.pxe else "")]
-        if not self.macs:
-            argv += ["-device", "virtio-net-pci,netdev=n0"]
-        for i, mac in enumerate(self.macs):
-            if i:
-                argv += ["-netdev", self.netdev.replace("id=n0", f"id=n{i}")]
-            argv += ["-device", f"virtio-net-pci,netdev=n{i},mac={mac}"]
+        for i, mac in enumerate(self.macs or [""]):
+            netdev = f"{self.links[i]},id=n{i}" if i in self.links else self.netdev.replace("id=n0", f"id=n{i}")
+            argv += ["-netdev", netdev + (f",{self.pxe}" if self.pxe and i == 0 else "")]
+            argv += ["-device", f"virtio-net-pci,netdev=n{i}" + (f",mac={mac}" if mac else "")]
         if self.boot:
             argv += ["-boot", self.boot]
         if self.kernel:

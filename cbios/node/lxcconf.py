@@ -13,7 +13,7 @@ import hashlib
 import string
 from dataclasses import dataclass
 
-from cbios.node.slotdefs import TEMPLATES, container_name, volume_name
+from cbios.node.slotdefs import SECRETS, TEMPLATES, container_name, volume_name
 
 LOG_DIR = "/var/log/cbios/slots"
 
@@ -68,6 +68,8 @@ def render(d: Definition) -> str:
             "lxc.rootfs.path = dir:/",
             "lxc.mount.entry = tmpfs run tmpfs rw,nosuid,nodev,mode=0755 0 0",
             "lxc.mount.entry = tmpfs tmp tmpfs rw,nosuid,nodev 0 0",
+            # The node's secrets stay the node's: CB-Manager's template binds them back.
+            f"lxc.mount.entry = tmpfs {str(SECRETS).lstrip('/')} tmpfs ro,nosuid,nodev,noexec,mode=0700 0 0",
             # The shared root is read-only: further volumes need mount points made on a tmpfs.
             *(["lxc.mount.entry = tmpfs srv tmpfs rw,nosuid,nodev,mode=0755 0 0"] if len(d.volumes) > 1 else []),
             f"lxc.init.cmd = {TEMPLATES}/{d.template}/run",

@@ -17,9 +17,11 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
-from cbios.node import registry, slotdefs, wire
+from cbios.node import cluster, registry, slotdefs, wire
 from cbios.node.wire import Failed, Invalid, RemoteError
 
 log = logging.getLogger("cbios")
@@ -29,6 +31,11 @@ MONITOR_PERIOD = 15.0
 
 EXECUTOR_TIMEOUT = 600
 UPDATE_TIMEOUT = 1800  # a firmware update writes a whole copy: minutes under TCG
+# What another node's CB-Manager may ask of this one (never a firmware update), and which
+# of those only read: they get the cluster's bound for the whole answer.
+PEER_OPS = {"hello", "images", "slots", "runtime", "start", "stop", "restart", "startall", "stopall",
+            "install", "remove"}
+PEER_QUERIES = {"hello", "images", "slots", "runtime"}
 
 
 def executor_client(op: str, **args: Any) -> Any:
@@ -64,7 +71,8 @@ def env_path(kind: str) -> str:
 class Manager:
     def __init__(self, config: dict[str, Any], catalogue: dict[str, dict[str, Any]],
                  executor: Executor = executor_client, registry_path: Any = registry.REGISTRY,
-                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
+                 cluster_key: Path = slotdefs.CLUSTER_KEY) -> None:
         self.config = config
         self.node_id: str = config["node"]["object_id"]
         self.catalogue = catalogue
@@ -77,6 +85,11 @@ class Manager:
         self.lock = threading.RLock()
         self.clock = clock
         self.sleep = sleep
+        inventory = config.get("cluster", {})
+        self.peers = [cluster.Peer(n["object_id"], n["address"], inventory["port"]) for n in inventory.get("nodes", [])]
+        self.cluster_port: int = inventory.get("port", 0)
+        self.cluster_timeout: float = inventory.get("timeout", 5)
+        self.key: bytes | None = cluster_key.read_bytes() if self.peers and cluster_key.is_file() else None
 
     # -- startup -------------------------------------------------------------------
 
@@ -129,6 +142,25 @@ class Manager:
     # -- requests ------------------------------------------------------------------
 
     def handle(self, op: str, args: dict[str, Any]) -> Any:
+        """A request from this node (the `slot` CLI): a slot or node of another node's goes there."""
+        peer = self._peer_of(args.get("object_id"))
+        if peer is not None:
+            if op not in PEER_OPS:
+                raise Invalid(f"'{op}' is not asked of another node")
+            return self.ask_peer(peer, op, args)
+        if op == "slots" and args.get("object_id") is None and self.peers:
+            return self.cluster_slots(args.get("by_type"))
+        return self.handle_local(op, args)
+
+    def handle_peer(self, op: str, args: dict[str, Any]) -> Any:
+        """A request from another node's CB-Manager (authenticated): about this node only."""
+        if op not in PEER_OPS:
+            raise Invalid(f"'{op}' is not asked over the cluster")
+        if op == "slots" and args.get("object_id") is None:
+            args = {**args, "object_id": self.node_id}
+        return self.handle_local(op, args)
+
+    def handle_local(self, op: str, args: dict[str, Any]) -> Any:
         handlers: dict[str, Callable[..., Any]] = {
             "hello": self.op_hello, "images": self.op_images, "slots": self.op_slots,
             "runtime": self.op_runtime, "start": self.op_start, "stop": self.op_stop,
@@ -142,6 +174,63 @@ class Manager:
             return handlers[op](**args)
         except TypeError as e:
             raise Invalid(f"{op}: bad arguments ({e})") from None
+
+    # -- the cluster ---------------------------------------------------------------
+
+    def _peer_of(self, object_id: Any) -> cluster.Peer | None:
+        if not isinstance(object_id, str) or not re.fullmatch(r"\d{11}", object_id):
+            return None
+        if object_id[:8] == self.node_id[:8]:
+            return None
+        return next((p for p in self.peers if p.owns(object_id)), None)
+
+    def ask_peer(self, peer: cluster.Peer, op: str, args: dict[str, Any]) -> Any:
+        if self.key is None:
+            raise Failed(f"no cluster key in this firmware ({slotdefs.CLUSTER_KEY}): cannot ask {peer.object_id}")
+        answer_timeout = self.cluster_timeout if op in PEER_QUERIES else UPDATE_TIMEOUT
+        try:
+            return cluster.call(peer, self.key, self.node_id, op, args, timeout=self.cluster_timeout,
+                                answer_timeout=answer_timeout)
+        except cluster.Unreachable as e:
+            raise Failed(f"unreachable: {e}") from None
+        except RemoteError as e:
+            raise (Invalid if e.code == "invalid" else Failed)(str(e)) from None
+
+    def cluster_slots(self, by_type: str | None) -> list[dict[str, Any]]:
+        """Every known node's slots, asked at once: a node that does not answer within the
+        cluster's bound is one row, UNREACHABLE."""
+        rows = self.op_slots(by_type=by_type)
+        with ThreadPoolExecutor(max_workers=len(self.peers)) as pool:
+            asked = [(peer, pool.submit(self.ask_peer, peer, "slots", {"object_id": peer.object_id,
+                                                                       "by_type": by_type}))
+                     for peer in self.peers]
+            for peer, future in asked:
+                try:
+                    rows += future.result()
+                except Invalid:
+                    pass  # by_type: that node's firmware has no such type, so no such slots
+                except Failed as e:
+                    log.warning("%s", e)
+                    rows.append({"parent": peer.object_id, "location": peer.object_id, "type": "-",
+                                 "version": "", "ip": peer.address, "hostname": "", "status": "UNREACHABLE",
+                                 "description": str(e).removeprefix("unreachable: ")})
+        return rows
+
+    def serve_cluster(self) -> None:
+        """Answer the other nodes' CB-Managers, if this node is in a cluster and has its key."""
+        if not self.peers:
+            return
+        if self.key is None:
+            log.error("cluster of %d nodes but no key at %s: not answering them", len(self.peers) + 1,
+                      slotdefs.CLUSTER_KEY)
+            return
+        members = {p.object_id for p in self.peers}
+        log.info("cluster: answering %s on port %d", ", ".join(sorted(members)), self.cluster_port)
+        try:
+            cluster.serve(self.cluster_port, self.key, cluster.Verifier(self.key, self.node_id, members),
+                          self.handle_peer)
+        except OSError as e:
+            log.error("cluster: cannot listen on port %d: %s", self.cluster_port, e)
 
     def op_update(self, source: str, allow_downgrade: bool = False, reboot: bool = True) -> dict[str, Any]:
         """The node's firmware update (CB-Executor writes it: the disk is the host's)."""
@@ -380,6 +469,7 @@ def main() -> int:
     manager = Manager(slotdefs.node_config(), slotdefs.catalogue())
     threading.Thread(target=manager.start, name="start", daemon=True).start()
     threading.Thread(target=manager.monitor, name="monitor", daemon=True).start()
+    threading.Thread(target=manager.serve_cluster, name="cluster", daemon=True).start()
     log.info("node %s, %d templates; socket %s", manager.node_id, len(manager.catalogue), slotdefs.MANAGER_SOCKET)
     wire.serve(slotdefs.MANAGER_SOCKET, manager.handle)
     return 0

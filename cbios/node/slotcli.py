@@ -17,7 +17,7 @@ from typing import Any
 from cbios.node import slotdefs, wire
 
 HELP = """\
-slot: the slots of this management node, run by CB-Manager.
+slot: the slots of the management nodes, run by each node's CB-Manager.
 
 A slot is a service in a container of its own (lxc-service: an application container
 sharing CBIOS; lxc-system: a whole system in a container), on LVM volumes of its own,
@@ -25,8 +25,14 @@ sharing CBIOS; lxc-system: a whole system in a container), on LVM volumes of its
 without its last three digits, the slot's number (eid), then 75: node 31000040010,
 slot 2 -> 31000040275. CB-Manager itself is slot 0.
 
+Without a node's ObjectID, list and show cover every management node of the cluster
+(the firmware's inventory): each is asked at once, and one that does not answer within
+the cluster's bound is a row of its own, UNREACHABLE. Every command takes the ObjectID
+of another node's slot too: its CB-Manager does the work (authenticated with the
+cluster's key).
+
   slot image list                      the slot images (templates) this firmware carries
-  slot list [<node ObjectID>]          the slots of the node: ParentID Location Type Status
+  slot list [<node ObjectID>]          the slots: ParentID Location Type Status
   slot show [<node ObjectID>]          the slots in detail: ParentID Location Type Version
                                        IP Hostname Status Description
   slot show --by-type=TYPE             the slots of one type
@@ -42,7 +48,7 @@ slot 2 -> 31000040275. CB-Manager itself is slot 0.
   slot remove <slot ObjectID>          stop a slot and delete it, its volumes with it
 
 Status: ON (running, health check passing), OFF (stopped), FAILED (would not start, or
-its health check fails). Every command takes --json.
+its health check fails); UNREACHABLE: a node that did not answer. Every command takes --json.
 
 Exit status: 0 done; 1 the work failed; 2 a bad request (unknown ObjectID, slot type or
 option); 3 CB-Manager does not answer.
@@ -141,6 +147,9 @@ def run(args: argparse.Namespace) -> int:
             raise Usage(f"slot {command} [<node ObjectID>]")
         out = _ask("slots", object_id=rest[0] if rest else None, by_type=args.by_type)
         text = table(COLUMNS[command], out)
+        for row in out:
+            if row["status"] == "UNREACHABLE":
+                print(f"slot: node {row['location']} unreachable: {row['description']}", file=sys.stderr)
     elif command == "show-runtime":
         out = _ask("runtime", object_id=_one(rest, command, "slot"))
         text = runtime_text(out)

@@ -15,6 +15,8 @@ SLOTS = Path("/usr/lib/cbios/slots.json")
 IMAGES = Path("/usr/lib/cbios/slot-images")
 EXECUTOR_SOCKET = Path("/run/cbios/executor/executor.sock")
 MANAGER_SOCKET = Path("/run/cbios/manager/manager.sock")
+SECRETS = Path("/usr/lib/cbios/secrets")  # hidden from every slot but CB-Manager (lxcconf.py)
+CLUSTER_KEY = SECRETS / "cluster.key"
 MANAGER_EID = 0
 VOLUME_NAME = re.compile(r"^slot([0-9])-([0-9])$")
 

@@ -43,6 +43,8 @@ Handler = Callable[[str, dict[str, Any]], Any]
 
 def decode(line: bytes) -> tuple[str, dict[str, Any]]:
     """A request line to (op, args), or Invalid."""
+    if len(line) > MAX_REQUEST:
+        raise Invalid(f"request longer than {MAX_REQUEST} bytes")
     try:
         msg = json.loads(line)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -62,6 +64,33 @@ def decode(line: bytes) -> tuple[str, dict[str, Any]]:
     return op, args
 
 
+def answer(handler: Handler, op: str, args: dict[str, Any]) -> dict[str, Any]:
+    """HANDLER's result for one decoded request, as the answer's object."""
+    try:
+        return {"ok": True, "result": handler(op, args)}
+    except Invalid as e:
+        log.warning("refused %s: %s", op, e)
+        return {"ok": False, "code": "invalid", "error": str(e)}
+    except Failed as e:
+        log.warning("failed %s: %s", op, e)
+        return {"ok": False, "code": "failed", "error": str(e)}
+    except Exception as e:  # a bug must not take the daemon down; say what broke
+        log.exception("error in %s", op)
+        return {"ok": False, "code": "failed", "error": f"internal error: {e}"}
+
+
+def read_line(rfile: Any) -> bytes | None:
+    """One request line, or None: cut off or too slow."""
+    try:
+        line: bytes = rfile.readline(MAX_REQUEST + 1)
+    except (TimeoutError, OSError):
+        return None
+    if not line.endswith(b"\n") and len(line) <= MAX_REQUEST:
+        log.warning("refused: no complete request line within %d s", READ_TIMEOUT)
+        return None
+    return line  # one longer than MAX_REQUEST is refused by decode()
+
+
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
 
@@ -73,31 +102,18 @@ def serve(path: Path, handler: Handler, *, mode: int = 0o600, ready: Callable[[]
         timeout = READ_TIMEOUT  # a caller that never finishes its line does not hold a thread
 
         def handle(self) -> None:
-            try:
-                line = self.rfile.readline(MAX_REQUEST + 1)
-            except TimeoutError:
-                line = b""
-            if not line.endswith(b"\n") and len(line) <= MAX_REQUEST:
-                log.warning("refused: no complete request line within %d s", READ_TIMEOUT)
+            line = read_line(self.rfile)
+            if line is None:
                 return
-            answer: dict[str, Any]
-            op = "?"
             try:
-                if len(line) > MAX_REQUEST:
-                    raise Invalid(f"request longer than {MAX_REQUEST} bytes")
                 op, args = decode(line)
-                answer = {"ok": True, "result": handler(op, args)}
             except Invalid as e:
-                log.warning("refused %s: %s", op, e)
-                answer = {"ok": False, "code": "invalid", "error": str(e)}
-            except Failed as e:
-                log.warning("failed %s: %s", op, e)
-                answer = {"ok": False, "code": "failed", "error": str(e)}
-            except Exception as e:  # a bug must not take the daemon down; say what broke
-                log.exception("error in %s", op)
-                answer = {"ok": False, "code": "failed", "error": f"internal error: {e}"}
+                log.warning("refused: %s", e)
+                reply = {"ok": False, "code": "invalid", "error": str(e)}
+            else:
+                reply = answer(handler, op, args)
             try:
-                self.wfile.write(json.dumps(answer).encode() + b"\n")
+                self.wfile.write(json.dumps(reply).encode() + b"\n")
             except OSError:
                 pass
 

@@ -77,6 +77,7 @@ def semantic_problems(project: Project, profile: Profile) -> list[tuple[KeyPath,
     key = profile.update.signing_key
     if key is not None and not (project.root / key).is_file():
         out.append((("update", "signing_key"), f"no such file: {key} (from {project.display(project.root)})"))
+    out += _cluster_problems(project, profile)
     nics = [n.name for n in profile.network.nics]
     for i, nic in enumerate(nics):
         if nic in nics[:i]:
@@ -84,6 +85,33 @@ def semantic_problems(project: Project, profile: Profile) -> list[tuple[KeyPath,
     for i, user in enumerate(profile.users):
         if user.password_hash is not None and user.name != "root":
             out.append((("users", i, "password_hash"), "a password can be set for root only"))
+    return out
+
+
+CLUSTER_KEY_MIN = 32
+
+
+def _cluster_problems(project: Project, profile: Profile) -> list[tuple[KeyPath, str]]:
+    cluster = profile.cluster
+    if not cluster.nodes:
+        return []
+    out: list[tuple[KeyPath, str]] = []
+    if cluster.key is None:
+        out.append((("cluster",), "a cluster needs a key (cluster.key: a file of at least 32 random bytes)"))
+    elif not (project.root / cluster.key).is_file():
+        out.append((("cluster", "key"), f"no such file: {cluster.key} (from {project.display(project.root)})"))
+    elif len((project.root / cluster.key).read_bytes().strip()) < CLUSTER_KEY_MIN:
+        out.append((("cluster", "key"), f"{cluster.key}: shorter than {CLUSTER_KEY_MIN} bytes"))
+    seen: dict[str, int] = {}
+    for i, node in enumerate(cluster.nodes):
+        if node.object_id in seen:
+            out.append((("cluster", "nodes", i, "object_id"),
+                        f"{node.object_id} is already nodes[{seen[node.object_id]}]"))
+        seen.setdefault(node.object_id, i)
+    manager = next((s for s in profile.slots if s.eid == slot_template.MANAGER_EID), None)
+    if manager is None or manager.address is None:
+        out.append((("cluster",), "CB-Manager answers the cluster on its own address: give slot 0 one "
+                    "({template: cb-manager, eid: 0, address: A.B.C.D/N})"))
     return out
 
 

@@ -184,6 +184,32 @@ class Update(Strict):
                     "and the firmware then takes only updates it signed")
 
 
+def _check_ip(text: str) -> str:
+    try:
+        ipaddress.IPv4Address(text)
+    except ValueError:
+        raise ValueError(f"'{text}' is not an IPv4 address (e.g. 10.0.249.9)") from None
+    return text
+
+
+class ClusterNode(Strict):
+    object_id: ObjectId
+    address: Annotated[str, AfterValidator(_check_ip), Field(description="its CB-Manager's (slot 0's) address")]
+
+
+class Cluster(Strict):
+    """The management nodes whose slots `slot list` and `slot show` cover, and how their
+    CB-Managers prove themselves to each other."""
+
+    key: str | None = Field(
+        default=None,
+        description="the cluster's shared secret (a file of at least 32 bytes, a path from the project's root): "
+                    "every request between CB-Managers carries an HMAC-SHA256 made with it")
+    port: Annotated[int, Field(ge=1, le=65535)] = 7475
+    timeout: Annotated[int, Field(ge=1, le=60, description="seconds a node has to answer a query")] = 5
+    nodes: list[ClusterNode] = Field(default=[], description="every management node, this one included or not")
+
+
 class Qemu(Strict):
     """How tests boot the image in QEMU."""
 
@@ -210,6 +236,7 @@ class Profile(Strict):
     slots: list[Slot] = []
     boot: Boot = Boot()
     update: Update = Update()
+    cluster: Cluster = Cluster()
     qemu: Qemu = Qemu()
 
     def slot_object_id(self, eid: int) -> str:

@@ -133,6 +133,11 @@ def node_slots(profile: Profile, templates: dict[str, SlotTemplate]) -> dict[str
         "bridge": profile.network.bridge,
         "domain": profile.network.domain,
         "address": profile.network.address,
+        "cluster": {
+            "port": profile.cluster.port,
+            "timeout": profile.cluster.timeout,
+            "nodes": [n.model_dump() for n in profile.cluster.nodes if n.object_id != profile.node.object_id],
+        },
         "slots": [
             {
                 "eid": s.eid,

@@ -219,7 +219,7 @@ def test_first_start_installs_the_firmwares_slots_and_starts_them(
         m.slots[2], config)}) in ex.calls
     rows = m.op_slots(NODE)
     assert [(r["location"], r["type"], r["ip"], r["hostname"], r["status"]) for r in rows] == [
-        ("31000040075", "cb-manager", "", "", "ON"),
+        ("31000040075", "cb-manager", "10.0.249.9", "cbmanager", "ON"),
         ("31000040275", "dhcp", "10.0.249.52", "dhcpd52", "ON"),
         ("31000040575", "service", "10.0.249.5", "service5", "OFF"),  # not autostart
         ("31000040675", "dns_master", "10.0.249.1", "dns-master", "ON"),

@@ -64,6 +64,8 @@ def test_schema_accepts_every_shipped_profile_file(project: Project) -> None:
 
 
 # Each bad profile: (file name, text, the one line expected). Line numbers are 1-based.
+MANAGER_ON_NET = "slots:\n  - {template: cb-manager, eid: 0, address: 10.0.249.9/24}\n"
+PEER_NODE = '    - {object_id: "31000041010", address: 10.0.249.19}\n'
 BAD = [
     ("typo", 'extends: base\nversion: "1"\npakages: [x]\n',
      "profiles/typo.yaml:3: pakages: unknown key (did you mean 'packages'?)"),
@@ -128,6 +130,22 @@ BAD = [
      "profiles/nic-twice.yaml:5: network.nics[1].name: NIC 'ctl' is declared twice"),
     ("no-key", 'extends: base\nupdate:\n  signing_key: keys/none.pem\n',
      "profiles/no-key.yaml:3: update.signing_key: no such file: keys/none.pem (from .)"),
+    ("cluster-no-key", f'extends: base\n{MANAGER_ON_NET}cluster:\n  nodes:\n{PEER_NODE}',
+     "profiles/cluster-no-key.yaml:4: cluster: a cluster needs a key (cluster.key: a file of at least "
+     "32 random bytes)"),
+    ("cluster-short-key", f'extends: base\n{MANAGER_ON_NET}cluster:\n  key: slot-templates/dhcp/health\n'
+     f'  nodes:\n{PEER_NODE}',
+     "profiles/cluster-short-key.yaml:5: cluster.key: slot-templates/dhcp/health: shorter than 32 bytes"),
+    ("cluster-twice", f'extends: base\n{MANAGER_ON_NET}cluster:\n  key: profiles/base.yaml\n  nodes:\n{PEER_NODE}'
+     '    - {object_id: "31000041010", address: 10.0.249.29}\n',
+     "profiles/cluster-twice.yaml:8: cluster.nodes[1].object_id: 31000041010 is already nodes[0]"),
+    ("cluster-manager", f'extends: base\ncluster:\n  key: profiles/base.yaml\n  nodes:\n{PEER_NODE}',
+     "profiles/cluster-manager.yaml:2: cluster: CB-Manager answers the cluster on its own address: give slot 0 "
+     "one ({template: cb-manager, eid: 0, address: A.B.C.D/N})"),
+    ("cluster-address", 'extends: base\ncluster:\n  nodes:\n    - {object_id: "31000041010", '
+     'address: 10.0.249.19/24}\n',
+     "profiles/cluster-address.yaml:4: cluster.nodes[0].address: '10.0.249.19/24' is not an IPv4 address "
+     "(e.g. 10.0.249.9)"),
 ]
 
 

@@ -19,6 +19,7 @@ from cbios.profile import Profile, load_profile
 from cbios.project import Project
 
 PROFILE = "qemu-test"
+PEER_PROFILE = "qemu-test-peer"  # the cluster's second node
 NEXT_VERSION = "2.0.1"  # qemu-test with a changed overlay file
 NEXT_MARK = f"# qemu-test {NEXT_VERSION}: journald as before"
 BROKEN_VERSION = "2.0.0"  # qemu-test whose CB-Manager cannot start
@@ -46,6 +47,20 @@ def profile(vm_project: Project) -> Profile:
 def built(vm_project: Project, profile: Profile) -> Path:
     """build/qemu-test, built (or found up to date) once per session."""
     return build(vm_project, profile)
+
+
+@pytest.fixture(scope="session")
+def peer_profile(vm_project: Project) -> Profile:
+    return load_profile(vm_project, PEER_PROFILE)
+
+
+@pytest.fixture(scope="session")
+def peer_disk(vm_project: Project, peer_profile: Profile, built: Path) -> Path:
+    """The second node's build (warm: it installs qemu-test's packages) and disk."""
+    from cbios.disk import make_disk
+
+    build(vm_project, peer_profile)
+    return make_disk(vm_project, peer_profile)
 
 
 @pytest.fixture(scope="session")

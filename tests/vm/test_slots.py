@@ -1,12 +1,16 @@
 """Slots on a node booted from its disk: CB-Executor, CB-Manager in slot 0, the dhcp and
-dns_master slots serving for real on br0, the slot CLI, and a reboot. One boot for the
-module (then one reboot at its end): the tests run in order on the same node."""
+dns_master slots serving for real on br0, the slot CLI, the cluster with a second node,
+and a reboot. One boot for the module (then one reboot at its end): the tests run in
+order on the same node. The second node (qemu-test-peer) boots beside it from the start,
+its ctl joined to this node's by a UDP socket pair, and is powered off by the last test
+of the cluster."""
 
 from __future__ import annotations
 
 import base64
 import json
 import re
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,16 +27,57 @@ from tests.vm.conftest import ready_machine
 
 NODE = "31000040010"
 MANAGER, DHCP, SERVICE, DNS, COMPUTE = "31000040075", "31000040275", "31000040575", "31000040675", "31000040775"
+PEER, PEER_MANAGER, PEER_DHCP, PEER_DNS, PEER_COMPUTE = (
+    "31000041010", "31000041075", "31000041275", "31000041675", "31000041775")
+CLUSTER_BOUND = 5  # qemu-test's cluster.timeout
 COLUMNS = ["ParentID", "Location", "Type", "Version", "IP", "Hostname", "Status", "Description"]
 
 
+def udp_link() -> tuple[str, str]:
+    """Two QEMU netdevs joined to each other: UDP datagrams between two free local ports."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as a, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as b:
+        a.bind(("127.0.0.1", 0))
+        b.bind(("127.0.0.1", 0))
+        pa, pb = a.getsockname()[1], b.getsockname()[1]
+    return (f"socket,udp=127.0.0.1:{pb},localaddr=127.0.0.1:{pa}",
+            f"socket,udp=127.0.0.1:{pa},localaddr=127.0.0.1:{pb}")
+
+
 @pytest.fixture(scope="module")
-def node(vm_project: Project, profile: Profile, built: Path, node_disk: Path,
+def link() -> tuple[str, str]:
+    return udp_link()
+
+
+@pytest.fixture(scope="module")
+def peer(vm_project: Project, peer_profile: Profile, peer_disk: Path, link: tuple[str, str],
          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
-    """qemu-test from (a copy of) its disk, with two NICs, ready: slots up."""
+    """The cluster's second node, started (not yet ready: it boots while the tests of the
+    first run); its ctl on the link."""
+    disk = overlay(peer_disk, tmp_path_factory.mktemp("peer") / "peer.qcow2")
+    spec = disk_boot_spec(vm_project, peer_profile, peer_disk.parent, disk, persist=True)
+    spec.links[0] = link[1]
+    m = Machine(spec, disk.parent / "vm", name="peer")
+    try:
+        m.start()
+        yield m
+    finally:
+        m.kill()
+
+
+@pytest.fixture(scope="module")
+def node(vm_project: Project, profile: Profile, built: Path, node_disk: Path, link: tuple[str, str],
+         peer: Machine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
+    """qemu-test from (a copy of) its disk, with two NICs (ctl on the link to the peer), ready: slots up."""
     disk = overlay(node_disk, tmp_path_factory.mktemp("slots") / "node.qcow2")
     spec = disk_boot_spec(vm_project, profile, built, disk, persist=True)
+    spec.links[0] = link[0]
     yield from ready_machine(Machine(spec, disk.parent / "vm", name="slots"), profile)
+
+
+def ready_peer(peer: Machine, profile: Profile) -> Machine:
+    if not any(line.startswith("READY") for line in peer.reports):
+        peer.wait_ready(profile.qemu.ready_timeout)
+    return peer
 
 
 def slot_json(m: Machine, *args: str) -> Any:
@@ -83,12 +128,10 @@ def test_slot_show_has_the_source_documents_columns_and_object_ids(node: Machine
     assert rows[DNS][:3] == [NODE, DNS, "dns_master"] and rows[DNS][4:8] == ["10.0.249.1", "dns-master", "ON",
                                                                              "Master"]
     assert lines[0].index("Status") == lines[1].index("ON")
-    # `slot show` with no ObjectID: every management node this one knows (itself, for now).
-    assert node.succeed("slot show") == node.succeed(f"slot show {NODE}")
-    listed = [line.split() for line in node.succeed("slot list").splitlines()]
+    listed = [line.split() for line in node.succeed(f"slot list {NODE}").splitlines()]
     assert listed[0] == ["ParentID", "Location", "Type", "Status"]
     assert [row[1] for row in listed[1:]] == [MANAGER, DHCP, SERVICE, DNS, COMPUTE]
-    assert [line.split()[1] for line in node.succeed("slot show --by-type=dhcp").splitlines()[1:]] == [DHCP]
+    assert [line.split()[1] for line in node.succeed(f"slot show {NODE} --by-type=dhcp").splitlines()[1:]] == [DHCP]
     images = [line.split()[0] for line in node.succeed("slot image list").splitlines()]
     assert images == ["Image", "cb-manager", "compute", "dhcp", "dns_master", "service"]
     runtime = node.succeed(f"slot show-runtime {DHCP}")
@@ -242,7 +285,7 @@ def test_remove_then_install_makes_and_deletes_the_volumes(node: Machine) -> Non
     node.fail("test -e /dev/mapper/lvm-slot6-0")
     assert "slot6" not in node.succeed("lvs --noheadings -o lv_name lvm")
     assert node.fail("lxc-info -n slot6 -s")
-    assert [r["location"] for r in slot_json(node, "show")] == [MANAGER, DHCP, SERVICE]
+    assert [r["location"] for r in slot_json(node, "show", NODE)] == [MANAGER, DHCP, SERVICE]
 
     out = node.succeed(f"slot install dns_master {DNS} --address 10.0.249.1/24 --hostname dns1", timeout=180)
     assert out.splitlines()[1].split()[:3] == [NODE, DNS, "dns_master"]
@@ -287,6 +330,120 @@ def test_executor_refuses_malformed_requests_and_changes_nothing(node: Machine) 
     assert node.succeed("lvs --noheadings -o lv_name,lv_size lvm; ls /var/lib/lxc; sha256sum /etc/shadow") == before
     journal = node.succeed("journalctl -b -u cbios-executor --no-pager -o cat")
     assert "refused volume.remove: volume.remove: volume: 'root' is not a slot volume" in journal
+
+
+# -- the cluster: this node and the peer ------------------------------------------------
+
+def timed(m: Machine, command: str) -> tuple[int, str, str, float]:
+    """COMMAND's status, stdout, stderr, and its time measured in the guest."""
+    out = m.succeed(f"s=$(date +%s%N); rc=0; {command} >/tmp/t.out 2>/tmp/t.err || rc=$?; e=$(date +%s%N); "
+                    "echo $rc $(( (e - s) / 1000000 )); cat /tmp/t.out; echo @@; cat /tmp/t.err", timeout=120)
+    head, _, rest = out.partition("\n")
+    stdout, _, stderr = rest.partition("@@")
+    rc, ms = head.split()
+    return int(rc), stdout.strip("\n"), stderr.strip("\n"), int(ms) / 1000
+
+
+def test_slot_show_lists_the_slots_of_every_node_of_the_cluster(node: Machine, peer: Machine,
+                                                                peer_profile: Profile) -> None:
+    ready_peer(peer, peer_profile)
+    rc, out, err, seconds = timed(node, "slot show")
+    print(f"slot show across two nodes: {seconds:.2f} s; this node's alone: "
+          f"{timed(node, f'slot show {NODE}')[3]:.2f} s; the other's alone: {timed(node, f'slot show {PEER}')[3]:.2f} s")
+    assert rc == 0 and err == "", (out, err)
+    lines = out.splitlines()
+    assert lines[0].split() == COLUMNS
+    rows = {line.split()[1]: line.split() for line in lines[1:]}
+    assert [loc for loc in rows] == [MANAGER, DHCP, SERVICE, DNS, COMPUTE,
+                                     PEER_MANAGER, PEER_DHCP, PEER_DNS, PEER_COMPUTE]
+    assert rows[PEER_DNS][:3] == [PEER, PEER_DNS, "dns_master"]
+    assert rows[PEER_DNS][4:7] == ["10.0.249.101", "dns-master2", "ON"]
+    assert rows[PEER_MANAGER][-2:] == ["ON", "CB-Manager"] and rows[PEER_DHCP][7] == "OFF"
+    assert all(row[0] == NODE for loc, row in rows.items() if loc.startswith(NODE[:8]))
+    # One node: asked by its ObjectID; one of its slots in detail; and the other way round.
+    listed = [line.split() for line in node.succeed(f"slot list {PEER}").splitlines()]
+    assert listed[0] == ["ParentID", "Location", "Type", "Status"]
+    assert [row[:2] for row in listed[1:]] == [[PEER, loc] for loc in (PEER_MANAGER, PEER_DHCP, PEER_DNS,
+                                                                      PEER_COMPUTE)]
+    runtime = node.succeed(f"slot show-runtime {PEER_DNS}")
+    assert re.search(rf"^ObjectID\s+{PEER_DNS}$", runtime, re.M) and re.search(r"^State\s+RUNNING$", runtime, re.M)
+    assert re.search(r"^Hostname\s+dns-master2$", runtime, re.M)
+    assert [r["location"] for r in slot_json(peer, "list") if r["parent"] == NODE] == [
+        MANAGER, DHCP, SERVICE, DNS, COMPUTE]
+
+
+def test_slot_stop_and_start_of_the_other_nodes_slot_act_there(node: Machine, peer: Machine) -> None:
+    out = node.succeed(f"slot stop {PEER_DNS}", timeout=120)
+    assert out.startswith(f"{PEER_DNS} dns_master: OFF"), out
+    assert peer.succeed("lxc-info -n slot6 -s -H") == "STOPPED"
+    assert {r["location"]: r["status"] for r in slot_json(peer, "show", PEER)}[PEER_DNS] == "OFF"
+    assert lxc_state(node, 6) == "RUNNING"  # this node's slot 6 is another slot
+    out = node.succeed(f"slot start {PEER_DNS}", timeout=300)
+    assert out.startswith(f"{PEER_DNS} dns_master: ON"), out
+    assert peer.succeed("lxc-info -n slot6 -s -H") == "RUNNING"
+    rc, out = node.execute("slot stop 31000041975 2>&1")
+    assert rc == 2 and out == "slot: 31000041010: 31000041975: no such slot on node 31000041010", out
+
+
+# A client on this node's host that knows the key (root can read it here) and one that does not.
+CREDENTIALS_PROBE = r"""python3 - <<'EOF'
+import json, socket, sys
+sys.path.insert(0, "/usr/lib/cbios/python")
+from cbios.node import cluster
+KEY = open("/usr/lib/cbios/secrets/cluster.key", "rb").read()
+
+def send(obj):
+    with socket.create_connection(("10.0.249.19", 7475), timeout=10) as s:
+        s.sendall(json.dumps(obj).encode() + b"\n")
+        return json.loads(s.makefile().readline())
+
+stop = {"object_id": "31000041675"}
+signed = cluster.request(KEY, "31000040010", "31000041010", "slots", {"object_id": "31000041010"})
+print(json.dumps({
+    "bare": send({"v": 1, "op": "stop", "args": stop}),
+    "wrong key": send(cluster.request(b"k" * 32, "31000040010", "31000041010", "stop", stop)),
+    "not a member": send(cluster.request(KEY, "31000099010", "31000041010", "stop", stop)),
+    "for another node": send(cluster.request(KEY, "31000040010", "31000040010", "stop", stop)),
+    "stale": send(cluster.request(KEY, "31000040010", "31000041010", "stop", stop, now=lambda: 1e9)),
+    "not JSON": send("stop 31000041675"),
+    "signed": send(signed),
+    "replayed": send(signed),
+}))
+EOF"""
+
+
+def test_requests_without_the_clusters_credentials_are_refused(node: Machine, peer: Machine) -> None:
+    answers = json.loads(node.succeed(CREDENTIALS_PROBE))
+    signed = answers.pop("signed")
+    assert signed["ok"] and PEER_DNS in [r["location"] for r in signed["result"]] and len(signed["mac"]) == 64
+    for what, answer in answers.items():
+        assert answer == {"ok": False, "code": "denied", "error": "not authenticated"}, (what, answer)
+    assert peer.succeed("lxc-info -n slot6 -s -H") == "RUNNING"  # none of the stops was done
+    peer.wait_until_succeeds("grep -c 'cluster: refused a request from 10.0.249.10' "
+                             "/var/log/cbios/slots/slot0.console.log | grep -qx 7", timeout=30)
+    # The key: root's on the node, CB-Manager's in slot 0, and no other slot's.
+    assert node.succeed("stat -c %a /usr/lib/cbios/secrets /usr/lib/cbios/secrets/cluster.key").split() == [
+        "700", "600"]
+    node.succeed("lxc-attach -n slot0 -- test -s /usr/lib/cbios/secrets/cluster.key")
+    assert node.succeed("lxc-attach -n slot2 -- ls -A /usr/lib/cbios/secrets") == ""
+    node.fail("lxc-attach -n slot6 -- cat /usr/lib/cbios/secrets/cluster.key")
+
+
+def test_with_the_other_node_off_slot_show_reports_it_unreachable_within_the_bound(
+        node: Machine, peer: Machine) -> None:
+    peer.shutdown()
+    rc, out, err, seconds = timed(node, "slot show")
+    print(f"slot show with the other node off: {seconds:.2f} s")
+    assert rc == 0 and seconds < CLUSTER_BOUND + 3, (rc, seconds, out, err)
+    rows = {line.split()[1]: line.split() for line in out.splitlines()[1:]}
+    assert list(rows) == [MANAGER, DHCP, SERVICE, DNS, COMPUTE, PEER]
+    # ParentID Location Type (-), no Version, IP, no Hostname, Status, Description
+    assert rows[PEER][:5] == [PEER, PEER, "-", "10.0.249.19", "UNREACHABLE"], rows[PEER]
+    assert rows[DHCP][7] == "ON"
+    assert err.startswith(f"slot: node {PEER} unreachable: ") and len(err.splitlines()) == 1, err
+    rc, out, err, seconds = timed(node, f"slot stop {PEER_DNS}")
+    assert rc == 1 and seconds < CLUSTER_BOUND + 3 and out == "", (rc, seconds, out, err)
+    assert err.startswith(f"slot: unreachable: node {PEER} at 10.0.249.19:7475") and len(err.splitlines()) == 1, err
 
 
 def test_after_a_reboot_the_registry_is_intact_and_autostart_slots_are_on(node: Machine, profile: Profile) -> None:

@@ -1,0 +1,219 @@
+"""The cluster, with no VM: two CB-Managers (against recording executors) asking each other
+over real TCP sockets on this machine; the credentials every request must carry; a node
+that does not answer; the key kept from the slots; the shared build cache."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cbios.build import _cache_dir
+from cbios.node import cluster, lxcconf, manager, wire
+from cbios.node.wire import Failed, Invalid
+from cbios.profile import load_profile
+from cbios.profile import template as slot_template
+from cbios.project import Project
+from cbios.render import mkosi_configs
+from tests.unit.test_node_slots import FakeExecutor, definition
+
+NODE, PEER = "31000040010", "31000041010"
+PEER_DNS = "31000041675"
+KEY = b"k" * 40
+
+
+def node_config(project: Project, name: str, port: int) -> dict[str, Any]:
+    profile = load_profile(project, name)
+    config = slot_template.node_slots(profile, slot_template.templates_of(project, profile))
+    config["cluster"]["port"] = port
+    config["cluster"]["timeout"] = 1
+    for node in config["cluster"]["nodes"]:
+        node["address"] = "127.0.0.1"
+    return config
+
+
+def started(config: dict[str, Any], catalogue: dict[str, dict[str, Any]], tmp_path: Path,
+            key: bytes = KEY) -> tuple[manager.Manager, FakeExecutor]:
+    ex = FakeExecutor()
+    ex.states[0] = "RUNNING"
+    (tmp_path / "key").write_bytes(key)
+    m = manager.Manager(config, catalogue, executor=ex, registry_path=tmp_path / "registry.json",
+                        sleep=lambda _: None, cluster_key=tmp_path / "key")
+    m.start()
+    return m, ex
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def catalogue(project: Project) -> dict[str, dict[str, Any]]:
+    return {name: slot_template.node_template(name, slot_template.load_template(project, name))
+            for name in ("cb-manager", "dhcp", "dns_master", "service", "compute")}
+
+
+@pytest.fixture
+def pair(project: Project, catalogue: dict[str, dict[str, Any]],
+         tmp_path: Path) -> Iterator[tuple[manager.Manager, manager.Manager, FakeExecutor]]:
+    """This node's CB-Manager, and the peer's answering on a real port."""
+    port = free_port()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a, _ = started(node_config(project, "qemu-test", port), catalogue, tmp_path / "a")
+    b, ex_b = started(node_config(project, "qemu-test-peer", port), catalogue, tmp_path / "b")
+    threading.Thread(target=cluster.serve, args=(port, KEY, cluster.Verifier(KEY, PEER, {NODE}), b.handle_peer,
+                                                 "127.0.0.1"), daemon=True).start()
+    wait_listening(port)
+    yield a, b, ex_b
+
+
+def wait_listening(port: int) -> None:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"nothing listens on {port}")
+
+
+def test_slot_show_covers_both_nodes_and_a_peers_slot_is_worked_there(
+        pair: tuple[manager.Manager, manager.Manager, FakeExecutor]) -> None:
+    a, _, ex_b = pair
+    rows = a.handle("slots", {})
+    assert [(r["parent"], r["location"], r["status"]) for r in rows] == [
+        (NODE, "31000040075", "ON"), (NODE, "31000040275", "ON"), (NODE, "31000040575", "OFF"),
+        (NODE, "31000040675", "ON"), (NODE, "31000040775", "OFF"),
+        (PEER, "31000041075", "ON"), (PEER, "31000041275", "OFF"), (PEER, PEER_DNS, "ON"),
+        (PEER, "31000041775", "OFF")]
+    assert {r["parent"] for r in a.handle("slots", {"object_id": PEER})} == {PEER}
+    assert [r["location"] for r in a.handle("slots", {"by_type": "dns_master"})] == ["31000040675", PEER_DNS]
+    assert a.handle("stop", {"object_id": PEER_DNS})["status"] == "OFF"
+    assert ("container.stop", {"eid": 6, "timeout": 30}) in ex_b.calls
+    assert ex_b.states[6] == "STOPPED"
+    assert a.handle("start", {"object_id": PEER_DNS})["status"] == "ON"
+    with pytest.raises(Invalid, match=f"{PEER}: 31000041975: no such slot on node {PEER}"):
+        a.handle("stop", {"object_id": "31000041975"})
+    with pytest.raises(Invalid, match="'ready' is not asked of another node"):
+        a.handle("ready", {"object_id": PEER_DNS})
+
+
+def test_a_peer_is_asked_about_itself_only_and_never_for_a_firmware_update(
+        pair: tuple[manager.Manager, manager.Manager, FakeExecutor]) -> None:
+    _, b, ex_b = pair
+    with pytest.raises(Invalid, match="'update' is not asked over the cluster"):
+        b.handle_peer("update", {"source": "http://10.0.2.100/"})
+    with pytest.raises(Invalid, match="not this node"):
+        b.handle_peer("stop", {"object_id": "31000040675"})  # no onward hop to a third node
+    assert [r["parent"] for r in b.handle_peer("slots", {})] == [PEER] * 4
+    assert not any(op == "firmware.update" for op, _ in ex_b.calls)
+
+
+def test_a_node_that_does_not_answer_is_one_row_within_the_bound(
+        project: Project, catalogue: dict[str, dict[str, Any]], tmp_path: Path) -> None:
+    with socket.socket() as silent:  # takes connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        a, _ = started(node_config(project, "qemu-test", silent.getsockname()[1]), catalogue, tmp_path)
+        begun = time.monotonic()
+        rows = a.handle("slots", {})
+        took = time.monotonic() - begun
+    assert took < 2.5, took  # cluster.timeout is 1 s here
+    assert rows[-1]["location"] == PEER and rows[-1]["status"] == "UNREACHABLE"
+    assert rows[-1]["description"].startswith(f"node {PEER} at 127.0.0.1:") and "no answer" in rows[-1]["description"]
+    assert [r["status"] for r in rows[:-1]] == ["ON", "ON", "OFF", "ON", "OFF"]
+    a.peers = [cluster.Peer(PEER, "127.0.0.1", free_port())]  # nothing there: refused at once
+    with pytest.raises(Failed, match=f"unreachable: node {PEER} at 127.0.0.1:.*Connection refused"):
+        a.handle("stop", {"object_id": PEER_DNS})
+
+
+def test_a_peer_with_another_key_is_not_believed_either_way(
+        project: Project, catalogue: dict[str, dict[str, Any]], tmp_path: Path) -> None:
+    port = free_port()
+    (tmp_path / "b").mkdir()
+    b, ex_b = started(node_config(project, "qemu-test-peer", port), catalogue, tmp_path / "b")
+    other = b"o" * 40
+    threading.Thread(target=cluster.serve, args=(port, other, cluster.Verifier(other, PEER, {NODE}), b.handle_peer,
+                                                 "127.0.0.1"), daemon=True).start()
+    wait_listening(port)
+    a, _ = started(node_config(project, "qemu-test", port), catalogue, tmp_path)
+    with pytest.raises(Failed, match="does not take our credentials"):
+        a.handle("stop", {"object_id": PEER_DNS})
+    assert ex_b.states[6] == "RUNNING"
+    row = a.handle("slots", {})[-1]
+    assert row["status"] == "UNREACHABLE" and "credentials" in row["description"]
+
+
+def test_an_answer_without_the_clusters_mac_is_not_believed() -> None:
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+
+        def forge() -> None:
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(json.dumps({"ok": True, "result": [], "mac": "0" * 64}).encode() + b"\n")
+
+        threading.Thread(target=forge, daemon=True).start()
+        peer = cluster.Peer(PEER, "127.0.0.1", server.getsockname()[1])
+        with pytest.raises(cluster.Unreachable, match="an answer not made with the cluster's key"):
+            cluster.call(peer, KEY, NODE, "slots", {}, timeout=2)
+
+
+def signed(**change: Any) -> dict[str, Any]:
+    key = change.pop("key", KEY)
+    msg = cluster.request(key, change.pop("sender", NODE), change.pop("to", PEER), "stop",
+                          {"object_id": PEER_DNS}, now=change.pop("now", time.time))
+    return {**msg, **change}
+
+
+@pytest.mark.parametrize(("msg", "reason"), [
+    ({"v": 1, "op": "stop", "args": {"object_id": PEER_DNS}}, "no credentials"),
+    (signed(key=b"x" * 40), "wrong MAC"),
+    (signed(op="stopall"), "wrong MAC"),  # the MAC covers the request
+    (signed(sender="31000099010"), "not a node of this cluster"),
+    (signed(to=NODE), "meant for '31000040010'"),
+    (signed(now=lambda: time.time() - 61), "more than 60 s"),
+    ("stop", "no credentials"),
+], ids=["bare", "other-key", "changed", "stranger", "other-node", "stale", "not-an-object"])
+def test_requests_without_the_clusters_credentials_are_denied(msg: Any, reason: str) -> None:
+    verifier = cluster.Verifier(KEY, PEER, {NODE})
+    with pytest.raises(cluster.Denied, match=reason):
+        verifier.check(msg)
+
+
+def test_a_signed_request_passes_once() -> None:
+    verifier = cluster.Verifier(KEY, PEER, {NODE})
+    msg = signed()
+    line, nonce = verifier.check(msg)
+    assert wire.decode(line) == ("stop", {"object_id": PEER_DNS}) and nonce == msg["auth"]["nonce"]
+    with pytest.raises(cluster.Denied, match="replayed"):
+        verifier.check(msg)
+
+
+def test_the_key_is_kept_from_every_slot_but_cb_manager(project: Project) -> None:
+    conf = lxcconf.render(definition())
+    assert "lxc.mount.entry = tmpfs usr/lib/cbios/secrets tmpfs ro,nosuid,nodev,noexec,mode=0700 0 0" in conf
+    template_conf = (project.slot_templates / "cb-manager" / "lxc.conf").read_text()
+    assert "lxc.mount.entry = /usr/lib/cbios/secrets usr/lib/cbios/secrets none bind,ro 0 0" in template_conf
+
+
+def test_profiles_with_the_same_packages_share_mkosis_cache(project: Project) -> None:
+    def cache(name: str, image: str) -> Path:
+        return _cache_dir(project, image, mkosi_configs(project, load_profile(project, name))[image])
+
+    assert cache("qemu-test", "root") == cache("qemu-test-peer", "root")
+    assert cache("qemu-test", "root") != cache("service-node", "root")
+    assert cache("qemu-test", "root") != cache("qemu-test", "initrd")
