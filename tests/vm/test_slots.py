@@ -349,7 +349,8 @@ def test_slot_show_lists_the_slots_of_every_node_of_the_cluster(node: Machine, p
     ready_peer(peer, peer_profile)
     rc, out, err, seconds = timed(node, "slot show")
     alone = [timed(node, f"slot show {n}")[3] for n in (NODE, PEER)]
-    print(f"slot show across two nodes: {seconds:.2f} s; this node's alone {alone[0]:.2f} s, the other's {alone[1]:.2f} s")
+    print(f"slot show across two nodes: {seconds:.2f} s; this node's alone {alone[0]:.2f} s, "
+          f"the other's {alone[1]:.2f} s")
     assert rc == 0 and err == "", (out, err)
     lines = out.splitlines()
     assert lines[0].split() == COLUMNS
