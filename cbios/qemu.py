@@ -56,7 +56,7 @@ class VmSpec:
                 "-serial", self.serial, "-device", "virtio-rng-pci"]
         for i, mac in enumerate(self.macs or [""]):
             netdev = f"{self.links[i]},id=n{i}" if i in self.links else self.netdev.replace("id=n0", f"id=n{i}")
-            argv += ["-netdev", netdev + (f",{self.pxe}" if self.pxe and i == 0 else "")]
+            argv += ["-netdev", netdev + (f",{self.pxe}" if self.pxe and i == 0 and 0 not in self.links else "")]
             argv += ["-device", f"virtio-net-pci,netdev=n{i}" + (f",mac={mac}" if mac else "")]
         if self.boot:
             argv += ["-boot", self.boot]

@@ -6,7 +6,9 @@ A request is wire.py's request with two more fields: "auth" {from, to, time, non
 carries a "mac" too, over the answer and the request's nonce, so a caller believes only
 answers from a holder of the key. A request that is not authenticated (no MAC, another
 key, meant for another node, from a node not in the inventory, more than MAX_SKEW
-seconds off, or replayed) is refused with one word and nothing else."""
+seconds off, sent before this listener started, or replayed) is refused with one word and
+nothing else; a connection from an address that is no member's is closed unanswered.
+Connections are few (MAX_CLIENTS) and short (a whole request within wire.READ_TIMEOUT)."""
 
 from __future__ import annotations
 
@@ -30,7 +32,10 @@ log = logging.getLogger("cbios")
 
 MAX_SKEW = 60  # seconds between two nodes' clocks, and how long a nonce is remembered for
 MAX_ANSWER = 16 << 20
+MAX_CLIENTS = 16  # connections being read or answered at once; more are closed at once
+LOGGED_REFUSALS = 10  # a minute: a flood of strangers does not fill the log
 DENIED = {"ok": False, "code": "denied", "error": "not authenticated"}
+HEX_MAC = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,7 @@ class Verifier:
         self.node_id = node_id
         self.members = members
         self.clock = clock
+        self.started = int(clock())  # the nonces seen before a restart are forgotten: so are their requests
         self.seen: dict[str, float] = {}
         self.lock = threading.Lock()
 
@@ -84,6 +90,8 @@ class Verifier:
         """The request without its credentials (a wire.py line), and its nonce; or Denied."""
         if not isinstance(msg, dict) or not isinstance(msg.get("mac"), str) or not isinstance(msg.get("auth"), dict):
             raise Denied("no credentials")
+        if not HEX_MAC.fullmatch(msg["mac"]):
+            raise Denied("no MAC")
         body = {k: v for k, v in msg.items() if k != "mac"}
         if not hmac.compare_digest(sign(self.key, body), msg["mac"]):
             raise Denied("wrong MAC: not made with this cluster's key")
@@ -95,6 +103,8 @@ class Verifier:
         sent, nonce, now = auth.get("time"), auth.get("nonce"), self.clock()
         if not isinstance(sent, int) or abs(now - sent) > MAX_SKEW:
             raise Denied(f"sent at {sent!r}, more than {MAX_SKEW} s from this node's clock ({int(now)})")
+        if sent < self.started:
+            raise Denied(f"sent at {sent}, before this CB-Manager started ({self.started})")
         if not isinstance(nonce, str) or not re.fullmatch(r"[0-9a-f]{32}", nonce):
             raise Denied("no nonce")
         with self.lock:
@@ -110,22 +120,71 @@ class _Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
     allow_reuse_address = True
 
 
-def serve(port: int, key: bytes, verifier: Verifier, handler: wire.Handler, host: str = "0.0.0.0") -> None:
-    """Answer authenticated requests on HOST:PORT until the process ends."""
+class _Refusals:
+    """Logs refusals, at most LOGGED_REFUSALS a minute."""
 
-    class _Request(socketserver.StreamRequestHandler):
-        timeout = wire.READ_TIMEOUT
+    def __init__(self) -> None:
+        self.minute, self.count = 0, 0
+        self.lock = threading.Lock()
 
+    def log(self, address: str, reason: object) -> None:
+        with self.lock:
+            minute = int(time.monotonic() // 60)
+            self.minute, self.count = minute, (self.count + 1 if minute == self.minute else 1)
+            if self.count <= LOGGED_REFUSALS:
+                log.warning("cluster: refused a request from %s: %s", address, reason)
+            elif self.count == LOGGED_REFUSALS + 1:
+                log.warning("cluster: more refusals this minute, not logged")
+
+
+def read_request(sock: socket.socket, timeout: float = wire.READ_TIMEOUT) -> bytes | None:
+    """One line of at most wire.MAX_REQUEST bytes, whole within TIMEOUT; else None."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    while not data.endswith(b"\n"):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or len(data) > wire.MAX_REQUEST:
+            return None
+        sock.settimeout(remaining)
+        try:
+            chunk = sock.recv(65536)
+        except OSError:
+            return None
+        if not chunk:
+            return None
+        data += chunk
+    return data
+
+
+def serve(port: int, key: bytes, verifier: Verifier, handler: wire.Handler, members: set[str],
+          host: str = "0.0.0.0") -> None:
+    """Answer authenticated requests from the addresses MEMBERS on HOST:PORT until the process ends."""
+    slots = threading.BoundedSemaphore(MAX_CLIENTS)
+    refusals = _Refusals()
+
+    class _Request(socketserver.BaseRequestHandler):
         def handle(self) -> None:
-            line = wire.read_line(self.rfile)
-            if line is None:
+            address = self.client_address[0]
+            if address not in members:
+                refusals.log(address, "not a member's address (closed unanswered)")
+                return
+            if not slots.acquire(blocking=False):
+                refusals.log(address, f"{MAX_CLIENTS} connections already (closed unanswered)")
                 return
             try:
-                if len(line) > wire.MAX_REQUEST:
-                    raise Denied("too long")
+                self._answer(address)
+            finally:
+                slots.release()
+
+        def _answer(self, address: str) -> None:
+            line = read_request(self.request)
+            if line is None:
+                refusals.log(address, f"no complete request within {wire.READ_TIMEOUT} s")
+                return
+            try:
                 inner, nonce = verifier.check(json.loads(line))
-            except (ValueError, Denied) as e:  # ValueError: not JSON
-                log.warning("cluster: refused a request from %s: %s", self.client_address[0], e)
+            except Exception as e:  # a stranger's bytes: anything is a refusal (RecursionError too)
+                refusals.log(address, e if isinstance(e, Denied) else f"unreadable ({type(e).__name__})")
                 self._send(DENIED)
                 return
             try:
@@ -133,13 +192,14 @@ def serve(port: int, key: bytes, verifier: Verifier, handler: wire.Handler, host
             except wire.Invalid as e:
                 reply = {"ok": False, "code": "invalid", "error": str(e)}
             else:
-                log.info("cluster: %s from %s", op, self.client_address[0])
+                log.info("cluster: %s from %s", op, address)
                 reply = wire.answer(handler, op, args)
             self._send({**reply, "mac": sign(key, {"nonce": nonce, "answer": reply})})
 
         def _send(self, reply: dict[str, Any]) -> None:
             try:
-                self.wfile.write(json.dumps(reply).encode() + b"\n")
+                self.request.settimeout(wire.READ_TIMEOUT)
+                self.request.sendall(json.dumps(reply).encode() + b"\n")
             except OSError:
                 pass
 
@@ -171,14 +231,16 @@ def call(peer: Peer, key: bytes, sender: str, op: str, args: dict[str, Any], *,
         raise Unreachable(f"{where}: {e.strerror or e}") from None
     try:
         answer = json.loads(data)
-    except ValueError:
+        if not isinstance(answer, dict):
+            raise ValueError("not an object")
+    except Exception:  # whatever came back, it is not an answer (RecursionError too)
         raise Unreachable(f"{where}: no complete answer") from None
     if answer == DENIED:
         raise wire.RemoteError("denied", f"{where} does not take our credentials: is its cluster key ours?")
     mac = answer.pop("mac", None)
-    if not isinstance(mac, str) or not hmac.compare_digest(sign(key, {"nonce": req["auth"]["nonce"],
-                                                                       "answer": answer}), mac):
+    if not isinstance(mac, str) or not HEX_MAC.fullmatch(mac) or not hmac.compare_digest(
+            sign(key, {"nonce": req["auth"]["nonce"], "answer": answer}), mac):
         raise Unreachable(f"{where}: an answer not made with the cluster's key")
     if not answer.get("ok"):
-        raise wire.RemoteError(answer.get("code", "failed"), f"{peer.object_id}: {answer.get('error')}")
+        raise wire.RemoteError(str(answer.get("code", "failed")), f"{peer.object_id}: {answer.get('error')}")
     return answer.get("result")

@@ -2,7 +2,9 @@
 
 lxc-service: the CBIOS root, read-only, shared as the container's root; its own pid, uts,
 ipc, mount and net namespaces; volume 0 is its /var (writable, its own); /run and /tmp
-are tmpfs; the template's `run` is PID 1.
+are tmpfs; the template's `run` is PID 1. No CAP_SYS_ADMIN: it cannot undo its mounts (the
+tmpfs over the node's secrets among them); a template that mounts (nfs) gives it back in
+its lxc.conf.
 lxc-system: volume 0 is the container's own root file system, with its own init.
 Either way further volumes appear at /srv/volume<iid>, and eth0 is one end of a veth
 whose other end, veth<eid>, is on the node's bridge."""
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from cbios.node.slotdefs import SECRETS, TEMPLATES, container_name, volume_name
 
 LOG_DIR = "/var/log/cbios/slots"
+CAP_DROP = "sys_module sys_time sys_boot sys_rawio mac_admin mac_override"
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,7 @@ def render(d: Definition) -> str:
         f"# Slot {d.eid} ({d.template}), written by CB-Executor: redefined on every start of the slot.",
         f"lxc.uts.name = {d.hostname or name}",
         "lxc.apparmor.profile = unconfined",
-        "lxc.cap.drop = sys_module sys_time sys_boot sys_rawio mac_admin mac_override",
+        f"lxc.cap.drop = {CAP_DROP}" + (" sys_admin" if d.kind == "lxc-service" else ""),
         "lxc.mount.auto = proc:mixed sys:ro cgroup:mixed",
         "lxc.autodev = 1",
         "lxc.tty.max = 0",

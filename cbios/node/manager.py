@@ -36,6 +36,7 @@ UPDATE_TIMEOUT = 1800  # a firmware update writes a whole copy: minutes under TC
 PEER_OPS = {"hello", "images", "slots", "runtime", "start", "stop", "restart", "startall", "stopall",
             "install", "remove"}
 PEER_QUERIES = {"hello", "images", "slots", "runtime"}
+PEER_WORK_TIMEOUT = 840  # work on another node's slot: under the `slot` CLI's own 900 s
 
 
 def executor_client(op: str, **args: Any) -> Any:
@@ -89,7 +90,12 @@ class Manager:
         self.peers = [cluster.Peer(n["object_id"], n["address"], inventory["port"]) for n in inventory.get("nodes", [])]
         self.cluster_port: int = inventory.get("port", 0)
         self.cluster_timeout: float = inventory.get("timeout", 5)
-        self.key: bytes | None = cluster_key.read_bytes() if self.peers and cluster_key.is_file() else None
+        self.key: bytes | None = None
+        if self.peers:
+            try:
+                self.key = cluster_key.read_bytes()
+            except OSError as e:
+                log.error("cluster: no key (%s): the other nodes are not asked and not answered", e)
 
     # -- startup -------------------------------------------------------------------
 
@@ -187,7 +193,7 @@ class Manager:
     def ask_peer(self, peer: cluster.Peer, op: str, args: dict[str, Any]) -> Any:
         if self.key is None:
             raise Failed(f"no cluster key in this firmware ({slotdefs.CLUSTER_KEY}): cannot ask {peer.object_id}")
-        answer_timeout = self.cluster_timeout if op in PEER_QUERIES else UPDATE_TIMEOUT
+        answer_timeout = self.cluster_timeout if op in PEER_QUERIES else PEER_WORK_TIMEOUT
         try:
             return cluster.call(peer, self.key, self.node_id, op, args, timeout=self.cluster_timeout,
                                 answer_timeout=answer_timeout)
@@ -197,24 +203,32 @@ class Manager:
             raise (Invalid if e.code == "invalid" else Failed)(str(e)) from None
 
     def cluster_slots(self, by_type: str | None) -> list[dict[str, Any]]:
-        """Every known node's slots, asked at once: a node that does not answer within the
-        cluster's bound is one row, UNREACHABLE."""
-        rows = self.op_slots(by_type=by_type)
-        with ThreadPoolExecutor(max_workers=len(self.peers)) as pool:
+        """Every known node's slots, asked at once (this node's too): a node that does not
+        answer within the cluster's bound is one row, UNREACHABLE."""
+        if by_type is not None:
+            self._template(by_type)
+        with ThreadPoolExecutor(max_workers=len(self.peers) + 1) as pool:
+            local = pool.submit(self.op_slots, by_type=by_type)
             asked = [(peer, pool.submit(self.ask_peer, peer, "slots", {"object_id": peer.object_id,
                                                                        "by_type": by_type}))
                      for peer in self.peers]
+            rows: list[dict[str, Any]] = local.result()
             for peer, future in asked:
                 try:
                     rows += future.result()
-                except Invalid:
-                    pass  # by_type: that node's firmware has no such type, so no such slots
+                except Invalid as e:
+                    if by_type is None:  # by_type: that node's firmware has no such type, so no such slots
+                        rows.append(self._unreachable(peer, e))
                 except Failed as e:
-                    log.warning("%s", e)
-                    rows.append({"parent": peer.object_id, "location": peer.object_id, "type": "-",
-                                 "version": "", "ip": peer.address, "hostname": "", "status": "UNREACHABLE",
-                                 "description": str(e).removeprefix("unreachable: ")})
+                    rows.append(self._unreachable(peer, e))
         return rows
+
+    @staticmethod
+    def _unreachable(peer: cluster.Peer, why: Exception) -> dict[str, Any]:
+        log.warning("%s", why)
+        return {"parent": peer.object_id, "location": peer.object_id, "type": "-", "version": "",
+                "ip": peer.address, "hostname": "", "status": "UNREACHABLE",
+                "description": str(why).removeprefix("unreachable: ")}
 
     def serve_cluster(self) -> None:
         """Answer the other nodes' CB-Managers, if this node is in a cluster and has its key."""
@@ -228,7 +242,7 @@ class Manager:
         log.info("cluster: answering %s on port %d", ", ".join(sorted(members)), self.cluster_port)
         try:
             cluster.serve(self.cluster_port, self.key, cluster.Verifier(self.key, self.node_id, members),
-                          self.handle_peer)
+                          self.handle_peer, {p.address for p in self.peers})
         except OSError as e:
             log.error("cluster: cannot listen on port %d: %s", self.cluster_port, e)
 
@@ -248,8 +262,8 @@ class Manager:
     def op_slots(self, object_id: str | None = None, by_type: str | None = None) -> list[dict[str, Any]]:
         if object_id is not None:
             self._node(object_id)
-        if by_type is not None and by_type not in self.catalogue:
-            raise Invalid(f"no slot type '{by_type}' (known: {', '.join(sorted(self.catalogue))})")
+        if by_type is not None:
+            self._template(by_type)
         return [r for r in self.rows() if by_type is None or r["type"] == by_type]
 
     def op_runtime(self, object_id: str) -> dict[str, Any]:
@@ -427,9 +441,10 @@ class Manager:
     def rows(self, eids: list[int] | None = None) -> list[dict[str, Any]]:
         """The source document's columns, one row a slot."""
         states = self._states()
+        slots = dict(self.slots)  # a snapshot: a remove under the lock does not pull a row away mid-way
         out = []
-        for eid in sorted(self.slots) if eids is None else eids:
-            entry = self.slots[eid]
+        for eid in sorted(slots) if eids is None else eids:
+            entry = slots[eid]
             tpl = self.catalogue.get(entry["template"], {"version": "?", "description": "(not in this firmware)"})
             state = states.get(eid, "UNDEFINED")
             if state != "RUNNING":

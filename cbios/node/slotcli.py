@@ -50,8 +50,8 @@ cluster's key).
 Status: ON (running, health check passing), OFF (stopped), FAILED (would not start, or
 its health check fails); UNREACHABLE: a node that did not answer. Every command takes --json.
 
-Exit status: 0 done; 1 the work failed; 2 a bad request (unknown ObjectID, slot type or
-option); 3 CB-Manager does not answer.
+Exit status: 0 done; 1 the work failed, or a node did not answer (the others are listed);
+2 a bad request (unknown ObjectID, slot type or option); 3 CB-Manager does not answer.
 """
 
 COLUMNS = {
@@ -137,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
     command, rest = words[0], words[1:]
     out: Any
     text: str
+    unreachable: list[dict[str, Any]] = []
     if command == "image":
         if rest != ["list"]:
             raise Usage("slot image list")
@@ -147,9 +148,9 @@ def run(args: argparse.Namespace) -> int:
             raise Usage(f"slot {command} [<node ObjectID>]")
         out = _ask("slots", object_id=rest[0] if rest else None, by_type=args.by_type)
         text = table(COLUMNS[command], out)
-        for row in out:
-            if row["status"] == "UNREACHABLE":
-                print(f"slot: node {row['location']} unreachable: {row['description']}", file=sys.stderr)
+        unreachable = [row for row in out if row.get("status") == "UNREACHABLE"]
+        for row in unreachable:
+            print(f"slot: node {row['location']} unreachable: {row.get('description')}", file=sys.stderr)
     elif command == "show-runtime":
         out = _ask("runtime", object_id=_one(rest, command, "slot"))
         text = runtime_text(out)
@@ -181,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         raise Usage(f"unknown command '{command}' (slot help)")
     sys.stdout.write(json.dumps(out, indent=2) + "\n" if args.json else text)
-    return 0
+    return 1 if command in ("list", "show") and unreachable else 0
 
 
 def _wait_ready(timeout: int) -> int:

@@ -83,8 +83,8 @@ def read_line(rfile: Any) -> bytes | None:
     """One request line, or None: cut off or too slow."""
     try:
         line: bytes = rfile.readline(MAX_REQUEST + 1)
-    except (TimeoutError, OSError):
-        return None
+    except OSError:  # TimeoutError among them
+        line = b""
     if not line.endswith(b"\n") and len(line) <= MAX_REQUEST:
         log.warning("refused: no complete request line within %d s", READ_TIMEOUT)
         return None

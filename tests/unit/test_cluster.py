@@ -4,6 +4,7 @@ that does not answer; the key kept from the slots; the shared build cache."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -72,7 +73,7 @@ def pair(project: Project, catalogue: dict[str, dict[str, Any]],
     a, _ = started(node_config(project, "qemu-test", port), catalogue, tmp_path / "a")
     b, ex_b = started(node_config(project, "qemu-test-peer", port), catalogue, tmp_path / "b")
     threading.Thread(target=cluster.serve, args=(port, KEY, cluster.Verifier(KEY, PEER, {NODE}), b.handle_peer,
-                                                 "127.0.0.1"), daemon=True).start()
+                                                 {"127.0.0.1"}, "127.0.0.1"), daemon=True).start()
     wait_listening(port)
     yield a, b, ex_b
 
@@ -145,7 +146,7 @@ def test_a_peer_with_another_key_is_not_believed_either_way(
     b, ex_b = started(node_config(project, "qemu-test-peer", port), catalogue, tmp_path / "b")
     other = b"o" * 40
     threading.Thread(target=cluster.serve, args=(port, other, cluster.Verifier(other, PEER, {NODE}), b.handle_peer,
-                                                 "127.0.0.1"), daemon=True).start()
+                                                 {"127.0.0.1"}, "127.0.0.1"), daemon=True).start()
     wait_listening(port)
     a, _ = started(node_config(project, "qemu-test", port), catalogue, tmp_path)
     with pytest.raises(Failed, match="does not take our credentials"):
@@ -155,21 +156,31 @@ def test_a_peer_with_another_key_is_not_believed_either_way(
     assert row["status"] == "UNREACHABLE" and "credentials" in row["description"]
 
 
-def test_an_answer_without_the_clusters_mac_is_not_believed() -> None:
+@contextlib.contextmanager
+def answering(reply: bytes) -> Iterator[cluster.Peer]:
+    """A peer that answers REPLY to any request: a forger on the path."""
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen(1)
 
-        def forge() -> None:
+        def answer() -> None:
             conn, _ = server.accept()
             with conn:
                 conn.recv(65536)
-                conn.sendall(json.dumps({"ok": True, "result": [], "mac": "0" * 64}).encode() + b"\n")
+                conn.sendall(reply)
 
-        threading.Thread(target=forge, daemon=True).start()
-        peer = cluster.Peer(PEER, "127.0.0.1", server.getsockname()[1])
-        with pytest.raises(cluster.Unreachable, match="an answer not made with the cluster's key"):
-            cluster.call(peer, KEY, NODE, "slots", {}, timeout=2)
+        threading.Thread(target=answer, daemon=True).start()
+        yield cluster.Peer(PEER, "127.0.0.1", server.getsockname()[1])
+
+
+@pytest.mark.parametrize(("reply", "reason"), [
+    (json.dumps({"ok": True, "result": [], "mac": "0" * 64}).encode() + b"\n", "not made with the cluster's key"),
+    (b'{"ok": true, "result": [], "mac": "\xc3\xa9"}\n', "not made with the cluster's key"),
+    (b"[1]\n", "no complete answer"),
+], ids=["forged-mac", "not-hex", "not-an-object"])
+def test_an_answer_without_the_clusters_mac_is_not_believed(reply: bytes, reason: str) -> None:
+    with answering(reply) as peer, pytest.raises(cluster.Unreachable, match=reason):
+        cluster.call(peer, KEY, NODE, "slots", {}, timeout=2)
 
 
 def signed(**change: Any) -> dict[str, Any]:
@@ -217,3 +228,57 @@ def test_profiles_with_the_same_packages_share_mkosis_cache(project: Project) ->
     assert cache("qemu-test", "root") == cache("qemu-test-peer", "root")
     assert cache("qemu-test", "root") != cache("service-node", "root")
     assert cache("qemu-test", "root") != cache("qemu-test", "initrd")
+
+
+def test_strangers_get_nothing_and_garbage_does_not_stop_the_listener(
+        pair: tuple[manager.Manager, manager.Manager, FakeExecutor], project: Project,
+        catalogue: dict[str, dict[str, Any]], tmp_path: Path) -> None:
+    a, _, _ = pair
+    port = a.peers[0].port
+
+    def exchange(data: bytes) -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(data)
+            return s.makefile("rb").readline()
+
+    for garbage in (b"[" * 100_000 + b"\n", b'{"v": 1, "mac": "\xc3\xa9", "auth": {}}\n', b"\xff\n"):
+        assert json.loads(exchange(garbage)) == cluster.DENIED
+    assert a.handle("slots", {"object_id": PEER})[0]["parent"] == PEER  # still answering
+    # A listener that takes only another address closes the connection unanswered.
+    other = free_port()
+    verifier = cluster.Verifier(KEY, PEER, {NODE})
+    threading.Thread(target=cluster.serve, args=(other, KEY, verifier, a.handle_peer, {"127.0.0.2"}, "127.0.0.1"),
+                     daemon=True).start()
+    wait_listening(other)
+    with socket.create_connection(("127.0.0.1", other), timeout=5) as s:
+        s.sendall(json.dumps(cluster.request(KEY, NODE, PEER, "slots", {})).encode() + b"\n")
+        assert s.makefile("rb").read() == b""
+
+
+def test_a_request_sent_before_the_listener_started_is_denied() -> None:
+    verifier = cluster.Verifier(KEY, PEER, {NODE}, clock=lambda: 1_000_000.0)
+    with pytest.raises(cluster.Denied, match="before this CB-Manager started"):
+        verifier.check(signed(now=lambda: 999_990.0))  # 10 s: within the skew, but older than the listener
+
+
+def test_slot_lists_the_rest_and_exits_1_when_a_node_does_not_answer(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from cbios.node import slotcli
+
+    rows = [{"parent": NODE, "location": "31000040075", "type": "cb-manager", "status": "ON"},
+            {"parent": PEER, "location": PEER, "type": "-", "status": "UNREACHABLE",
+             "description": f"node {PEER} at 10.0.249.19:7475: no answer within 5 s"}]
+    monkeypatch.setattr(slotcli, "_ask", lambda op, **args: rows)
+    assert slotcli.main(["list"]) == 1
+    out, err = capsys.readouterr()
+    assert out.splitlines()[1].split() == [NODE, "31000040075", "cb-manager", "ON"]
+    assert err == f"slot: node {PEER} unreachable: node {PEER} at 10.0.249.19:7475: no answer within 5 s\n"
+    monkeypatch.setattr(slotcli, "_ask", lambda op, **args: rows[:1])
+    assert slotcli.main(["show"]) == 0
+
+
+def test_service_slots_cannot_undo_their_mounts_system_slots_keep_theirs() -> None:
+    service = lxcconf.render(definition())
+    assert "lxc.cap.drop = sys_module sys_time sys_boot sys_rawio mac_admin mac_override sys_admin" in service
+    system = lxcconf.render(definition(kind="lxc-system", template="service"))
+    assert "sys_admin" not in system
