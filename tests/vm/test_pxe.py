@@ -117,7 +117,7 @@ def test_blank_node_installs_over_pxe_and_boots_from_its_disk(
         assert st["booted_from"] == "disk" and st["running"] == "root"
         assert st["copies"]["root"]["state"] == "good" and st["copies"]["spare"]["state"] == "good"
         m.succeed("echo kept > /var/lib/cbios-pxe-test")
-        assert "dhcp" in m.succeed("slot list")
+        assert "dhcp" in m.succeed("slot list 31000040010")
         m.shutdown()
 
 
@@ -185,7 +185,7 @@ def test_update_over_pxe_writes_the_other_copy_and_the_node_runs_it(
         assert st["copies"]["spare"]["state"] == "good"  # committed once ready
         assert (st["copies"]["root"]["version"], st["copies"]["root"]["state"]) == ("1.0.0", "good")
         assert m.succeed("cat /var/lib/cbios-pxe-test") == "kept"  # var untouched
-        assert " ON " in m.succeed("slot show --by-type=dhcp")  # the dhcp slot, on its volume as it was
+        assert " ON " in m.succeed("slot show 31000040010 --by-type=dhcp")  # the dhcp slot, on its volume as it was
         m.shutdown()
 
 
