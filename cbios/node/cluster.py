@@ -137,25 +137,6 @@ class _Refusals:
                 log.warning("cluster: more refusals this minute, not logged")
 
 
-def read_request(sock: socket.socket, timeout: float = wire.READ_TIMEOUT) -> bytes | None:
-    """One line of at most wire.MAX_REQUEST bytes, whole within TIMEOUT; else None."""
-    deadline = time.monotonic() + timeout
-    data = b""
-    while not data.endswith(b"\n"):
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or len(data) > wire.MAX_REQUEST:
-            return None
-        sock.settimeout(remaining)
-        try:
-            chunk = sock.recv(65536)
-        except OSError:
-            return None
-        if not chunk:
-            return None
-        data += chunk
-    return data
-
-
 def serve(port: int, key: bytes, verifier: Verifier, handler: wire.Handler, members: set[str],
           host: str = "0.0.0.0") -> None:
     """Answer authenticated requests from the addresses MEMBERS on HOST:PORT until the process ends."""
@@ -177,9 +158,8 @@ def serve(port: int, key: bytes, verifier: Verifier, handler: wire.Handler, memb
                 slots.release()
 
         def _answer(self, address: str) -> None:
-            line = read_request(self.request)
+            line = wire.read_line(self.request)
             if line is None:
-                refusals.log(address, f"no complete request within {wire.READ_TIMEOUT} s")
                 return
             try:
                 inner, nonce = verifier.check(json.loads(line))

@@ -79,16 +79,26 @@ def answer(handler: Handler, op: str, args: dict[str, Any]) -> dict[str, Any]:
         return {"ok": False, "code": "failed", "error": f"internal error: {e}"}
 
 
-def read_line(rfile: Any) -> bytes | None:
-    """One request line, or None: cut off or too slow."""
-    try:
-        line: bytes = rfile.readline(MAX_REQUEST + 1)
-    except OSError:  # TimeoutError among them
-        line = b""
-    if not line.endswith(b"\n") and len(line) <= MAX_REQUEST:
-        log.warning("refused: no complete request line within %d s", READ_TIMEOUT)
-        return None
-    return line  # one longer than MAX_REQUEST is refused by decode()
+def read_line(sock: socket.socket, timeout: float | None = None) -> bytes | None:
+    """One request line, whole within TIMEOUT (not TIMEOUT a read); None if cut off or too
+    slow. One longer than MAX_REQUEST comes back as it is, for decode() to refuse."""
+    timeout = READ_TIMEOUT if timeout is None else timeout
+    deadline = time.monotonic() + timeout
+    data = b""
+    while not data.endswith(b"\n") and len(data) <= MAX_REQUEST:
+        remaining = deadline - time.monotonic()
+        try:
+            if remaining <= 0:
+                raise TimeoutError
+            sock.settimeout(remaining)
+            chunk = sock.recv(65536)
+        except OSError:  # TimeoutError among them
+            chunk = b""
+        if not chunk:
+            log.warning("refused: no complete request line within %d s", timeout)
+            return None
+        data += chunk
+    return data
 
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -98,11 +108,9 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 def serve(path: Path, handler: Handler, *, mode: int = 0o600, ready: Callable[[], None] | None = None) -> None:
     """Answer requests on PATH (replaced if stale) until the process ends."""
 
-    class _Request(socketserver.StreamRequestHandler):
-        timeout = READ_TIMEOUT  # a caller that never finishes its line does not hold a thread
-
+    class _Request(socketserver.BaseRequestHandler):
         def handle(self) -> None:
-            line = read_line(self.rfile)
+            line = read_line(self.request)  # a caller that never finishes its line does not hold a thread
             if line is None:
                 return
             try:
@@ -113,7 +121,7 @@ def serve(path: Path, handler: Handler, *, mode: int = 0o600, ready: Callable[[]
             else:
                 reply = answer(handler, op, args)
             try:
-                self.wfile.write(json.dumps(reply).encode() + b"\n")
+                self.request.sendall(json.dumps(reply).encode() + b"\n")
             except OSError:
                 pass
 
