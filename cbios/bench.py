@@ -13,7 +13,7 @@ from typing import Any
 from cbios import lvm_layout, manifest
 from cbios.boot import disk_boot_spec, kernel_boot_spec
 from cbios.build import build
-from cbios.disk import DISK, FLASH_TIMEOUT, disk_size, make_disk, overlay
+from cbios.disk import DISK, FLASH_TIMEOUT, disk_size, make_disk, overlay, read_record
 from cbios.machine import Machine
 from cbios.profile import Profile, load_profile
 from cbios.project import Project
@@ -89,7 +89,7 @@ def run_bench(name: str, *, cold: bool) -> dict[str, Any]:
     figures["disk_s"] = _timed(lambda: make_disk(project, profile, force=True))
     data = manifest.read(out / manifest.MANIFEST)
     figures["sizes_bytes"] = {n: m["size"] for n, m in data["artifacts"].items()}
-    figures["sizes_bytes"][DISK] = data["disk"]["size"]
+    figures["sizes_bytes"][DISK] = (read_record(out) or {}).get("size")
     for name_, img in data.get("slot_images", {}).items():
         figures["sizes_bytes"][f"slot image {name_} (ext4, zst)"] = [img["image_bytes"], img["zst_bytes"]]
     logdir = out / "work" / "bench"

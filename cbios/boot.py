@@ -8,7 +8,6 @@ from pathlib import Path
 
 from cbios import manifest
 from cbios.errors import CbiosError
-from cbios.image import ROOT_LABEL
 from cbios.machine import Machine
 from cbios.profile import Profile
 from cbios.project import Project
@@ -26,8 +25,10 @@ def built(project: Project, profile: Profile) -> Path:
 
 
 def kernel_boot_spec(project: Project, profile: Profile, out: Path) -> VmSpec:
-    """Kernel and initrd from the build, root.img as a read-only virtio disk."""
-    cmdline = " ".join([f"root=LABEL={ROOT_LABEL}", "ro", *profile.kernel.cmdline])
+    """Kernel and initrd from the build, root.img as a read-only virtio disk, opened through
+    dm-verity with the root hash of the build's manifest."""
+    verity = manifest.read(out / manifest.MANIFEST)["verity"]["param"]
+    cmdline = " ".join(["cbios.image=/dev/vda", f"cbios.verity={verity}", "ro", *profile.kernel.cmdline])
     return VmSpec(
         memory=profile.qemu.memory,
         cpus=profile.qemu.cpus,

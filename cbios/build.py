@@ -29,6 +29,7 @@ from cbios.render import (
     add_node_package,
     architecture,
     boot_files,
+    disk_layout,
     mkosi_configs,
     network_files,
     render_overlays,
@@ -38,7 +39,7 @@ from cbios.render import (
 
 log = logging.getLogger("cbios")
 
-ARTIFACTS = ["vmlinuz", "initrd.img", "root.img", "root.img.zst", "grub.cfg", "disk.conf", "boot.ipxe"]
+ARTIFACTS = ["vmlinuz", "initrd.img", "root.img", "grub.cfg", "boot.ipxe"]
 SUMS = "SHA256SUMS"
 
 
@@ -74,13 +75,17 @@ def build(project: Project, profile: Profile, *, force: bool = False) -> Path:
     add_files(network_files(project, profile), overlay)
     slot_template.bake(project, profile, overlay)
     add_node_package(overlay)
-    key = project.root / profile.update.signing_key if profile.update.signing_key else None
-    if key is not None:
-        (overlay / signing.NODE_KEY).parent.mkdir(parents=True, exist_ok=True)
-        (overlay / signing.NODE_KEY).write_bytes(signing.public_key(key))
+    key = signing.key_of(project, profile)
+    public = signing.public_key(key)
+    # The initrd's flasher checks what it writes with the same key as the root.
+    initrd_extra = dirs.work / "initrd-extra"
+    shutil.rmtree(initrd_extra, ignore_errors=True)
+    for tree in (overlay, initrd_extra):
+        (tree / signing.NODE_KEY).parent.mkdir(parents=True, exist_ok=True)
+        (tree / signing.NODE_KEY).write_bytes(public)
     _bake_secrets(project, profile, overlay)
     inputs = _inputs_digest(project, profile, configs, overlay)
-    if not force and _up_to_date(dirs.out, inputs, signed=key is not None):
+    if not force and _up_to_date(dirs.out, inputs):
         log.info("‣ %s %s is up to date (%s)", profile.name, profile.version, project.display(dirs.out))
         if not (dirs.out / PXE_DIR / manifest.MANIFEST).is_file():
             make_bundle(dirs.out)
@@ -104,7 +109,7 @@ def build(project: Project, profile: Profile, *, force: bool = False) -> Path:
             package_cache_dir=project.cache / "packages",
         )
     mkosi.build(images["initrd"], log_file=dirs.logs / "initrd.log",
-                extra_trees=[project.initrd / "tree"], source_date_epoch=sde)
+                extra_trees=[project.initrd / "tree", initrd_extra], source_date_epoch=sde)
     initrd_cpio = images["initrd"].output_dir / "initrd.cpio.zst"
     slot_images = _slot_images(project, profile, dirs, slot_configs, overlay, sde)
     mkosi.build(images["root"], log_file=dirs.logs / "root.log", extra_trees=[overlay],
@@ -118,14 +123,13 @@ def build(project: Project, profile: Profile, *, force: bool = False) -> Path:
     shutil.copy2(root_out / "root.initrd", dirs.staging / "initrd.img")
     image.finish_tree(tree, profile, dirs.staging / "vmlinuz", dirs.staging / "initrd.img")
     slot_images.update(_vm_images(project, profile, dirs, tree))
-    fs_uuid = uuid.uuid5(uuid.NAMESPACE_URL, f"cbios:{profile.name}:{profile.version}:{inputs}")
-    size = image.make_root_img(tree, profile, dirs.staging / "root.img", fs_uuid, dirs.logs / "image.log")
+    root_verity = image.make_root_img(tree, dirs.staging / "root.img", dirs.logs / "image.log", sde)
+    size = (dirs.staging / "root.img").stat().st_size
     if size > parse_size(profile.storage.root_size):
         raise StepError("root.img", f"{size >> 20} MiB does not fit in storage.root_size "
                         f"({profile.storage.root_size}): raise it, or trim packages and modules")
     for name, text in configs["boot"].items():
         (dirs.staging / name).write_text(text)
-    image.compress(dirs.staging / "root.img", dirs.staging / "root.img.zst", dirs.logs / "image.log")
 
     data = {
         "format": manifest.FORMAT,
@@ -137,8 +141,13 @@ def build(project: Project, profile: Profile, *, force: bool = False) -> Path:
         "inputs_sha256": inputs,
         "cbios_version": __version__,
         "kernel": _kernel_version(tree),
-        "root_label": image.ROOT_LABEL,
-        "root_uuid": str(fs_uuid),
+        "root_format": "squashfs",
+        # What the node opens root.img with (cbios/node/verity.py): the flasher and `cbios
+        # update` put it in the boot state, the boot loader on the kernel command line.
+        "verity": {"root_hash": root_verity.root_hash, "data_blocks": root_verity.data_blocks,
+                   "hash_offset": root_verity.hash_offset, "param": root_verity.param},
+        # The node's disk, for the flasher: signed data, never code.
+        "layout": disk_layout(project, profile),
         "node": {"object_id": profile.node.object_id, "hostname": profile.node.hostname},
         "slots": [
             {"template": s.template, "eid": s.eid, "object_id": profile.slot_object_id(s.eid)}
@@ -246,26 +255,26 @@ def _check_room(profile: Profile, template: slot_template.SlotTemplate, name: st
                         f"({room >> 20} MiB): raise the volume's size")
 
 
-def _publish(dirs: BuildDirs, data: dict[str, object], key: Path | None) -> None:
-    """Artifacts into OUT; the manifest (and its signature) last: a build cut off before has none."""
+def _publish(dirs: BuildDirs, data: dict[str, object], key: Path) -> None:
+    """Artifacts into OUT; the manifest and its signature last: a build cut off before has none.
+    Nothing changes a file once it is signed: the node disk keeps its record in disk.json."""
     manifest.write(dirs.staging / manifest.MANIFEST, data)
-    if key is not None:
-        signing.sign(key, dirs.staging / manifest.MANIFEST)
+    signing.sign(key, dirs.staging / manifest.MANIFEST)
     (dirs.out / manifest.MANIFEST).unlink(missing_ok=True)
     (dirs.out / manifest.SIGNATURE).unlink(missing_ok=True)
-    (dirs.out / "disk.qcow2").unlink(missing_ok=True)  # made from the previous firmware
+    for name in ("disk.qcow2", "disk.json", "root.img.zst", "disk.conf"):  # the previous firmware's
+        (dirs.out / name).unlink(missing_ok=True)
     for name in ARTIFACTS:
         os.replace(dirs.staging / name, dirs.out / name)
     artifacts: dict[str, dict[str, object]] = data["artifacts"]  # type: ignore[assignment]
     (dirs.out / SUMS).write_text("".join(f"{m['sha256']}  {n}\n" for n, m in sorted(artifacts.items())))
-    if key is not None:
-        os.replace(dirs.staging / manifest.SIGNATURE, dirs.out / manifest.SIGNATURE)
+    os.replace(dirs.staging / manifest.SIGNATURE, dirs.out / manifest.SIGNATURE)
     os.replace(dirs.staging / manifest.MANIFEST, dirs.out / manifest.MANIFEST)
 
 
-def _up_to_date(out: Path, inputs: str, *, signed: bool) -> bool:
+def _up_to_date(out: Path, inputs: str) -> bool:
     path = out / manifest.MANIFEST
-    if not path.is_file() or (signed and not (out / manifest.SIGNATURE).is_file()):
+    if not path.is_file() or not (out / manifest.SIGNATURE).is_file():
         return False
     try:
         data = manifest.read(path)
@@ -283,7 +292,7 @@ def _inputs_digest(project: Project, profile: Profile, configs: dict[str, dict[s
     h = hashlib.sha256()
     h.update(json.dumps({"cbios": __version__, "profile": profile_hash(profile), "configs": configs},
                         sort_keys=True).encode())
-    for tree in (overlay, project.initrd / "tree"):
+    for tree in (overlay, project.initrd / "tree", overlay.parent / "initrd-extra"):
         for path in sorted(tree.rglob("*")):
             st = path.lstat()
             h.update(f"{path.relative_to(tree)}\0{st.st_mode:o}\0".encode())

@@ -9,6 +9,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from cbios import manifest
 from cbios.boot import built, kernel_boot_spec
@@ -24,7 +25,8 @@ log = logging.getLogger("cbios")
 
 DISK = "disk.qcow2"
 MEDIA_LABEL = "cbios-media"
-MEDIA_FILES = ["SHA256SUMS", "disk.conf", "grub.cfg", "root.img.zst", manifest.MANIFEST]
+MEDIA_FILES = [manifest.MANIFEST, manifest.SIGNATURE, "grub.cfg", "root.img"]
+RECORD = "disk.json"  # the disk's own record: the signed manifest is never rewritten
 EXTENT = 4 << 20
 FLASH_TIMEOUT = 900
 
@@ -91,12 +93,20 @@ def flash(spec: VmSpec, logdir: Path, name: str) -> str:
         return line
 
 
+def read_record(out: Path) -> dict[str, Any] | None:
+    """What disk.json says of OUT's node disk, or None."""
+    try:
+        return manifest.read(out / RECORD)
+    except (OSError, ValueError):
+        return None
+
+
 def make_disk(project: Project, profile: Profile, *, force: bool = False) -> Path:
     out = built(project, profile)
     data = manifest.read(out / manifest.MANIFEST)
     root_sha = data["artifacts"]["root.img"]["sha256"]
     disk = out / DISK
-    entry = data.get("disk")
+    entry = read_record(out)
     if not force and disk.is_file() and entry and entry.get("root_sha256") == root_sha \
             and disk.stat().st_size == entry["size"]:
         log.info("‣ %s is up to date", project.display(disk))
@@ -118,10 +128,9 @@ def make_disk(project: Project, profile: Profile, *, force: bool = False) -> Pat
         log_file=work / "logs" / "disk.log")
     tmp.unlink()
     media.unlink()
-    data["disk"] = {"sha256": manifest.sha256_file(disk), "size": disk.stat().st_size,
-                    "virtual_size": disk_size(project, profile), "root_sha256": root_sha,
-                    "seconds": round(time.monotonic() - start, 1)}
-    manifest.write(out / manifest.MANIFEST, data)
+    manifest.write(out / RECORD, {"sha256": manifest.sha256_file(disk), "size": disk.stat().st_size,
+                                  "virtual_size": disk_size(project, profile), "root_sha256": root_sha,
+                                  "seconds": round(time.monotonic() - start, 1)})
     log.info("‣ Made %s in %.0f s (%d MiB)", project.display(disk), time.monotonic() - start,
              disk.stat().st_size >> 20)
     return disk

@@ -1,4 +1,5 @@
-"""From mkosi's root tree to the firmware: root.img (ext4) and root.img.zst.
+"""From mkosi's root tree to the firmware: root.img, a squashfs image with its dm-verity
+hash tree, which a node's LV holds as it is and mounts read-only.
 
 The tree is finished here for a read-only root: /var moves to /usr/share/factory/var and
 is copied into the writable /var at boot; /boot holds this copy's own kernel and initrd."""
@@ -10,10 +11,13 @@ import shutil
 import uuid
 from pathlib import Path
 
-from cbios.profile import Profile, parse_size
+from cbios.node import verity
+from cbios.profile import Profile
 from cbios.run import complete_step, run
 
-ROOT_LABEL = "cbios-root"
+# xz, not zstd: GRUB 2.06 reads the kernel and initrd out of the image, and its squashfs
+# reader knows xz (and gzip, lzo), not zstd. The BCJ filter shrinks x86 code by a tenth.
+SQUASHFS = ["-comp", "xz", "-Xbcj", "x86", "-b", "1M"]
 FACTORY_VAR = "usr/share/factory/var"
 TMPFILES = "usr/lib/tmpfiles.d/cbios-factory-var.conf"
 ZSTD_LEVEL = 12
@@ -76,9 +80,18 @@ def tree_size(tree: Path) -> int:
     return total
 
 
-def make_root_img(tree: Path, profile: Profile, out: Path, fs_uuid: uuid.UUID, log_file: Path) -> int:
-    """An ext4 image of TREE sized to its contents plus the profile's headroom."""
-    return make_ext4(tree, out, ROOT_LABEL, fs_uuid, parse_size(profile.storage.root_headroom), log_file)
+def make_root_img(tree: Path, out: Path, log_file: Path, source_date_epoch: int | None) -> verity.Verity:
+    """root.img: TREE as squashfs, padded to whole blocks, then its dm-verity hash tree."""
+    out.unlink(missing_ok=True)
+    env = {"SOURCE_DATE_EPOCH": str(source_date_epoch)} if source_date_epoch is not None else None
+    with complete_step(f"Making {out.name} (squashfs, contents {tree_size(tree) >> 20} MiB)"):
+        run(["mksquashfs", tree, out, "-noappend", "-quiet", "-no-progress", *SQUASHFS],
+            step="mksquashfs", env=env, log_file=log_file)
+    blocks = -(-out.stat().st_size // verity.BLOCK)
+    os.truncate(out, blocks * verity.BLOCK)
+    with complete_step(f"Appending the dm-verity hash tree of {blocks} blocks"):
+        proc = run(verity.format_cmd(out, blocks), step="veritysetup", capture=True)
+    return verity.Verity(root_hash=verity.root_hash_of(proc.stdout), data_blocks=blocks)
 
 
 def make_ext4(tree: Path, out: Path, label: str, fs_uuid: uuid.UUID, headroom: int, log_file: Path) -> int:

@@ -44,6 +44,11 @@ def architecture() -> str:
     return ARCHITECTURES.get(machine, machine)
 
 
+# What the CBIOS initrd itself needs of every kernel, beside what a profile names: the
+# firmware is a squashfs image read through dm-verity.
+INITRD_MODULES = ["fs/squashfs", "drivers/md/dm-mod", "drivers/md/dm-verity", "drivers/md/dm-bufio"]
+
+
 def context(profile: Profile, extra_packages: list[str] | None = None) -> dict[str, Any]:
     """What templates see: the profile, and a few values derived from it. EXTRA_PACKAGES:
     what the profile's lxc-service slots need in the root they share."""
@@ -51,6 +56,8 @@ def context(profile: Profile, extra_packages: list[str] | None = None) -> dict[s
     return {
         "profile": profile,
         "packages": sorted({profile.kernel.package, *profile.packages, *(extra_packages or [])}),
+        "initrd_modules": [*profile.kernel.initrd_modules,
+                           *(m for m in INITRD_MODULES if m not in profile.kernel.initrd_modules)],
         "root_password": root.password_hash if root else None,
         "ssh_keys": {u.name: u.ssh_keys for u in profile.users},
         "dist": profile.distribution,
@@ -108,22 +115,32 @@ IPXE_MENU_TIMEOUT_MS = 10000  # then the menu's default: netboot, which changes 
 
 
 def boot_files(project: Project, profile: Profile) -> dict[str, str]:
-    """What travels beside the firmware: GRUB's configuration and the disk layout (for the
-    flasher), and the iPXE script of the PXE bundle."""
+    """What travels beside the firmware: GRUB's configuration (for the flasher), and the
+    iPXE script of the PXE bundle."""
     env = environment(project)
+    ctx = context(profile)
+    return {
+        "grub.cfg": render_string(env, "grub/grub.cfg.j2", ctx),
+        "boot.ipxe": render_string(env, "pxe/boot.ipxe.j2", {**ctx, "menu_timeout_ms": IPXE_MENU_TIMEOUT_MS}),
+    }
+
+
+def disk_layout(project: Project, profile: Profile) -> dict[str, Any]:
+    """The node's disk as the flasher makes it (the manifest's "layout", signed): sizes in
+    bytes, and every slot volume (/dev/mapper/<vg>-slot<eid>-<iid>) with how it is filled:
+    image (an lxc-system's root, a kvm-system's system disk), seed (the template's volume/
+    tree) or format (an empty ext4)."""
     templates = slot_template.templates_of(project, profile)
     volumes = []
     for s in slot_template.node_slots(profile, templates)["slots"]:
         for v in s["volumes"]:
             has_image = templates[s["template"]].type in ("lxc-system", "kvm-system")
             fill = "format" if v["iid"] else "image" if has_image else "seed"
-            volumes.append(f"slot{s['eid']}-{v['iid']}:{v['size']}:{s['template']}:{fill}")
-    ctx = {**context(profile), "slot_volumes": volumes}
-    return {
-        "grub.cfg": render_string(env, "grub/grub.cfg.j2", ctx),
-        "disk.conf": render_string(env, "disk.conf.j2", ctx),
-        "boot.ipxe": render_string(env, "pxe/boot.ipxe.j2", {**ctx, "menu_timeout_ms": IPXE_MENU_TIMEOUT_MS}),
-    }
+            volumes.append({"name": f"slot{s['eid']}-{v['iid']}", "size": v["size"], "template": s["template"],
+                            "fill": fill})
+    return {"object_id": profile.node.object_id, "vg": profile.storage.vg, "tries": profile.boot.tries,
+            **{f"{part}_size": size for part, size in context(profile)["sizes"].items()},
+            "slot_volumes": volumes}
 
 
 NETWORK_DIR = "etc/systemd/network"

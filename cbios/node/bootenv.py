@@ -92,20 +92,57 @@ def boot_source(netboot_source: Path = NETBOOT_SOURCE) -> str:
     return "network" if netboot_source.is_file() else "disk"
 
 
-FAILURE_MAX = 300  # the block is 1024 bytes in all
+# The block is 1024 bytes in all: what a reason may take of it.
+FAILURE_MAX = 160
+CORRUPT_MAX = 100
+REFUSED = "cbios_refused"  # versions that failed the health gate here, newest last
+REFUSED_KEEP = 4
+
+
+def other(copy: str) -> str:
+    return "spare" if copy == "root" else "root"
+
+
+def refused(env: dict[str, str]) -> list[str]:
+    return env.get(REFUSED, "").split()
 
 
 def with_failure(env: dict[str, str], copy: str, version: str, reason: str) -> dict[str, str]:
-    """ENV keeping why COPY (at VERSION) was not ready on its last boot."""
+    """ENV keeping why COPY (at VERSION) was not ready on its last boot. A copy on trial that
+    fails is a version this node refuses from now on (unless forced)."""
     new = dict(env)
     new["cbios_failure"] = f"copy {copy} ({version}): {' '.join(reason.split())}"[:FAILURE_MAX]
+    if env.get(f"cbios_{copy}_state") == "new":
+        versions = [v for v in refused(env) if v != version] + [version]
+        new[REFUSED] = " ".join(versions[-REFUSED_KEEP:])
     return new
 
 
-def committed(env: dict[str, str], copy: str) -> dict[str, str]:
-    """ENV after committing COPY: good, no tries pending, and the copy to boot next."""
+def committed(env: dict[str, str], copy: str, version: str | None = None) -> dict[str, str]:
+    """ENV after committing COPY (at VERSION): good, no tries pending, the copy to boot next,
+    and VERSION no longer refused (it became ready here)."""
     new = dict(env)
     new[f"cbios_{copy}_state"] = "good"
     new.pop(f"cbios_{copy}_tries", None)
     new["cbios_active"] = copy
+    if version is not None and version in refused(env):
+        versions = [v for v in refused(env) if v != version]
+        if versions:
+            new[REFUSED] = " ".join(versions)
+        else:
+            new.pop(REFUSED)
+    return new
+
+
+def corrupted(env: dict[str, str], copy: str, reason: str) -> dict[str, str]:
+    """ENV with COPY found corrupt (REASON): bad, and, while the other copy is not bad too,
+    the other one is the copy to boot. A corrupt copy is never tried again by itself."""
+    new = dict(env)
+    reason = f"copy {copy}: {' '.join(reason.split())}"[:CORRUPT_MAX]
+    new[f"cbios_{copy}_state"] = "bad"
+    new.pop(f"cbios_{copy}_tries", None)
+    new["cbios_corrupt"] = reason
+    if env.get("cbios_active", "root") == copy and env.get(f"cbios_{other(copy)}_state") != "bad":
+        new["cbios_active"] = other(copy)
+        new["cbios_fallback"] = reason
     return new

@@ -8,8 +8,9 @@ import logging
 import subprocess
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from cbios.node import bootenv, bootstrap, slotdefs, status, update, wire
+from cbios.node import bootenv, bootstrap, scrub, slotdefs, status, update, wire
 
 UPDATE_TIMEOUT = 1800 + 60  # through CB-Manager, which gives CB-Executor 1800 s for it
 
@@ -32,9 +33,10 @@ def cmd_commit(args: argparse.Namespace) -> int:
     if running is None:
         print("cbios: not booted from a node disk: nothing to commit", file=sys.stderr)
         return 0
+    own = status.release(status.RELEASE.read_text())
     with bootenv.boot_partition(writable=True) as path:
         env = bootenv.read(path)
-        new = bootenv.committed(env, running)
+        new = bootenv.committed(env, running, own.get("CBIOS_VERSION"))
         if new != env:
             bootenv.write(path, new)
     print(f"cbios: committed copy {running}")
@@ -44,12 +46,15 @@ def cmd_commit(args: argparse.Namespace) -> int:
 def cmd_update(args: argparse.Namespace) -> int:
     """New firmware into the copy that is not running; reboot into it unless --no-reboot."""
     if args.through_manager:
+        if args.force:
+            print("cbios: update: --force is for the node's own console, not --through-manager", file=sys.stderr)
+            return 2
         result = wire.call(slotdefs.MANAGER_SOCKET, "update", {
             "source": args.source, "allow_downgrade": args.allow_downgrade, "reboot": not args.no_reboot},
             timeout=UPDATE_TIMEOUT)
     else:
         result = update.update(update.node_here(), args.source, allow_downgrade=args.allow_downgrade,
-                               say=lambda line: print(f"cbios: {line}", flush=True))
+                               force=args.force, say=lambda line: print(f"cbios: {line}", flush=True))
     if args.json:
         print(json.dumps(result, indent=2))
     if not args.no_reboot and not args.through_manager:
@@ -68,6 +73,55 @@ def cmd_record_failure(args: argparse.Namespace) -> int:
         env = bootenv.read(path)
         bootenv.write(path, bootenv.with_failure(env, running, own.get("CBIOS_VERSION", "?"), args.reason))
     return 0
+
+
+def _copy_device(copy: str) -> Path:
+    vg = status.release(status.RELEASE.read_text()).get("CBIOS_VG", "lvm")
+    return Path(f"/dev/{vg}/{bootenv.COPIES[copy]}")
+
+
+def cmd_scrub(args: argparse.Namespace) -> int:
+    """Read both copies whole through dm-verity; mark a corrupt one bad. Exit 1 if one was."""
+    running = bootenv.running_copy()
+    if running is None:
+        print("cbios: not booted from a node disk: no copies to scrub", file=sys.stderr)
+        return 0
+    with bootenv.boot_partition() as path:
+        env = bootenv.read(path)
+    findings = scrub.scrub_copies(env, _copy_device)
+    for f in findings:
+        if f.result == "corrupt":
+            scrub.report(f"CORRUPT copy {f.copy}{' (running)' if f.copy == running else ''}: {f.detail}")
+        else:
+            print(f"cbios: scrub: copy {f.copy}: {f.result}: {f.detail}", flush=True)
+    if args.json:
+        print(json.dumps([f.__dict__ for f in findings], indent=2))
+    if not any(f.result == "corrupt" for f in findings):
+        return 0
+    with bootenv.boot_partition(writable=True) as path:
+        env = scrub.mark(bootenv.read(path), findings)
+        bootenv.write(path, env)
+    if args.boot and scrub.should_reboot(env, running):
+        scrub.report(f"copy {running} is corrupt: rebooting into copy {bootenv.other(running)}")
+        subprocess.run(["systemctl", "--no-block", "reboot"], check=False, stdin=subprocess.DEVNULL)
+    return 1
+
+
+def cmd_corrupt(args: argparse.Namespace) -> int:
+    """The kernel refused a block of the running copy (udev, on dm-verity's event): mark it bad."""
+    running = bootenv.running_copy()
+    if running is None:
+        return 0
+    kind, _, block = args.block.partition(",")
+    what = {"0": "data", "1": "hash"}.get(kind, "a")
+    with bootenv.boot_partition(writable=True) as path:
+        env = bootenv.read(path)
+        if env.get(f"cbios_{running}_state") == "bad":
+            return 0
+        bootenv.write(path, bootenv.corrupted(env, running, f"corrupt: {what} block {block} refused by dm-verity"))
+    scrub.report(f"CORRUPT copy {running} (running): dm-verity refused {what} block {block}; "
+                 f"copy {bootenv.other(running)} boots next")
+    return 1
 
 
 def cmd_bootenv(args: argparse.Namespace) -> int:
@@ -103,6 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     u.add_argument("source", metavar="SOURCE",
                    help="a build or PXE bundle directory (or its manifest.json), or an http(s) URL of one")
     u.add_argument("--allow-downgrade", action="store_true", help="also an older version, or the same")
+    u.add_argument("--force", action="store_true",
+                   help="also a version that failed the health gate on this node before (not --through-manager)")
     u.add_argument("--no-reboot", action="store_true", help="do not reboot: the new copy boots next time")
     u.add_argument("--through-manager", action="store_true",
                    help="ask CB-Manager, as a remote caller would (SOURCE as the node sees it)")
@@ -111,6 +167,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     f = sub.add_parser("record-failure", help="keep why this boot was not ready (done by the health gate)")
     f.add_argument("reason")
     f.set_defaults(func=cmd_record_failure)
+    c = sub.add_parser("scrub", help="read both copies whole through dm-verity; mark a corrupt one bad")
+    c.add_argument("--boot", action="store_true",
+                   help="at boot: if the running copy is corrupt and the other is not, reboot into it")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_scrub)
+    k = sub.add_parser("corrupt", help="the running copy's block BLOCK was refused by dm-verity (done by udev)")
+    k.add_argument("block", metavar="BLOCK", help="dm-verity's DM_VERITY_ERR_BLOCK_NR: TYPE,BLOCK")
+    k.set_defaults(func=cmd_corrupt)
     b = sub.add_parser("bootenv", help="show, or set with KEY=VALUE (empty VALUE unsets), the boot state")
     b.add_argument("set", nargs="*", metavar="KEY=VALUE")
     b.set_defaults(func=cmd_bootenv)

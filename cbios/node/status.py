@@ -16,8 +16,8 @@ def release(text: str) -> dict[str, str]:
 
 
 def copy_release(vg: str, lv: str) -> dict[str, str] | None:
-    """The release file inside an LV's file system, read without mounting it."""
-    proc = subprocess.run(["debugfs", "-R", f"cat {RELEASE}", f"/dev/{vg}/{lv}"],
+    """The release file inside an LV's squashfs image, read without mounting it."""
+    proc = subprocess.run(["unsquashfs", "-cat", f"/dev/{vg}/{lv}", str(RELEASE)],
                           capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False)
     found = release(proc.stdout) if proc.returncode == 0 else {}
     return found or None

@@ -1,13 +1,14 @@
 """`cbios update SOURCE`: new firmware into the copy that is not running, tried on the next boot.
 
-SOURCE is a build's or a PXE bundle's directory (or its manifest.json), or an http(s) URL of
-one (`cbios pxe serve`, any web server). The manifest is checked first (its signature against
-this firmware's key, when it has one; profile, architecture, version); then root.img.zst is
-streamed twice, never held whole: once only to check both sha256s, once to write the copy
-(checked again as it streams, then read back). The copy is marked bad while it is written,
-so a cut-off at any moment leaves the node booting the copy it runs. Only then does it
-become the copy to try next, with the profile's tries; the health gate commits it or the
-boot loader falls back. /var and the slots' volumes are never touched."""
+SOURCE is a build's or a PXE bundle's directory (or its manifest.json), a release file, or an
+http(s) URL of one (`cbios pxe serve`, any web server). The manifest's Ed25519 signature is
+checked first, with the key this firmware carries, then what it says (profile, architecture,
+version). root.img goes into the copy in one pass as it arrives, never held whole, hashed on
+the way; the copy is marked bad while it is written, so a cut-off at any moment leaves the
+node booting the copy it runs. Then every block is read back through dm-verity against the
+signed root hash, and only then does the copy become the one to try next, with the profile's
+tries; the health gate commits it or the boot loader falls back. /var and the slots'
+volumes are never touched."""
 
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ import re
 import subprocess
 import tarfile
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -30,11 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from cbios.node import bootenv, status
+from cbios.node import bootenv, status, verity
 
 MANIFEST = "manifest.json"
 SIGNATURE = MANIFEST + ".sig"
-IMAGE = "root.img.zst"
+IMAGE = "root.img"
 KEY = Path("/usr/lib/cbios/update-key.pem")
 LOCK = Path("/run/cbios/update.lock")
 CHUNK = 1 << 20
@@ -163,8 +163,7 @@ class Firmware:
     tries: int
     root_sha256: str
     root_size: int
-    zst_sha256: str
-    zst_size: int
+    verity: verity.Verity
 
 
 def parse_manifest(data: bytes, where: str) -> Firmware:
@@ -174,12 +173,16 @@ def parse_manifest(data: bytes, where: str) -> Firmware:
         firmware = Firmware(
             profile=str(m["profile"]), version=str(m["version"]), architecture=str(m["architecture"]),
             tries=int(m["boot"]["tries"]),
-            root_sha256=str(arts["root.img"]["sha256"]), root_size=int(arts["root.img"]["size"]),
-            zst_sha256=str(arts[IMAGE]["sha256"]), zst_size=int(arts[IMAGE]["size"]))
+            root_sha256=str(arts[IMAGE]["sha256"]), root_size=int(arts[IMAGE]["size"]),
+            verity=verity.Verity.parse(str(m["verity"]["param"])))
     except json.JSONDecodeError as e:
         raise UpdateError(f"{where}: not JSON ({e.msg}, line {e.lineno})") from None
+    except verity.VerityError as e:
+        raise UpdateError(f"{where}: not a CBIOS manifest ({e})") from None
     except (KeyError, TypeError, ValueError) as e:
         raise UpdateError(f"{where}: not a CBIOS manifest (no {e})") from None
+    if firmware.verity.hash_offset >= firmware.root_size:
+        raise UpdateError(f"{where}: not a CBIOS manifest (its verity data blocks overrun root.img)")
     if not VERSION.fullmatch(firmware.version) or not 1 <= firmware.tries <= 9:
         raise UpdateError(f"{where}: not a CBIOS manifest (version {firmware.version!r}, "
                           f"tries {firmware.tries}: a version like 1.2.3 and 1 to 9 tries)")
@@ -204,15 +207,14 @@ def load_manifest(source: Source, own: dict[str, str], key: Path, *, allow_downg
                   say: Callable[[str], None]) -> Firmware:
     data = source.read(MANIFEST)
     where = source.where(MANIFEST)
-    if key.is_file():
-        signature = source.read_if_there(SIGNATURE, 4096)
-        if signature is None:
-            raise UpdateError(f"{source.where(SIGNATURE)}: missing: this firmware accepts signed updates only")
-        if not verify_signature(data, signature, key):
-            raise UpdateError(f"{where}: signature does not verify with this node's key ({key})")
-        say(f"{MANIFEST}: signature good ({key})")
-    else:
-        say(f"{MANIFEST}: this firmware has no signing key: checked by sha256 only")
+    if not key.is_file():
+        raise UpdateError(f"this firmware carries no signing key ({key}): it takes no update")
+    signature = source.read_if_there(SIGNATURE, 4096)
+    if signature is None:
+        raise UpdateError(f"{source.where(SIGNATURE)}: missing: this firmware accepts signed updates only")
+    if not verify_signature(data, signature, key):
+        raise UpdateError(f"{where}: signature does not verify with this node's key ({key})")
+    say(f"{MANIFEST}: signature good ({key})")
     new = parse_manifest(data, where)
     check_firmware(new, own, allow_downgrade=allow_downgrade, where=where)
     return new
@@ -221,90 +223,32 @@ def load_manifest(source: Source, own: dict[str, str], key: Path, *, allow_downg
 # -- streaming -----------------------------------------------------------------------
 
 
-@dataclass
-class Stream:
-    """One pass over root.img.zst: its bytes, and what zstd made of them."""
-
-    zst_sha256: str = ""
-    zst_bytes: int = 0
-    root_sha256: str = ""
-    root_bytes: int = 0
-
-
-def stream(source: Source, new: Firmware, sink: IO[bytes] | None, say: Callable[[str], None],
-           doing: str) -> Stream:
-    """Pass root.img.zst through zstd; the output goes to SINK (None: only hashed).
-
-    Both ends are always read to their end, whatever goes wrong (zstd refusing the data, a
-    write failing, more output than the manifest says), so that neither pipe can stall and
-    the verdict is the checksum's."""
-    zst, root = hashlib.sha256(), hashlib.sha256()
-    out = Stream()
-    write_error: list[OSError] = []
-    proc = subprocess.Popen(["zstd", "-dcq"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL)
-    assert proc.stdin is not None and proc.stdout is not None
-
-    def unpacked() -> None:
-        assert proc.stdout is not None
-        while chunk := proc.stdout.read(CHUNK):
-            root.update(chunk)
-            out.root_bytes += len(chunk)
-            if sink is not None and not write_error and out.root_bytes <= new.root_size:
-                try:
-                    sink.write(chunk)
-                except OSError as e:
-                    write_error.append(e)
-
-    t = threading.Thread(target=unpacked, daemon=True)
-    t.start()
+def stream(source: Source, new: Firmware, sink: IO[bytes], say: Callable[[str], None], doing: str) -> str:
+    """root.img from SOURCE into SINK as it arrives, never more than the manifest's size;
+    its sha256 must be the manifest's. A write that fails or a transfer cut short is a verdict."""
+    h = hashlib.sha256()
+    done = 0
     last = time.monotonic()
     where = source.where(IMAGE)
-    unpacking = True
-    try:
-        with source.open(IMAGE) as f:
-            while chunk := _read(f, where, out.zst_bytes, CHUNK):
-                zst.update(chunk)
-                out.zst_bytes += len(chunk)
-                if out.zst_bytes > new.zst_size:
-                    raise UpdateError(f"{where}: more than the {new.zst_size} bytes the manifest says")
-                if unpacking:
-                    try:
-                        proc.stdin.write(chunk)
-                    except BrokenPipeError:
-                        unpacking = False  # zstd gave up on the data: the checksums will say why
-                if time.monotonic() - last >= PROGRESS_EVERY:
-                    last = time.monotonic()
-                    say(f"{doing}: {out.zst_bytes >> 20}/{new.zst_size >> 20} MiB "
-                        f"({100 * out.zst_bytes // max(new.zst_size, 1)}%)")
-        try:
-            proc.stdin.close()
-        except BrokenPipeError:
-            pass
-        t.join()
-        proc.wait()
-    finally:
-        # Whatever happened, zstd is gone and the reader has stopped before SINK is closed.
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        t.join()
-        for pipe in (proc.stdin, proc.stdout):
-            with contextlib.suppress(OSError):
-                pipe.close()
-    out.zst_sha256, out.root_sha256 = zst.hexdigest(), root.hexdigest()
-    if out.zst_bytes < new.zst_size:
-        raise UpdateError(f"{where}: the transfer broke off after {out.zst_bytes >> 20} MiB "
-                          f"({out.zst_bytes} of {new.zst_size} bytes)")
-    if out.zst_sha256 != new.zst_sha256:
-        raise UpdateError(f"{where}: checksum mismatch (sha256 {out.zst_sha256[:12]}, "
-                          f"the manifest says {new.zst_sha256[:12]})")
-    if proc.returncode != 0 or out.root_bytes != new.root_size or out.root_sha256 != new.root_sha256:
-        raise UpdateError(f"{where}: does not unpack to the manifest's root.img (zstd status {proc.returncode}, "
-                          f"{out.root_bytes} bytes, sha256 {out.root_sha256[:12]})")
-    if write_error:
-        raise UpdateError(f"{getattr(sink, 'name', 'the copy')}: writing failed: {write_error[0]}")
-    return out
+    with source.open(IMAGE) as f:
+        while chunk := _read(f, where, done, CHUNK):
+            done += len(chunk)
+            if done > new.root_size:
+                raise UpdateError(f"{where}: more than the {new.root_size} bytes the manifest says")
+            h.update(chunk)
+            try:
+                sink.write(chunk)
+            except OSError as e:
+                raise UpdateError(f"{getattr(sink, 'name', 'the copy')}: writing failed: {e}") from None
+            if time.monotonic() - last >= PROGRESS_EVERY:
+                last = time.monotonic()
+                say(f"{doing}: {done >> 20}/{new.root_size >> 20} MiB ({100 * done // max(new.root_size, 1)}%)")
+    if done < new.root_size:
+        raise UpdateError(f"{where}: the transfer broke off after {done >> 20} MiB ({done} of {new.root_size} bytes)")
+    if h.hexdigest() != new.root_sha256:
+        raise UpdateError(f"{where}: checksum mismatch (sha256 {h.hexdigest()[:12]}, "
+                          f"the manifest says {new.root_sha256[:12]})")
+    return h.hexdigest()
 
 
 def _read(f: IO[bytes], where: str, done: int, size: int) -> bytes:
@@ -314,21 +258,7 @@ def _read(f: IO[bytes], where: str, done: int, size: int) -> bytes:
         raise UpdateError(f"{where}: the transfer broke off after {done >> 20} MiB ({e})") from None
 
 
-def readback(device: Path, size: int) -> str:
-    h = hashlib.sha256()
-    left = size
-    with open(device, "rb") as f:
-        while left > 0 and (chunk := f.read(min(CHUNK, left))):
-            h.update(chunk)
-            left -= len(chunk)
-    return h.hexdigest()
-
-
 # -- the boot state ------------------------------------------------------------------
-
-
-def other(copy: str) -> str:
-    return "spare" if copy == "root" else "root"
 
 
 def target_copy(env: dict[str, str], running: str) -> str:
@@ -336,7 +266,7 @@ def target_copy(env: dict[str, str], running: str) -> str:
     if env.get(f"cbios_{running}_state") != "good":
         raise UpdateError(f"copy {running} (running) is not committed yet: update once the node is ready "
                           f"(cbios status)")
-    return other(running)
+    return bootenv.other(running)
 
 
 def marked_bad(env: dict[str, str], copy: str) -> dict[str, str]:
@@ -345,15 +275,17 @@ def marked_bad(env: dict[str, str], copy: str) -> dict[str, str]:
     new = dict(env)
     new[f"cbios_{copy}_state"] = "bad"
     new.pop(f"cbios_{copy}_tries", None)
-    new["cbios_active"] = other(copy)
+    new.pop(f"cbios_{copy}_verity", None)
+    new["cbios_active"] = bootenv.other(copy)
     return new
 
 
-def to_try(env: dict[str, str], copy: str, tries: int) -> dict[str, str]:
-    """COPY on trial next boot, with TRIES boots to become ready."""
+def to_try(env: dict[str, str], copy: str, tries: int, param: str) -> dict[str, str]:
+    """COPY on trial next boot, with TRIES boots to become ready, opened with verity PARAM."""
     new = dict(env)
     new[f"cbios_{copy}_state"] = "new"
     new[f"cbios_{copy}_tries"] = str(tries)
+    new[f"cbios_{copy}_verity"] = param
     new["cbios_active"] = copy
     return new
 
@@ -371,9 +303,11 @@ class Node:
     device: Callable[[str], Path]  # copy -> its block device
     key: Path = KEY
     lock: Path = LOCK
+    # Every block of a written copy read back through dm-verity: None, or what failed.
+    check: Callable[[Path, verity.Verity], str | None] = lambda device, v: verity.scrub(device, v, "cbios-update")
 
 
-def update(node: Node, source_text: str, *, allow_downgrade: bool = False,
+def update(node: Node, source_text: str, *, allow_downgrade: bool = False, force: bool = False,
            say: Callable[[str], None] = print) -> dict[str, Any]:
     """One update at a time on a node, whoever asks (the CLI, CB-Executor)."""
     if node.running is None:
@@ -385,24 +319,26 @@ def update(node: Node, source_text: str, *, allow_downgrade: bool = False,
         except BlockingIOError:
             raise UpdateError(f"another update is running ({node.lock})") from None
         with contextlib.closing(Source(source_text)) as source:
-            return _update(node, source, allow_downgrade=allow_downgrade, say=say)
+            return _update(node, source, allow_downgrade=allow_downgrade, force=force, say=say)
 
 
-def _update(node: Node, source: Source, *, allow_downgrade: bool, say: Callable[[str], None]) -> dict[str, Any]:
+def _update(node: Node, source: Source, *, allow_downgrade: bool, force: bool,
+            say: Callable[[str], None]) -> dict[str, Any]:
     assert node.running is not None
     start = time.monotonic()
     new = load_manifest(source, node.own, node.key, allow_downgrade=allow_downgrade, say=say)
     with node.boot_env(False) as path:
         env = bootenv.read(path)
+    if new.version in bootenv.refused(env) and not force:
+        raise UpdateError(f"{source.where(MANIFEST)}: version {new.version} failed the health gate on this node "
+                          f"before; add --force to write it anyway")
     target = target_copy(env, node.running)
     device = node.device(target)
     room = _size(device)
     if new.root_size > room:
         raise UpdateError(f"{device}: {room} bytes, too small for root.img ({new.root_size} bytes)")
     say(f"{node.own['CBIOS_PROFILE']} {node.own['CBIOS_VERSION']} -> {new.version}: "
-        f"checking {source.where(IMAGE)} ({new.zst_size >> 20} MiB)")
-    stream(source, new, None, say, "checking")
-    checked = time.monotonic()
+        f"from {source.where(IMAGE)} ({new.root_size >> 20} MiB)")
 
     # From here on the target copy is bad until it is whole and checked: a cut-off never boots it.
     with node.boot_env(True) as path:
@@ -414,14 +350,16 @@ def _update(node: Node, source: Source, *, allow_downgrade: bool, say: Callable[
         stream(source, new, dev, say, f"writing copy {target}")
         os.fsync(dev.fileno())
         os.posix_fadvise(dev.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # read back the disk, not the cache
-    if readback(device, new.root_size) != new.root_sha256:
-        raise UpdateError(f"{device}: read back, it does not match root.img: copy {target} stays bad")
+    written = time.monotonic()
+    say(f"reading copy {target} back through dm-verity")
+    if problem := node.check(device, new.verity):
+        raise UpdateError(f"{problem}: copy {target} stays bad")
     with node.boot_env(True) as path:
-        bootenv.write(path, to_try(bootenv.read(path), target, new.tries))
+        bootenv.write(path, to_try(bootenv.read(path), target, new.tries, new.verity.param))
     result = {
         "profile": new.profile, "from": node.own["CBIOS_VERSION"], "version": new.version,
         "copy": target, "device": str(device), "tries": new.tries, "root_sha256": new.root_sha256,
-        "check_seconds": round(checked - start, 1), "seconds": round(time.monotonic() - start, 1),
+        "write_seconds": round(written - start, 1), "seconds": round(time.monotonic() - start, 1),
     }
     say(f"UPDATED {new.profile} {node.own['CBIOS_VERSION']} -> {new.version}: copy {target} boots next, "
         f"with {new.tries} {'try' if new.tries == 1 else 'tries'} to become ready ({result['seconds']} s)")

@@ -133,7 +133,6 @@ class Storage(Strict):
     root_size: Size = "2G"
     var_size: Size = "8G"
     swap_size: Size = "1G"
-    root_headroom: Size = Field(default="64M", description="free space in root.img beyond its contents")
     slot_room: Size = Field(default="1G", description="free space in the VG for slots installed later")
 
 

@@ -1,7 +1,8 @@
 """build/NAME/pxe/: all that a PXE server serves for one build, hard links to the build's
-own artifacts (no copies of the large files). The flasher reads SHA256SUMS, disk.conf,
-grub.cfg and root.img.zst; iPXE reads boot.ipxe, vmlinuz and initrd.img. The slots'
-images travel inside root.img (/usr/lib/cbios/slot-images)."""
+own artifacts (no copies of the large files). The flasher reads manifest.json and its
+signature, then grub.cfg and root.img, each checked against the signed manifest; iPXE reads
+boot.ipxe, vmlinuz and initrd.img. SHA256SUMS is for people (sha256sum -c); nothing trusts
+it. The slots' images travel inside root.img (/usr/lib/cbios/slot-images)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,8 @@ from cbios import manifest
 from cbios.errors import CbiosError
 
 PXE_DIR = "pxe"
-FILES = ["boot.ipxe", "vmlinuz", "initrd.img", "root.img.zst", "grub.cfg", "disk.conf", "SHA256SUMS",
+FILES = ["boot.ipxe", "vmlinuz", "initrd.img", "root.img", "grub.cfg", "SHA256SUMS",
          manifest.MANIFEST, manifest.SIGNATURE]
-OPTIONAL = {manifest.SIGNATURE}
 
 
 def make_bundle(out: Path) -> Path:
@@ -25,8 +25,6 @@ def make_bundle(out: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     for name in FILES:
-        if name in OPTIONAL and not (out / name).is_file():
-            continue
         try:
             os.link(out / name, tmp / name)
         except OSError:
@@ -51,7 +49,7 @@ def check_bundle(bundle: Path) -> dict[str, object]:
     except (ValueError, KeyError, TypeError) as e:
         raise CbiosError(f"{bundle / manifest.MANIFEST}: unreadable manifest ({e})") from None
     for name in FILES:
-        if name in (manifest.MANIFEST, "SHA256SUMS", *OPTIONAL):
+        if name in (manifest.MANIFEST, "SHA256SUMS", manifest.SIGNATURE):
             continue
         meta = artifacts.get(name)
         path = bundle / name

@@ -42,8 +42,13 @@ class BundleServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, address: tuple[str, int], bundle: Path, files: list[str], receipts: Path,
-                 *, preset_mode: str | None = None, preset_args: str = "") -> None:
+                 *, preset_mode: str | None = None, preset_args: str = "",
+                 hold_after: tuple[str, int] | None = None) -> None:
+        """HOLD_AFTER (NAME, BYTES), for tests that cut a transfer off: once BYTES of NAME are
+        sent, that transfer sends nothing more until the server stops (`held` is set)."""
         self.bundle = bundle
+        self.hold_after = hold_after
+        self.held = threading.Event()
         self.preset = "".join(f"set {k} {v}\n" for k, v in (("cbios-mode", preset_mode), ("cbios-args", preset_args))
                               if v)
         self.files = set(files)
@@ -144,8 +149,13 @@ class Handler(BaseHTTPRequestHandler):
         transfer = Transfer(self.client_address[0], self._mac(), name, size)
         self.server.track(transfer)
         log.info("  %s %s: %s (%d MiB) ...", transfer.mac, transfer.client, name, size >> 20)
+        hold = self.server.hold_after[1] if self.server.hold_after and self.server.hold_after[0] == name else None
         with open(path, "rb") as f:
             while not self.server.stopping.is_set() and (chunk := f.read(CHUNK)):
+                if hold is not None and transfer.sent + len(chunk) > hold:
+                    self.server.held.set()
+                    self.server.stopping.wait()
+                    break
                 try:
                     self.wfile.write(chunk)
                 except OSError:

@@ -21,8 +21,10 @@ CHAIN = "chain.ipxe"
 
 
 class PxeLab:
-    def __init__(self, bundle: Path, workdir: Path, *, mode: str | None, kernel_args: str = "") -> None:
-        """MODE: what the node does (boot, update, install); None: iPXE's menu, and its default."""
+    def __init__(self, bundle: Path, workdir: Path, *, mode: str | None, kernel_args: str = "",
+                 hold_after: tuple[str, int] | None = None) -> None:
+        """MODE: what the node does (boot, update, install); None: iPXE's menu, and its default.
+        HOLD_AFTER: (file, bytes) after which that transfer waits for the server to stop."""
         if shutil.which("socat") is None:
             raise StepError("pxe lab", "socat is not installed", hint="run 'make deps'")
         self.workdir = workdir
@@ -31,7 +33,7 @@ class PxeLab:
         (self.tftp / CHAIN).write_text(f"#!ipxe\nchain http://{GUEST_SERVER}/boot.ipxe?mac=${{netX/mac}}\n")
         self.taken: list[dict[str, object]] = []
         self.server = BundleServer(("127.0.0.1", 0), bundle, FILES, workdir / "receipts",
-                                   preset_mode=mode, preset_args=kernel_args)
+                                   preset_mode=mode, preset_args=kernel_args, hold_after=hold_after)
 
     def wait_receipt(self, timeout: float = 60) -> dict[str, object]:
         """The next receipt the flasher sends (it sends it just after its verdict)."""

@@ -1,5 +1,6 @@
 """`cbios update` (cbios.node.update) on files standing in for the node's LVs and boot
-partition: real zstd, real openssl signatures, a real HTTP server."""
+partition: real veritysetup hash trees (checked in user space here, by the kernel on a node),
+real openssl signatures, a real HTTP server."""
 
 from __future__ import annotations
 
@@ -22,33 +23,49 @@ import pytest
 
 from cbios import signing
 from cbios.errors import CbiosError, StepError
-from cbios.node import bootenv, cli, requests, status, update
+from cbios.node import bootenv, cli, requests, status, update, verity
 from cbios.node.wire import Invalid
 from cbios.release import write_release
 
 OWN = {"CBIOS_PROFILE": "qemu-test", "CBIOS_VERSION": "1.0.0", "CBIOS_ARCHITECTURE": "x86-64", "CBIOS_VG": "lvm"}
 COPY_SIZE = 4 << 20
-ROOT = os.urandom(1 << 20) + bytes(1 << 20)  # a "root.img" of 2 MiB
+DATA = os.urandom(1 << 20) + bytes(1 << 20)  # the file system of a "root.img": 2 MiB
 
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def make_release(directory: Path, key: Path | None, *, root: bytes = ROOT, **fields: Any) -> Path:
-    """A build directory as `cbios build` leaves it: root.img.zst, manifest.json (signed with KEY)."""
+def with_tree(tmp: Path, data: bytes) -> tuple[bytes, verity.Verity]:
+    """DATA and its dm-verity hash tree, as the build lays them out (veritysetup)."""
+    img = tmp / "root.img"
+    img.write_bytes(data)
+    blocks = len(data) // verity.BLOCK
+    out = subprocess.run(verity.format_cmd(img, blocks), capture_output=True, text=True, check=True).stdout
+    return img.read_bytes(), verity.Verity(verity.root_hash_of(out), blocks)
+
+
+def make_release(directory: Path, key: Path | None, *, data: bytes = DATA, **fields: Any) -> Path:
+    """A build directory as `cbios build` leaves it: root.img, manifest.json (signed with KEY)."""
     directory.mkdir(parents=True, exist_ok=True)
-    zst = subprocess.run(["zstd", "-q", "-c"], input=root, capture_output=True, check=True).stdout
-    (directory / "root.img.zst").write_bytes(zst)
-    data = {"format": 1, "profile": "qemu-test", "version": "2.0.0", "architecture": "x86-64",
-            "boot": {"tries": 2, "ready_timeout": 300},
-            "artifacts": {"root.img": {"sha256": sha256(root), "size": len(root)},
-                          "root.img.zst": {"sha256": sha256(zst), "size": len(zst)}}}
-    data.update(fields)
-    (directory / "manifest.json").write_text(json.dumps(data))
+    root, v = with_tree(directory, data)
+    doc = {"format": 1, "profile": "qemu-test", "version": "2.0.0", "architecture": "x86-64",
+           "boot": {"tries": 2, "ready_timeout": 300}, "verity": {"param": v.param},
+           "artifacts": {"root.img": {"sha256": sha256(root), "size": len(root)}}}
+    doc.update(fields)
+    (directory / "manifest.json").write_text(json.dumps(doc))
     if key is not None:
         sign(key, directory / "manifest.json")
     return directory
+
+
+def userspace_check(device: Path, v: verity.Verity) -> str | None:
+    """What the node's kernel checks through dm-verity, checked by veritysetup in user space."""
+    proc = subprocess.run(["veritysetup", "verify", "--no-superblock", "--hash=sha256", "--salt=-",
+                           f"--data-blocks={v.data_blocks}", f"--hash-offset={v.hash_offset}",
+                           str(device), str(device), v.root_hash], capture_output=True, text=True, check=False)
+    return None if proc.returncode == 0 else f"{device}: does not match the root hash"
+
 
 
 def sign(key: Path, path: Path) -> None:
@@ -76,7 +93,8 @@ class FakeNode:
         base = {"cbios_active": running, "cbios_root_state": "good", "cbios_spare_state": "good"}
         self.grubenv.write_bytes(bootenv.render({**base, **env}))
         self.node = update.Node(own=dict(OWN), running=running, boot_env=self._env,
-                                device=lambda c: self.copies[c], key=pub, lock=tmp / "update.lock")
+                                device=lambda c: self.copies[c], key=pub, lock=tmp / "update.lock",
+                                check=userspace_check)
 
     @contextlib.contextmanager
     def _env(self, writable: bool) -> Iterator[Path]:
@@ -90,6 +108,11 @@ class FakeNode:
 
     def snapshot(self) -> dict[str, str]:
         return {name: sha256(p.read_bytes()) for name, p in [*self.copies.items(), ("env", self.grubenv)]}
+
+
+def written(node: FakeNode, release: Path, copy: str = "spare") -> bool:
+    image = (release / "root.img").read_bytes()
+    return node.copies[copy].read_bytes()[:len(image)] == image
 
 
 def mkdir(path: Path) -> Path:
@@ -115,10 +138,11 @@ def test_an_update_writes_the_copy_not_running_and_makes_it_the_one_to_try(
     root_before = node.snapshot()["root"]
     result = run(node, release)
     assert result["copy"] == "spare" and result["version"] == "2.0.0" and result["from"] == "1.0.0"
-    assert node.copies["spare"].read_bytes()[:len(ROOT)] == ROOT
+    assert written(node, release)
     assert node.snapshot()["root"] == root_before  # the running copy is not touched
     env = node.env()
     assert env["cbios_active"] == "spare" and env["cbios_spare_state"] == "new" and env["cbios_spare_tries"] == "2"
+    assert env["cbios_spare_verity"] == json.loads((release / "manifest.json").read_text())["verity"]["param"]
     assert env["cbios_root_state"] == "good"
     assert any("signature good" in line for line in result["said"])
     # The manifest's path works as well as its directory.
@@ -127,45 +151,62 @@ def test_an_update_writes_the_copy_not_running_and_makes_it_the_one_to_try(
 
 
 @pytest.mark.parametrize("tamper, message", [
-    ("image", "checksum mismatch"),
     ("manifest", "signature does not verify"),
     ("unsigned", "manifest.json.sig: missing"),
-    ("truncated", "the transfer broke off"),
-    ("wrong-root", "does not unpack to the manifest's root.img"),
-    ("not-zstd", "does not unpack to the manifest's root.img \\(zstd status 1"),
+    ("other-key", "signature does not verify"),
 ])
-def test_a_tampered_release_is_refused_before_anything_is_written(
+def test_a_manifest_not_signed_by_the_nodes_key_is_refused_before_anything_is_written(
         node: FakeNode, keys: tuple[Path, Path], tmp_path: Path, tamper: str, message: str) -> None:
     release = make_release(tmp_path / "v2", keys[0])
-    zst = release / "root.img.zst"
-    if tamper == "image":
-        data = bytearray(zst.read_bytes())
-        data[len(data) // 2] ^= 0x01
-        zst.write_bytes(bytes(data))
-    elif tamper == "manifest":
+    if tamper == "manifest":
         m = json.loads((release / "manifest.json").read_text())
         m["version"] = "9.0.0"
         (release / "manifest.json").write_text(json.dumps(m))
     elif tamper == "unsigned":
         (release / "manifest.json.sig").unlink()
-    elif tamper == "truncated":
-        zst.write_bytes(zst.read_bytes()[:-100])
-    elif tamper == "wrong-root":  # a signed manifest whose root.img sum is not what the image unpacks to
-        m = json.loads((release / "manifest.json").read_text())
-        m["artifacts"]["root.img"]["sha256"] = sha256(b"other")
-        (release / "manifest.json").write_text(json.dumps(m))
-        sign(keys[0], release / "manifest.json")
-    elif tamper == "not-zstd":  # a signed manifest that describes bytes zstd cannot unpack
-        junk = os.urandom(100_000)
-        zst.write_bytes(junk)
-        m = json.loads((release / "manifest.json").read_text())
-        m["artifacts"]["root.img.zst"] = {"sha256": sha256(junk), "size": len(junk)}
-        (release / "manifest.json").write_text(json.dumps(m))
-        sign(keys[0], release / "manifest.json")
+    elif tamper == "other-key":
+        other = tmp_path / "other.pem"
+        subprocess.run(["openssl", "genpkey", "-algorithm", "ed25519", "-out", str(other)], check=True)
+        sign(other, release / "manifest.json")
     before = node.snapshot()
     with pytest.raises(update.UpdateError, match=message):
         run(node, release)
     assert node.snapshot() == before
+
+
+@pytest.mark.parametrize("tamper, message", [
+    ("image", "checksum mismatch"),
+    ("truncated", "the transfer broke off"),
+    ("longer", "more than the .* bytes the manifest says"),
+    ("wrong-sum", "checksum mismatch"),
+    ("wrong-root-hash", "does not match the root hash"),
+])
+def test_a_tampered_image_leaves_the_copy_it_was_written_to_bad_and_the_running_one_as_it_was(
+        node: FakeNode, keys: tuple[Path, Path], tmp_path: Path, tamper: str, message: str) -> None:
+    release = make_release(tmp_path / "v2", keys[0])
+    image = release / "root.img"
+    m = json.loads((release / "manifest.json").read_text())
+    if tamper == "image":
+        data = bytearray(image.read_bytes())
+        data[len(data) // 3] ^= 0x01
+        image.write_bytes(bytes(data))
+    elif tamper == "truncated":
+        image.write_bytes(image.read_bytes()[:-100])
+    elif tamper == "longer":
+        image.write_bytes(image.read_bytes() + b"more")
+    elif tamper == "wrong-sum":  # signed, but the image is not what it names
+        m["artifacts"]["root.img"]["sha256"] = sha256(b"other")
+    elif tamper == "wrong-root-hash":  # signed, and its sha256 right, but not its hash tree's root
+        m["verity"]["param"] = verity.Verity("ab" * 32, len(DATA) // verity.BLOCK).param
+    (release / "manifest.json").write_text(json.dumps(m))
+    sign(keys[0], release / "manifest.json")
+    before = node.snapshot()
+    with pytest.raises(update.UpdateError, match=message):
+        run(node, release)
+    env = node.env()
+    assert node.snapshot()["root"] == before["root"]
+    assert (env["cbios_active"], env["cbios_root_state"], env["cbios_spare_state"]) == ("root", "good", "bad")
+    assert "cbios_spare_verity" not in env
 
 
 @pytest.mark.parametrize("fields, message", [
@@ -203,16 +244,17 @@ def test_no_update_from_a_copy_still_on_trial_nor_into_a_copy_too_small(
     assert small.snapshot() == before
 
 
-def test_without_a_key_in_the_firmware_checksums_still_hold(keys: tuple[Path, Path], tmp_path: Path) -> None:
+def test_a_firmware_without_a_key_takes_no_update(keys: tuple[Path, Path], tmp_path: Path) -> None:
     n = FakeNode(mkdir(tmp_path / "n"), tmp_path / "no-key.pem")
-    release = make_release(tmp_path / "v2", None)
-    result = run(n, release)
-    assert result["copy"] == "spare" and any("sha256 only" in line for line in result["said"])
+    release = make_release(tmp_path / "v2", keys[0])
+    before = n.snapshot()
+    with pytest.raises(update.UpdateError, match="carries no signing key"):
+        run(n, release)
+    assert n.snapshot() == before
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
     cut_after: int | None = None
-    whole: int = 0  # how many transfers of the image go whole before the cut
     served: list[str]
 
     def log_message(self, *args: Any) -> None:
@@ -220,16 +262,15 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
     def copyfile(self, source: Any, outputfile: Any) -> None:
         self.served.append(self.path)
-        images = sum(1 for p in self.served if p.endswith(".zst"))
-        if self.cut_after is None or not self.path.endswith(".zst") or images <= self.whole:
+        if self.cut_after is None or not self.path.endswith("root.img"):
             super().copyfile(source, outputfile)
         else:
             outputfile.write(source.read(self.cut_after))  # then the connection closes
 
 
 @contextlib.contextmanager
-def http_server(directory: Path, cut_after: int | None = None, whole: int = 0) -> Iterator[str]:
-    handler = type("H", (_Handler,), {"cut_after": cut_after, "whole": whole, "served": []})
+def http_server(directory: Path, cut_after: int | None = None) -> Iterator[str]:
+    handler = type("H", (_Handler,), {"cut_after": cut_after, "served": []})
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(directory)))
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
@@ -243,15 +284,17 @@ def test_an_update_from_a_url(node: FakeNode, keys: tuple[Path, Path], tmp_path:
     release = make_release(tmp_path / "v2", keys[0])
     with http_server(release) as url:
         assert run(node, url.rstrip("/"))["copy"] == "spare"
-    assert node.copies["spare"].read_bytes()[:len(ROOT)] == ROOT
+    assert written(node, release)
 
 
-def test_a_url_that_breaks_off_changes_nothing(node: FakeNode, keys: tuple[Path, Path], tmp_path: Path) -> None:
+def test_a_url_that_breaks_off_leaves_the_running_copy_to_boot(
+        node: FakeNode, keys: tuple[Path, Path], tmp_path: Path) -> None:
     release = make_release(tmp_path / "v2", keys[0])
     before = node.snapshot()
     with http_server(release, cut_after=1000) as url, pytest.raises(update.UpdateError, match="broke off after"):
         run(node, url)
-    assert node.snapshot() == before
+    assert node.snapshot()["root"] == before["root"]
+    assert (node.env()["cbios_active"], node.env()["cbios_spare_state"]) == ("root", "bad")
     with http_server(tmp_path / "nothing-here") as url, pytest.raises(update.UpdateError, match="HTTP 404"):
         run(node, url)
 
@@ -308,9 +351,9 @@ def test_an_update_from_a_release_file(node: FakeNode, keys: tuple[Path, Path], 
     (release / "SHA256SUMS").write_text("")
     path = write_release(release, tmp_path / "qemu-test-2.0.0.cbios.tar")
     with tarfile.open(path) as tar:
-        assert tar.getnames() == ["manifest.json", "manifest.json.sig", "SHA256SUMS", "root.img.zst"]
+        assert tar.getnames() == ["manifest.json", "manifest.json.sig", "SHA256SUMS", "root.img"]
     assert run(node, path)["copy"] == "spare"
-    assert node.copies["spare"].read_bytes()[:len(ROOT)] == ROOT
+    assert written(node, release)
 
 
 def test_a_damaged_release_file_changes_nothing(node: FakeNode, keys: tuple[Path, Path], tmp_path: Path) -> None:
@@ -330,7 +373,7 @@ def test_a_damaged_release_file_changes_nothing(node: FakeNode, keys: tuple[Path
 def test_cbios_release_refuses_a_build_whose_image_is_not_its_manifests(
         keys: tuple[Path, Path], tmp_path: Path) -> None:
     release = make_release(tmp_path / "v2", keys[0])
-    (release / "root.img.zst").write_bytes(b"other")
+    (release / "root.img").write_bytes(b"other")
     with pytest.raises(CbiosError, match="not what the manifest says"):
         write_release(release)
     assert not list(release.glob("*.tar*"))
@@ -343,9 +386,9 @@ def test_a_write_cut_off_leaves_the_running_copy_to_boot_even_when_the_other_was
                  cbios_spare_tries="2")
     release = make_release(tmp_path / "v2", keys[0])
     root_before = n.snapshot()["root"]
-    with http_server(release, cut_after=300_000, whole=1) as url, \
+    with http_server(release, cut_after=300_000) as url, \
             pytest.raises(update.UpdateError, match="broke off after"):
-        run(n, url)  # the checking pass gets it whole, the writing pass is cut
+        run(n, url)
     env = n.env()
     assert (env["cbios_active"], env["cbios_spare_state"], env["cbios_root_state"]) == ("root", "bad", "good")
     assert "cbios_spare_tries" not in env

@@ -27,11 +27,12 @@ def fake_build(out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     names = [n for n in FILES if n not in ("SHA256SUMS", manifest.MANIFEST, manifest.SIGNATURE)]
     for name in names:
-        (out / name).write_bytes(os.urandom(BIG) if name == "root.img.zst" else f"{name}\n".encode())
+        (out / name).write_bytes(os.urandom(BIG) if name == "root.img" else f"{name}\n".encode())
     (out / "boot.ipxe").write_text("#!ipxe\necho hello\n")
     artifacts = manifest.describe(out, names)
     (out / "SHA256SUMS").write_text("".join(f"{m['sha256']}  {n}\n" for n, m in artifacts.items()))
     manifest.write(out / manifest.MANIFEST, {"profile": "qemu-test", "version": "1.0.0", "artifacts": artifacts})
+    (out / manifest.SIGNATURE).write_bytes(b"signature")
     return out
 
 
@@ -62,9 +63,8 @@ def request(srv: BundleServer, method: str, path: str, body: bytes | None = None
 def test_bundle_links_the_builds_files_and_is_remade_whole(tmp_path: Path) -> None:
     out = fake_build(tmp_path / "build")
     pxe = make_bundle(out)
-    unsigned = set(FILES) - {manifest.SIGNATURE}  # an unsigned build's bundle has no signature
-    assert pxe == out / PXE_DIR and sorted(p.name for p in pxe.iterdir()) == sorted(unsigned)
-    assert (pxe / "root.img.zst").stat().st_ino == (out / "root.img.zst").stat().st_ino  # no copy
+    assert pxe == out / PXE_DIR and sorted(p.name for p in pxe.iterdir()) == sorted(FILES)
+    assert (pxe / "root.img").stat().st_ino == (out / "root.img").stat().st_ino  # no copy
     assert check_bundle(pxe)["version"] == "1.0.0"
     (out / "grub.cfg").unlink()
     (out / "grub.cfg").write_text("changed\n")
@@ -74,29 +74,29 @@ def test_bundle_links_the_builds_files_and_is_remade_whole(tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize("damage, message", [
-    (lambda b: (b / "root.img.zst").write_bytes(b"x"), "root.img.zst: does not match its sha256"),
+    (lambda b: (b / "root.img").write_bytes(b"x"), "root.img: does not match its sha256"),
     (lambda b: (b / "initrd.img").unlink(), "initrd.img: missing from the bundle"),
     (lambda b: (b / manifest.MANIFEST).write_text("{"), "unreadable manifest"),
     (lambda b: (b / manifest.MANIFEST).unlink(), "not a PXE bundle"),
 ])
 def test_a_damaged_bundle_is_refused_by_name(bundle: Path, damage, message: str) -> None:  # type: ignore[no-untyped-def]
-    (bundle / "root.img.zst").unlink()  # unlink the hard link first: the build's file stays intact
-    (bundle / "root.img.zst").write_bytes((bundle.parent / "root.img.zst").read_bytes())
+    (bundle / "root.img").unlink()  # unlink the hard link first: the build's file stays intact
+    (bundle / "root.img").write_bytes((bundle.parent / "root.img").read_bytes())
     damage(bundle)
     with pytest.raises(CbiosError, match=message):
         check_bundle(bundle)
 
 
 def test_files_are_served_whole_and_nothing_else(server: BundleServer, bundle: Path) -> None:
-    status, data, headers = request(server, "GET", "/root.img.zst?mac=52:54:00:c0:00:01")
-    assert status == 200 and data == (bundle / "root.img.zst").read_bytes()
+    status, data, headers = request(server, "GET", "/root.img?mac=52:54:00:c0:00:01")
+    assert status == 200 and data == (bundle / "root.img").read_bytes()
     assert headers["Content-Length"] == str(BIG)
-    status, data, headers = request(server, "HEAD", "/root.img.zst")
+    status, data, headers = request(server, "HEAD", "/root.img")
     assert status == 200 and data == b"" and headers["Content-Length"] == str(BIG)
-    for path in ("/", "/../build/root.img.zst", "/receipts", "/root.img", "/%2e%2e/SHA256SUMS"):
+    for path in ("/", "/../build/root.img", "/receipts", "/root.img.zst", "/%2e%2e/SHA256SUMS"):
         assert request(server, "GET", path)[0] == 404, path
-    assert server.bytes_sent("root.img.zst") == BIG
-    assert [(t.mac, t.name, t.done) for t in server.transfers] == [("52:54:00:c0:00:01", "root.img.zst", True)]
+    assert server.bytes_sent("root.img") == BIG
+    assert [(t.mac, t.name, t.done) for t in server.transfers] == [("52:54:00:c0:00:01", "root.img", True)]
 
 
 def test_the_script_is_told_its_server_and_the_preset_mode(server: BundleServer) -> None:
@@ -116,18 +116,18 @@ def test_receipts_are_kept_and_bad_ones_refused(server: BundleServer, tmp_path: 
     assert server.received[0]["client"] == "127.0.0.1"
     for body in (b"{", b"[]", json.dumps({"mac": "nope"}).encode(), b"x" * (65 << 10)):
         assert request(server, "POST", "/receipt", body)[0] in (400, 413)
-    assert request(server, "POST", "/root.img.zst", b"{}")[0] == 404
+    assert request(server, "POST", "/root.img", b"{}")[0] == 404
     assert len(server.received) == 1 and len(list((tmp_path / "receipts").iterdir())) == 1
 
 
 def test_stop_breaks_off_a_transfer_under_way(bundle: Path, tmp_path: Path) -> None:
-    (bundle / "root.img.zst").unlink()
-    with open(bundle / "root.img.zst", "wb") as f:
+    (bundle / "root.img").unlink()
+    with open(bundle / "root.img", "wb") as f:
         f.truncate(256 << 20)  # more than the sockets' buffers hold
     srv = BundleServer(("127.0.0.1", 0), bundle, FILES, tmp_path / "receipts")
     srv.start()
     conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
-    conn.request("GET", "/root.img.zst")
+    conn.request("GET", "/root.img")
     resp = conn.getresponse()
     first = resp.read(1 << 16)
     stopper = threading.Thread(target=srv.stop)
@@ -152,10 +152,8 @@ def test_dnsmasq_configuration_is_a_proxy_with_tftp_and_the_ipxe_chain() -> None
 
 
 def test_publish_serves_a_release_over_http_until_stopped(tmp_path: Path) -> None:
-    out = fake_build(tmp_path / "build")
-    (out / manifest.SIGNATURE).write_bytes(b"signature")
-    bundle = make_bundle(out)
-    assert (bundle / manifest.SIGNATURE).read_bytes() == b"signature"  # a signed build's bundle carries it
+    bundle = make_bundle(fake_build(tmp_path / "build"))
+    assert (bundle / manifest.SIGNATURE).read_bytes() == b"signature"  # the bundle carries the signature
     stop, ready = threading.Event(), threading.Event()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -165,7 +163,7 @@ def test_publish_serves_a_release_over_http_until_stopped(tmp_path: Path) -> Non
     t.start()
     try:
         assert ready.wait(10)
-        for name in (manifest.MANIFEST, manifest.SIGNATURE, "root.img.zst"):
+        for name in (manifest.MANIFEST, manifest.SIGNATURE, "root.img"):
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/{name}") as r:
                 assert r.read() == (bundle / name).read_bytes()
     finally:

@@ -76,3 +76,16 @@ def test_overlay_template_typo_is_an_error_naming_the_file(tmp_project: Project,
         render_overlays(tmp_project, load_profile(tmp_project, "leaf"), tmp_path / "out")
     assert "overlays/base/etc/x.j2" in str(err.value)
     assert "nmae" in str(err.value)
+
+
+def test_the_disk_layout_is_data_the_manifest_signs(project: Project) -> None:
+    """What the flasher reads of the node's disk: numbers and names only (no shell to source)."""
+    from cbios.render import disk_layout
+
+    layout = disk_layout(project, load_profile(project, "qemu-test"))
+    assert (layout["object_id"], layout["vg"], layout["tries"]) == ("31000040010", "lvm", 2)
+    assert layout["root_size"] == 640 << 20 and layout["var_size"] == 256 << 20
+    volumes = {v["name"]: v for v in layout["slot_volumes"]}
+    assert volumes["slot2-0"] == {"name": "slot2-0", "size": 16 << 20, "template": "dhcp", "fill": "seed"}
+    assert volumes["slot5-0"]["fill"] == "image" and volumes["slot5-0"]["size"] == 256 << 20
+    assert all(isinstance(v["size"], int) for v in volumes.values())

@@ -23,12 +23,12 @@ def test_boot_finished_with_no_failed_unit(machine: Machine) -> None:
     assert machine.succeed("systemctl list-units --failed --plain --no-legend") == ""
 
 
-def test_root_is_the_image_mounted_read_only(machine: Machine) -> None:
-    source, fstype, options, label = machine.succeed(
-        "findmnt -n -o SOURCE,FSTYPE,OPTIONS / | tr -s ' ' '\\n' | head -3; "
-        "blkid -s LABEL -o value \"$(findmnt -n -o SOURCE /)\"").split("\n")
-    assert (source, fstype, label) == ("/dev/vda", "ext4", "cbios-root")
-    assert options.split(",")[0] == "ro"
+def test_root_is_the_image_read_through_dm_verity(machine: Machine, build_manifest: dict[str, Any]) -> None:
+    source, fstype, options = machine.succeed("findmnt -n -o SOURCE,FSTYPE,OPTIONS / | tr -s ' ' '\\n'").split("\n")
+    assert (source, fstype, options.split(",")[0]) == ("/dev/mapper/cbios-root", "squashfs", "ro")
+    table = machine.succeed("dmsetup table cbios-root").split()
+    assert table[2] == "verity" and build_manifest["verity"]["root_hash"] in table
+    assert machine.succeed("dmsetup status cbios-root").split()[-1] == "V"  # no block found corrupt
     assert "Read-only file system" in machine.fail("touch /usr/cbios-write-test")
 
 
@@ -81,17 +81,18 @@ def test_manifest_package_versions_are_what_the_root_has(
 
 def test_root_found_by_lv_name(machine: Machine, vm_project: Project, profile: Profile, built: Path,
                                scratch_disk: Path, build_manifest: dict[str, Any]) -> None:
-    """The initrd activates LVM and mounts root=/dev/<vg>/<lv>: copy the running root into an
-    LV on the scratch disk, then boot a second guest from that disk alone."""
+    """The initrd activates LVM and opens cbios.image=/dev/<vg>/<lv> through dm-verity: copy
+    root.img into an LV on the scratch disk, then boot a second guest from that disk alone."""
     vg = profile.storage.vg
     size = build_manifest["artifacts"]["root.img"]["size"]
     machine.succeed(f"pvcreate -q /dev/vdb && vgcreate -q {vg} /dev/vdb && lvcreate -q -y -n root -L {size}b {vg}")
     machine.succeed(f"dd if=/dev/vda of=/dev/{vg}/root bs=4M conv=fsync status=none && vgchange -q -an {vg}")
     machine.shutdown()  # the scratch disk can be open in one QEMU at a time; this test runs last
     spec = kernel_boot_spec(vm_project, profile, built)
-    spec.cmdline = spec.cmdline.replace("root=LABEL=cbios-root", f"root=/dev/{vg}/root")
+    spec.cmdline = spec.cmdline.replace("cbios.image=/dev/vda", f"cbios.image=/dev/{vg}/root")
     spec.drives = [f"file={scratch_disk},format=qcow2,if=virtio"]
     with Machine(spec, built / "work" / "vm-tests", name="qemu-test-lv") as lv_machine:
         lv_machine.wait_ready(profile.qemu.ready_timeout)
-        assert lv_machine.succeed("findmnt -n -o SOURCE,OPTIONS / | cut -d, -f1") == f"/dev/mapper/{vg}-root ro"
+        assert lv_machine.succeed("findmnt -n -o SOURCE,OPTIONS / | cut -d, -f1") == "/dev/mapper/cbios-root ro"
+        assert f"({vg}-root)" in lv_machine.succeed("dmsetup deps -o devname cbios-root")
         lv_machine.shutdown()

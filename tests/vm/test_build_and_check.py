@@ -6,14 +6,16 @@ import hashlib
 import re
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 from typing import Any
 
 from cbios import manifest, signing
 from cbios.build import ARTIFACTS, build
-from cbios.node import update
+from cbios.node import update, verity
 from cbios.profile import Profile
 from cbios.project import Project
+from cbios.release import write_release
 
 
 def test_manifest_lists_every_artifact_with_its_sha256(built: Path, build_manifest: dict[str, Any]) -> None:
@@ -27,12 +29,20 @@ def test_manifest_lists_every_artifact_with_its_sha256(built: Path, build_manife
     assert "linux-image-amd64" in {p["name"] for p in packages}
 
 
-def test_the_manifest_is_signed_and_the_firmware_holds_the_key_that_verifies_it(
+def initrd_file(built: Path, path: str) -> bytes:
+    """A file of the initrd (its first part, mkosi's cpio; the kernel modules follow)."""
+    cpio = subprocess.run(["zstd", "-dcq", str(built / "initrd.img")], capture_output=True, check=False).stdout
+    return subprocess.run(["cpio", "-i", "--quiet", "--to-stdout", path], input=cpio, capture_output=True,
+                          check=True).stdout
+
+
+def test_the_manifest_is_signed_and_root_and_initrd_hold_the_key_that_verifies_it(
         vm_project: Project, profile: Profile, built: Path, build_manifest: dict[str, Any], tmp_path: Path) -> None:
     assert profile.update.signing_key is not None
-    in_firmware = subprocess.run(["debugfs", "-R", f"cat /{signing.NODE_KEY}", str(built / "root.img")],
+    in_firmware = subprocess.run(["unsquashfs", "-cat", str(built / "root.img"), signing.NODE_KEY],
                                  capture_output=True, check=True).stdout
     assert in_firmware == signing.public_key(vm_project.root / profile.update.signing_key)
+    assert initrd_file(built, signing.NODE_KEY) == in_firmware  # the flasher's
     (tmp_path / "key.pem").write_bytes(in_firmware)
     data, sig = (built / manifest.MANIFEST).read_bytes(), (built / manifest.SIGNATURE).read_bytes()
     assert update.verify_signature(data, sig, tmp_path / "key.pem")
@@ -40,15 +50,34 @@ def test_the_manifest_is_signed_and_the_firmware_holds_the_key_that_verifies_it(
     assert (build_manifest["architecture"], build_manifest["boot"]["tries"]) == ("x86-64", profile.boot.tries)
 
 
-def test_root_img_is_ext4_sized_to_contents_plus_headroom(built: Path, profile: Profile) -> None:
-    out = subprocess.run(["dumpe2fs", "-h", str(built / "root.img")], capture_output=True, text=True, check=True)
-    fields = dict(re.findall(r"^([^:]+):\s+(.*)$", out.stdout, re.M))
-    assert fields["Filesystem volume name"] == "cbios-root"
-    free = int(fields["Free blocks"]) * int(fields["Block size"])
-    assert free >= 64 << 20  # the profile's headroom
-    assert free < 200 << 20  # and not much more
-    decompressed = subprocess.run(["zstd", "-dc", str(built / "root.img.zst")], capture_output=True, check=True)
-    assert decompressed.stdout == (built / "root.img").read_bytes()
+def test_root_img_is_squashfs_followed_by_its_verity_tree(built: Path, build_manifest: dict[str, Any]) -> None:
+    image = built / "root.img"
+    out = subprocess.run(["unsquashfs", "-s", str(image)], capture_output=True, text=True, check=True).stdout
+    assert "Compression xz" in out
+    v = verity.Verity.parse(build_manifest["verity"]["param"])
+    squashfs_bytes = int(re.search(r"Filesystem size (\d+) bytes", out).group(1))  # type: ignore[union-attr]
+    assert v.hash_offset == -(-squashfs_bytes // verity.BLOCK) * verity.BLOCK < image.stat().st_size
+    check = ["veritysetup", "verify", "--no-superblock", "--salt=-", f"--data-blocks={v.data_blocks}",
+             f"--hash-offset={v.hash_offset}", str(image), str(image)]
+    assert subprocess.run([*check, v.root_hash], capture_output=True, check=False).returncode == 0
+    assert subprocess.run([*check, "0" * 64], capture_output=True, check=False).returncode != 0
+    assert build_manifest["layout"]["root_size"] >= image.stat().st_size
+
+
+def test_a_release_made_after_the_node_disk_verifies_with_the_firmwares_key(
+        built: Path, node_disk: Path, tmp_path: Path) -> None:
+    """make image (the build, then its node disk), then cbios release: nothing rewrote the
+    signed manifest, so the release file still verifies with the key inside root.img."""
+    assert (built / "disk.json").is_file()
+    path = write_release(built, tmp_path / "r.cbios.tar")
+    with tarfile.open(path) as tar:
+        tar.extractall(tmp_path / "r", filter="data")
+    key = subprocess.run(["unsquashfs", "-cat", str(tmp_path / "r" / "root.img"), signing.NODE_KEY],
+                         capture_output=True, check=True).stdout
+    (tmp_path / "key.pem").write_bytes(key)
+    doc = (tmp_path / "r" / manifest.MANIFEST).read_bytes()
+    assert update.verify_signature(doc, (tmp_path / "r" / manifest.SIGNATURE).read_bytes(), tmp_path / "key.pem")
+    assert b'"disk"' not in doc
 
 
 def test_unchanged_build_does_nothing(vm_project: Project, profile: Profile, built: Path) -> None:

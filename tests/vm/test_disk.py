@@ -36,11 +36,12 @@ def test_disk_boots_the_primary_commits_it_and_boots_it_again(
     with boot_disk(vm_project, profile, built, disk_copy, "disk") as m:
         assert "copy=root" in m.wait_ready(profile.qemu.ready_timeout)
         assert "CBIOS: booting copy root (lvm/root, state new)" in m.console_log.read_text()
-        assert m.succeed("findmnt -n -o SOURCE,OPTIONS / | cut -d, -f1") == f"/dev/mapper/{vg}-root ro"
+        assert m.succeed("findmnt -n -o SOURCE,OPTIONS / | cut -d, -f1") == "/dev/mapper/cbios-root ro"
+        assert f"({vg}-root)" in m.succeed("dmsetup deps -o devname cbios-root")
         assert m.succeed("findmnt -n -o SOURCE,FSTYPE /var") == f"/dev/mapper/{vg}-var ext4"
         m.succeed("echo kept > /var/lib/cbios-test")
-        assert m.succeed("swapon --show=NAME,SIZE --noheadings | tr -s ' '") == "/dev/dm-3 64M"
-        assert m.succeed(f"readlink -f /dev/{vg}/swap") == "/dev/dm-3"
+        swap = m.succeed(f"readlink -f /dev/{vg}/swap")
+        assert m.succeed("swapon --show=NAME,SIZE --noheadings | tr -s ' '") == f"{swap} 64M"
         # The source document's slot volume name, and the size the profile gives it.
         assert m.succeed(f"blockdev --getsize64 /dev/mapper/{vg}-slot2-0") == str(16 << 20)
         st = status(m)
@@ -62,7 +63,7 @@ def test_disk_boots_the_primary_commits_it_and_boots_it_again(
 def test_destroyed_primary_boots_the_spare_with_no_input(
         vm_project: Project, profile: Profile, built: Path, disk_copy: Path) -> None:
     offset = lvm_layout.lv_offset(disk_copy, profile.storage.vg, "root")
-    lvm_layout.overwrite(disk_copy, offset, 64 << 10)  # the ext4 superblock and group descriptors
+    lvm_layout.overwrite(disk_copy, offset, 64 << 10)  # the squashfs superblock and what follows
     with boot_disk(vm_project, profile, built, disk_copy, "broken-primary") as m:
         assert "copy=spare" in m.wait_ready(profile.qemu.ready_timeout)
         st = status(m)

@@ -1,7 +1,11 @@
 """One node's life over PXE, in order, on one disk: a blank disk installed over the
-network; an update from a corrupted server refused with the disk unchanged; an update cut
-off by the server stopping mid-write, after which the node boots its old firmware; an
+network; updates refused before anything is written (a manifest signed with another key, a
+grub.cfg changed by the server); an update whose image the server corrupted, and one cut off
+by the server stopping mid-write, after both of which the node boots its old firmware; an
 update that runs; a netboot that runs the firmware from the node's own LVs.
+
+Run in part (pytest -k), a step sets up what it needs through the `installed` fixture, or
+skips and names the step it needs.
 
 QEMU user networking with restrict=on: iPXE gets a chain script from QEMU's TFTP server,
 and everything else over HTTP through guestfwd from the server `cbios pxe serve` runs."""
@@ -9,13 +13,13 @@ and everything else over HTTP through guestfwd from the server `cbios pxe serve`
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
 import shutil
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -43,6 +47,11 @@ class Node:
     disk: Path
     logdir: Path
     figures: dict[str, float] = dataclasses.field(default_factory=dict)
+    done: dict[str, Any] = dataclasses.field(default_factory=dict)  # step -> what it saw
+
+    def needs(self, step: str, test: str) -> None:
+        if step not in self.done:
+            pytest.skip(f"needs the '{step}' step ({test}) to have run first in this session")
 
 
 @pytest.fixture(scope="module")
@@ -85,76 +94,135 @@ def status(m: Machine) -> dict[str, Any]:
     return data
 
 
-def zst_size(build_dir: Path) -> int:
-    size: int = manifest.read(build_dir / manifest.MANIFEST)["artifacts"]["root.img.zst"]["size"]
+def image_size(build_dir: Path) -> int:
+    size: int = manifest.read(build_dir / manifest.MANIFEST)["artifacts"]["root.img"]["size"]
     return size
 
 
-def test_blank_node_installs_over_pxe_and_boots_from_its_disk(
-        vm_project: Project, profile: Profile, built: Path, node: Node) -> None:
-    sums = manifest.read(built / manifest.MANIFEST)["artifacts"]
+@pytest.fixture
+def installed(vm_project: Project, profile: Profile, built: Path, node: Node) -> dict[str, Any]:
+    """The node installed over PXE and booted once from its disk (a file left in /var);
+    done once, by the first test that needs it."""
+    if "install" in node.done:
+        return node.done["install"]  # type: ignore[no-any-return]
+    seen: dict[str, Any] = {}
     with PxeLab(built / PXE_DIR, node.logdir / "install", mode="install", kernel_args=POWEROFF) as lab:
-        flashed = flash(vm_project, profile, built, node, lab, "pxe-install")
-        assert flashed.startswith("FLASHED install qemu-test 1.0.0 on /dev/vda"), flashed
-        node.figures["install_bytes"] = lab.server.bytes_sent()
-        receipt = lab.wait_receipt()
-        assert receipt["result"] == "FLASHED" and receipt["mode"] == "install"
-        assert (receipt["mac"], receipt["object_id"], receipt["version"]) == (MAC, "31000040010", "1.0.0")
-        assert receipt["root_sha256"] == sums["root.img"]["sha256"]
-        assert receipt["zst_sha256"] == sums["root.img.zst"]["sha256"]
-        assert receipt["bytes_received"] == 2 * zst_size(built)  # checked once, then written
-        assert lab.server.bytes_sent("root.img.zst") == 2 * zst_size(built)
-        assert {(t.mac, t.name) for t in lab.server.transfers} >= {(MAC, "vmlinuz"), (MAC, "initrd.img")}
-        console = (node.logdir / "pxe-install.console.log").read_text(errors="replace")
-        assert "cbios-flash: root.img.zst:" in console and "MiB (" in console  # progress on the console
-        assert "cbios-flash: receipt: {" in console
-
+        seen["flashed"] = flash(vm_project, profile, built, node, lab, "pxe-install")
+        node.figures["install_bytes"] = seen["bytes_sent"] = lab.server.bytes_sent()
+        seen["image_bytes_sent"] = lab.server.bytes_sent("root.img")
+        seen["fetched"] = {(t.mac, t.name) for t in lab.server.transfers}
+        seen["receipt"] = lab.wait_receipt() if seen["flashed"].startswith("FLASHED") else {}
+        seen["console"] = (node.logdir / "pxe-install.console.log").read_text(errors="replace")
+    assert seen["flashed"].startswith("FLASHED install"), seen["flashed"]
     with disk_machine(vm_project, profile, built, node, "installed") as m:
-        ready = m.wait_ready(profile.qemu.ready_timeout)
-        assert "version=1.0.0 copy=root" in ready
+        seen["ready"] = m.wait_ready(profile.qemu.ready_timeout)
         node.figures["installed_to_ready_s"] = round(m.uptime(), 1)
-        st = status(m)
-        assert st["booted_from"] == "disk" and st["running"] == "root"
-        assert st["copies"]["root"]["state"] == "good" and st["copies"]["spare"]["state"] == "good"
+        seen["status"] = status(m)
         m.succeed("echo kept > /var/lib/cbios-pxe-test")
-        assert "dhcp" in m.succeed("slot list 31000040010")
+        seen["slots"] = m.succeed("slot list 31000040010")
         m.shutdown()
+    node.done["install"] = seen
+    return seen
 
 
-def test_update_from_a_corrupted_server_is_refused_and_changes_nothing(
-        vm_project: Project, profile: Profile, built: Path, node: Node, tmp_path: Path) -> None:
-    bad = tmp_path / "bad-bundle"
-    shutil.copytree(built / PXE_DIR, bad, copy_function=os.link)
-    (bad / "root.img.zst").unlink()
-    data = bytearray((built / PXE_DIR / "root.img.zst").read_bytes())
-    data[len(data) // 2] ^= 0xFF  # one bit pattern in the middle: only the checksum can tell
-    (bad / "root.img.zst").write_bytes(bytes(data))
+def test_blank_node_installs_over_pxe_and_boots_from_its_disk(
+        built: Path, node: Node, installed: dict[str, Any]) -> None:
+    sums = manifest.read(built / manifest.MANIFEST)["artifacts"]
+    assert installed["flashed"].startswith("FLASHED install qemu-test 1.0.0 on /dev/vda"), installed["flashed"]
+    receipt = installed["receipt"]
+    assert receipt["result"] == "FLASHED" and receipt["mode"] == "install"
+    assert (receipt["mac"], receipt["object_id"], receipt["version"]) == (MAC, "31000040010", "1.0.0")
+    assert receipt["root_sha256"] == sums["root.img"]["sha256"]
+    # One pass: root.img sent once, into both copies as it arrives; no file compressed twice.
+    assert receipt["bytes_received"] == installed["image_bytes_sent"] == image_size(built)
+    assert {(MAC, "vmlinuz"), (MAC, "initrd.img"), (MAC, "manifest.json.sig")} <= installed["fetched"]
+    assert "cbios-flash: root.img:" in installed["console"] and "MiB (" in installed["console"]  # progress
+    assert "cbios-flash: manifest.json: signature good" in installed["console"]
+    assert "cbios-flash: receipt: {" in installed["console"]
+    assert "version=1.0.0 copy=root" in installed["ready"]
+    st = installed["status"]
+    assert st["booted_from"] == "disk" and st["running"] == "root"
+    assert st["copies"]["root"]["state"] == "good" and st["copies"]["spare"]["state"] == "good"
+    assert "dhcp" in installed["slots"]
+
+
+def tampered_bundle(built: Path, dest: Path, name: str, change: Any) -> Path:
+    """A copy of the build's PXE bundle whose NAME CHANGE rewrites, SHA256SUMS made to match."""
+    shutil.copytree(built / PXE_DIR, dest, copy_function=os.link)
+    data = (dest / name).read_bytes()
+    (dest / name).unlink()  # a hard link: the build's file stays as it is
+    (dest / name).write_bytes(change(data))
+    sums = (dest / "SHA256SUMS").read_text().splitlines()
+    new = hashlib.sha256((dest / name).read_bytes()).hexdigest()
+    (dest / "SHA256SUMS").unlink()
+    (dest / "SHA256SUMS").write_text("".join(f"{new}  {name}\n" if line.endswith(f"  {name}") else line + "\n"
+                                             for line in sums))
+    return dest
+
+
+def other_key_signature(data: bytes, tmp: Path) -> bytes:
+    subprocess.run(["openssl", "genpkey", "-algorithm", "ed25519", "-out", str(tmp / "other.pem")], check=True)
+    (tmp / "doc").write_bytes(data)
+    subprocess.run(["openssl", "pkeyutl", "-sign", "-rawin", "-inkey", str(tmp / "other.pem"), "-in",
+                    str(tmp / "doc"), "-out", str(tmp / "doc.sig")], check=True)
+    return (tmp / "doc.sig").read_bytes()
+
+
+@pytest.mark.parametrize("case", ["manifest signed with another key", "grub.cfg changed by the server"])
+def test_an_update_the_server_changed_is_refused_with_nothing_written(
+        vm_project: Project, profile: Profile, built: Path, node: Node, installed: dict[str, Any],
+        tmp_path: Path, case: str) -> None:
+    if case.startswith("manifest"):
+        # The server's own layout and hashes, signed with its own key.
+        doc = json.loads((built / PXE_DIR / manifest.MANIFEST).read_text())
+        doc["layout"]["var_size"] *= 2
+        bad = tampered_bundle(built, tmp_path / "bad", manifest.MANIFEST, lambda _: json.dumps(doc).encode())
+        sig = other_key_signature((bad / manifest.MANIFEST).read_bytes(), tmp_path)
+        (bad / manifest.SIGNATURE).unlink()
+        (bad / manifest.SIGNATURE).write_bytes(sig)
+        expected = "FAILED update: manifest.json: its signature does not verify with this initrd's key"
+    else:
+        bad = tampered_bundle(built, tmp_path / "bad", "grub.cfg", lambda d: d + b"set cbios_cmdline_extra=init=/x\n")
+        expected = "FAILED update: grub.cfg: checksum mismatch"
     before = tmp_path / "before.qcow2"
     shutil.copyfile(node.disk, before)
-    with PxeLab(bad, node.logdir / "corrupt", mode="update", kernel_args=POWEROFF) as lab:
-        line = flash(vm_project, profile, built, node, lab, "pxe-corrupt")
-        assert line.startswith("FAILED update: http://10.0.2.100/root.img.zst: checksum mismatch"), line
-        receipt = lab.wait_receipt()
-        assert receipt["result"] == "FAILED" and "checksum mismatch" in str(receipt["reason"])
+    with PxeLab(bad, node.logdir / "tampered", mode="update", kernel_args=POWEROFF) as lab:
+        line = flash(vm_project, profile, built, node, lab, "pxe-tampered")
+        assert line.startswith(expected), line
+        assert lab.server.bytes_sent("root.img") == 0
+        assert lab.wait_receipt()["result"] == "FAILED"
     compare = subprocess.run(["qemu-img", "compare", "-q", str(before), str(node.disk)], check=False)
     assert compare.returncode == 0, "the refused update changed the disk"
 
 
+def test_an_image_the_server_corrupted_is_refused_and_never_made_bootable(
+        vm_project: Project, profile: Profile, built: Path, next_build: Path, node: Node,
+        installed: dict[str, Any], tmp_path: Path) -> None:
+    def flip(data: bytes) -> bytes:
+        b = bytearray(data)
+        b[len(b) // 2] ^= 0xFF  # one byte in the middle: only the checksum can tell
+        return bytes(b)
+    bad = tampered_bundle(next_build, tmp_path / "bad", "root.img", flip)
+    with PxeLab(bad, node.logdir / "corrupt", mode="update", kernel_args=POWEROFF) as lab:
+        line = flash(vm_project, profile, built, node, lab, "pxe-corrupt")
+        assert line.startswith("FAILED update: root.img: checksum mismatch"), line
+        receipt = lab.wait_receipt()
+        assert receipt["result"] == "FAILED" and "checksum mismatch" in str(receipt["reason"])
+    node.done["corrupt"] = True  # the node boots its old copy: shown after the next step
+
+
 def test_server_stopped_mid_update_leaves_the_node_on_its_old_firmware(
-        vm_project: Project, profile: Profile, built: Path, next_build: Path, node: Node) -> None:
-    with PxeLab(next_build / PXE_DIR, node.logdir / "stopped", mode="update", kernel_args=POWEROFF) as lab, \
-            pxe_machine(vm_project, profile, built, node, lab, "pxe-stopped") as m:
-        # The second transfer of root.img.zst is the one being written: stop the server in it.
-        def second_transfer_under_way() -> bool:
-            zst = [t for t in lab.server.transfers if t.name == "root.img.zst"]
-            return len(zst) == 2 and zst[1].sent > zst_size(next_build) // 3
-        deadline = time.monotonic() + FLASH_TIMEOUT
-        while not second_transfer_under_way():
-            assert m.running() and time.monotonic() < deadline, m.console_tail()
-            time.sleep(0.05)
+        vm_project: Project, profile: Profile, built: Path, next_build: Path, node: Node,
+        installed: dict[str, Any]) -> None:
+    # The server holds root.img a third of the way through, and stops there: the test sets the pace.
+    hold = ("root.img", image_size(next_build) // 3)
+    with PxeLab(next_build / PXE_DIR, node.logdir / "stopped", mode="update", kernel_args=POWEROFF,
+                hold_after=hold) as lab, pxe_machine(vm_project, profile, built, node, lab, "pxe-stopped") as m:
+        if not lab.server.held.wait(FLASH_TIMEOUT):
+            raise m.error("the flasher never fetched a third of root.img")
         threading.Thread(target=lab.server.stop).start()
         line = m.wait_report(("FLASHED", "FAILED"), FLASH_TIMEOUT)
-        assert line.startswith("FAILED update: http://10.0.2.100/root.img.zst: the transfer broke off"), line
+        assert line.startswith("FAILED update: http://10.0.2.100/root.img: the transfer broke off"), line
         assert m.wait_exit(120), "the flasher did not power off"
 
     with disk_machine(vm_project, profile, built, node, "after-stopped") as m:
@@ -163,13 +231,14 @@ def test_server_stopped_mid_update_leaves_the_node_on_its_old_firmware(
         st = status(m)
         assert st["running"] == "root" and st["next_boot"] == "root"
         assert st["copies"]["root"]["state"] == "good"
-        assert st["copies"]["spare"]["state"] == "bad"  # half written: never booted
+        assert st["copies"]["spare"]["state"] == "bad"  # half written (or corrupt): never booted
         assert m.succeed("cat /var/lib/cbios-pxe-test") == "kept"
         m.shutdown()
 
 
 def test_update_over_pxe_writes_the_other_copy_and_the_node_runs_it(
-        vm_project: Project, profile: Profile, built: Path, next_build: Path, node: Node) -> None:
+        vm_project: Project, profile: Profile, built: Path, next_build: Path, node: Node,
+        installed: dict[str, Any]) -> None:
     with PxeLab(next_build / PXE_DIR, node.logdir / "update", mode="update", kernel_args=POWEROFF) as lab:
         line = flash(vm_project, profile, built, node, lab, "pxe-update")
         assert line.startswith(f"FLASHED update qemu-test {NEXT_VERSION} copy=spare"), line
@@ -187,11 +256,12 @@ def test_update_over_pxe_writes_the_other_copy_and_the_node_runs_it(
         assert m.succeed("cat /var/lib/cbios-pxe-test") == "kept"  # var untouched
         assert " ON " in m.succeed("slot show 31000040010 --by-type=dhcp")  # the dhcp slot, on its volume as it was
         m.shutdown()
+    node.done["update"] = True
 
 
 def test_netboot_by_the_menus_default_runs_the_firmware_from_the_nodes_own_lvs(
         vm_project: Project, profile: Profile, built: Path, next_build: Path, node: Node) -> None:
-    vg = profile.storage.vg
+    node.needs("update", "test_update_over_pxe_writes_the_other_copy_and_the_node_runs_it")
     # No mode chosen for the node: iPXE's menu, whose default after its timeout is netboot.
     with PxeLab(next_build / PXE_DIR, node.logdir / "netboot", mode=None) as lab, \
             pxe_machine(vm_project, profile, built, node, lab, "pxe-netboot") as m:
@@ -199,10 +269,10 @@ def test_netboot_by_the_menus_default_runs_the_firmware_from_the_nodes_own_lvs(
         assert f"version={NEXT_VERSION} copy=spare" in ready  # the copy the boot state names
         node.figures["netboot_to_ready_s"] = round(m.uptime(), 1)
         assert "BOOTIF=01-52-54-00-c0-00-01" in m.succeed("cat /proc/cmdline")
-        assert "cbios-netboot: booting copy spare (lvm/root-spare, state good)" in m.console_log.read_text(
-            errors="replace")
-        assert m.succeed("findmnt -n -o SOURCE /") == f"/dev/mapper/{vg}-root--spare"
-        assert m.succeed("findmnt -n -o SOURCE /var") == f"/dev/mapper/{vg}-var"
+        assert "cbios-root: booting copy spare (lvm/root-spare, verity " in m.console_log.read_text(errors="replace")
+        assert m.succeed("findmnt -n -o SOURCE /") == "/dev/mapper/cbios-root"
+        assert "(lvm-root--spare)" in m.succeed("dmsetup deps -o devname cbios-root")
+        assert m.succeed("findmnt -n -o SOURCE /var") == "/dev/mapper/lvm-var"
         st = status(m)
         assert (st["booted_from"], st["running"], st["next_boot"]) == ("network", "spare", "spare")
         assert "booted from:   network" in m.succeed("cbios status")

@@ -129,3 +129,29 @@ mark_bad() {
     ENV[cbios_fallback]=$2
     env_save
 }
+
+# dm-verity, as cbios/node/verity.py lays it out: root.img is the squashfs image in whole
+# 4 KiB blocks, then its hash tree (sha256, no salt, no superblock); VERITY is
+# ROOTHASH:BLOCKS (the signed manifest's verity.param).
+verity_valid() { [[ $1 =~ ^[0-9a-f]{64}:[1-9][0-9]{0,9}$ ]]; }
+verity_table() {  # verity_table DEV VERITY
+    local hash=${2%%:*} blocks=${2##*:}
+    echo "0 $((blocks * 8)) verity 1 $1 $1 4096 4096 $blocks $blocks sha256 $hash -"
+}
+# verity_open NAME DEV VERITY: /dev/mapper/NAME, DEV read through dm-verity.
+verity_open() {
+    verity_valid "$3" || { say "not a verity parameter: '$3'"; return 1; }
+    dmsetup remove "$1" >/dev/null 2>&1 || true
+    dmsetup create "$1" --readonly --table "$(verity_table "$2" "$3")" || return 1
+    udevadm settle --timeout=10 >/dev/null 2>&1 || true
+    [ -b "/dev/mapper/$1" ]
+}
+# verity_check DEV VERITY: every data block of DEV read through dm-verity (the kernel
+# checks each against the root hash); fails on the first that does not match.
+verity_check() {
+    local name=cbios-check-$$ rc=0
+    verity_open "$name" "$1" "$2" || return 1
+    cat "/dev/mapper/$name" >/dev/null || rc=1
+    dmsetup remove --retry "$name" >/dev/null 2>&1 || true
+    return $rc
+}
