@@ -10,15 +10,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cbios import lvm_layout, manifest
+from cbios import image, lvm_layout, manifest, mkosi, powercut
 from cbios.boot import disk_boot_spec, kernel_boot_spec
-from cbios.build import build
+from cbios.build import build, cache_dir
 from cbios.disk import DISK, FLASH_TIMEOUT, disk_size, make_disk, overlay, read_record
 from cbios.machine import Machine
 from cbios.profile import Profile, load_profile
 from cbios.project import Project
 from cbios.pxe.bundle import PXE_DIR
 from cbios.pxe.lab import PxeLab
+from cbios.render import TEMPLATES, context, environment, render_string, write_tree
 from cbios.run import run
 
 log = logging.getLogger("cbios")
@@ -73,7 +74,36 @@ def _pxe_figures(project: Project, profile: Profile, out: Path, logdir: Path, fi
             m.kill()
 
 
-def run_bench(name: str, *, cold: bool) -> dict[str, Any]:
+def baseline_image(project: Project, profile: Profile) -> tuple[Path, str]:
+    """A stock Debian root (systemd, udev, dbus, kmod, iproute2, the profile's kernel) made
+    into a root.img as CBIOS's is, so that the same kernel and initrd boot it the same way;
+    its verity parameter. Built once, then from mkosi's cache."""
+    env = environment(project)
+    ctx = context(profile)
+    files = {"mkosi.conf": render_string(env, "mkosi/baseline.conf.j2", ctx),
+             "mkosi.pkgmngr/etc/apt/sources.list.d/mkosi.sources": render_string(env, "mkosi/sources.j2", ctx)}
+    work = project.build / "bench-baseline"
+    write_tree(files, work / "mkosi")
+    img = mkosi.MkosiImage(name="baseline", config_dir=work / "mkosi", output_dir=work / "out",
+                           cache_dir=cache_dir(project, "baseline", files),
+                           package_cache_dir=project.cache / "packages")
+    mkosi.build(img, log_file=work / "baseline.log", extra_trees=[TEMPLATES / "baseline"])
+    verity = image.make_root_img(img.output_dir / "baseline", work / "root.img", work / "image.log", None)
+    return work / "root.img", verity.param
+
+
+def _baseline_figures(project: Project, profile: Profile, out: Path, logdir: Path, figures: dict[str, Any]) -> None:
+    """Boot to ready of CBIOS beside a stock Debian root's boot to multi-user: same QEMU, same
+    kernel and initrd (kernel_boot_spec), both root.img read through dm-verity."""
+    spec = kernel_boot_spec(project, profile, out, root=baseline_image(project, profile))
+    with Machine(spec, logdir, name="baseline") as m:
+        m.wait_ready(profile.qemu.ready_timeout)
+        baseline = figures["baseline_boot_to_multi_user_s"] = round(m.uptime(), 1)
+        m.kill()
+    figures["boot_to_ready_vs_baseline"] = round(figures["boot_to_ready_s"] / baseline, 2)
+
+
+def run_bench(name: str, *, cold: bool, power_cuts: int = 0) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     project = Project.find()
     profile = load_profile(project, name)
@@ -91,13 +121,15 @@ def run_bench(name: str, *, cold: bool) -> dict[str, Any]:
     figures["sizes_bytes"] = {n: m["size"] for n, m in data["artifacts"].items()}
     figures["sizes_bytes"][DISK] = (read_record(out) or {}).get("size")
     for name_, img in data.get("slot_images", {}).items():
-        figures["sizes_bytes"][f"slot image {name_} (ext4, zst)"] = [img["image_bytes"], img["zst_bytes"]]
+        figures["sizes_bytes"][f"slot image {name_} ({img['format']}; unpacked)"] = [img["image_bytes"],
+                                                                                    img["unpacked_bytes"]]
     logdir = out / "work" / "bench"
     with Machine(kernel_boot_spec(project, profile, out), logdir, name=name) as m:
         m.wait_ready(profile.qemu.ready_timeout)
         figures["boot_to_ready_s"] = round(m.uptime(), 1)
         figures["accel"] = m.spec.accel
         m.shutdown()
+    _baseline_figures(project, profile, out, logdir, figures)
     with tempfile.TemporaryDirectory(prefix="cbios-bench-") as tmp:
         disk = overlay(out / DISK, Path(tmp) / "node.qcow2")
         spec = disk_boot_spec(project, profile, out, disk, persist=True)
@@ -112,6 +144,9 @@ def run_bench(name: str, *, cold: bool) -> dict[str, Any]:
             figures["broken_primary_to_ready_on_spare_s"] = round(m.uptime(), 1)
             m.shutdown()
     _pxe_figures(project, profile, out, logdir, figures)
+    if power_cuts:
+        site = powercut.Site(project, profile, out, out / DISK, logdir / "power-cuts")
+        figures["power_cuts"] = powercut.run_trials(site, powercut.PHASES, power_cuts, seed=int(time.time()))
     path = out / "bench.json"
     path.write_text(json.dumps(figures, indent=2) + "\n")
     for key, value in figures.items():

@@ -24,10 +24,12 @@ def built(project: Project, profile: Profile) -> Path:
     return out
 
 
-def kernel_boot_spec(project: Project, profile: Profile, out: Path) -> VmSpec:
+def kernel_boot_spec(project: Project, profile: Profile, out: Path,
+                     root: tuple[Path, str] | None = None) -> VmSpec:
     """Kernel and initrd from the build, root.img as a read-only virtio disk, opened through
-    dm-verity with the root hash of the build's manifest."""
-    verity = manifest.read(out / manifest.MANIFEST)["verity"]["param"]
+    dm-verity with the root hash of the build's manifest. ROOT: another root.img and its
+    verity parameter, booted the same way."""
+    image, verity = root or (out / "root.img", manifest.read(out / manifest.MANIFEST)["verity"]["param"])
     cmdline = " ".join(["cbios.image=/dev/vda", f"cbios.verity={verity}", "ro", *profile.kernel.cmdline])
     return VmSpec(
         memory=profile.qemu.memory,
@@ -36,7 +38,7 @@ def kernel_boot_spec(project: Project, profile: Profile, out: Path) -> VmSpec:
         kernel=out / "vmlinuz",
         initrd=out / "initrd.img",
         cmdline=cmdline,
-        drives=[f"file={out / 'root.img'},format=raw,if=virtio,readonly=on"],
+        drives=[f"file={image},format=raw,if=virtio,readonly=on"],
         macs=[nic.mac for nic in profile.network.nics],
     )
 

@@ -105,7 +105,7 @@ def build(project: Project, profile: Profile, *, force: bool = False) -> Path:
             name=name,
             config_dir=dirs.work / "mkosi" / name,
             output_dir=dirs.work / "out" / name,
-            cache_dir=_cache_dir(project, name, files),
+            cache_dir=cache_dir(project, name, files),
             package_cache_dir=project.cache / "packages",
         )
     mkosi.build(images["initrd"], log_file=dirs.logs / "initrd.log",
@@ -120,7 +120,7 @@ def build(project: Project, profile: Profile, *, force: bool = False) -> Path:
     _expect(root_out / "root.vmlinuz", "mkosi root", "no kernel in the image: is kernel.package installed?")
     _expect(root_out / "root.initrd", "mkosi root", "mkosi produced no initrd")
     shutil.copy2(root_out / "root.vmlinuz", dirs.staging / "vmlinuz")
-    shutil.copy2(root_out / "root.initrd", dirs.staging / "initrd.img")
+    image.recompress_initrd(root_out / "root.initrd", [initrd_cpio], dirs.staging / "initrd.img")
     image.finish_tree(tree, profile, dirs.staging / "vmlinuz", dirs.staging / "initrd.img")
     slot_images.update(_vm_images(project, profile, dirs, tree))
     root_verity = image.make_root_img(tree, dirs.staging / "root.img", dirs.logs / "image.log", sde)
@@ -170,7 +170,7 @@ def build(project: Project, profile: Profile, *, force: bool = False) -> Path:
     return dirs.out
 
 
-def _cache_dir(project: Project, name: str, files: dict[str, str]) -> Path:
+def cache_dir(project: Project, name: str, files: dict[str, str]) -> Path:
     """mkosi's incremental cache of one image, keyed by its rendered configuration without
     comments and host name: profiles that install the same packages share it (a second
     node's profile is a warm build), and different ones never overwrite each other's."""
@@ -194,8 +194,8 @@ def _bake_secrets(project: Project, profile: Profile, overlay: Path) -> None:
 
 def _slot_images(project: Project, profile: Profile, dirs: BuildDirs, configs: dict[str, dict[str, str]],
                  overlay: Path, sde: int | None) -> dict[str, dict[str, object]]:
-    """Each lxc-system template's root file system: mkosi, then ext4, then zstd, into the
-    root's tree (CB-Executor writes it to the slot's volume 0 at install)."""
+    """Each lxc-system template's root file system: mkosi, then squashfs, into the root's
+    tree (the flasher and CB-Executor unpack it into a fresh ext4 on the slot's volume 0)."""
     templates = slot_template.templates_of(project, profile)
     described: dict[str, dict[str, object]] = {}
     for name, files in configs.items():
@@ -204,22 +204,26 @@ def _slot_images(project: Project, profile: Profile, dirs: BuildDirs, configs: d
             name=f"slot {name}",
             config_dir=dirs.work / "mkosi" / f"slot-{name}",
             output_dir=dirs.work / "out" / f"slot-{name}",
-            cache_dir=_cache_dir(project, f"slot-{name}", files),
+            cache_dir=cache_dir(project, f"slot-{name}", files),
             package_cache_dir=project.cache / "packages",
         )
         mkosi.build(img, log_file=dirs.logs / f"slot-{name}.log", source_date_epoch=sde)
-        raw = dirs.work / "out" / f"slot-{name}.img"
-        fs_uuid = uuid.uuid5(uuid.NAMESPACE_URL, f"cbios:{profile.name}:{profile.version}:slot:{name}")
-        size = image.make_ext4(img.output_dir / name, raw, f"slot-{name}"[:16], fs_uuid, 16 << 20,
-                               dirs.logs / f"slot-{name}.log")
-        described[name] = _pack(profile, templates[name], name, raw, size, overlay, dirs,
-                                mkosi.packages(img.output_dir / f"{name}.manifest"))
+        tree = img.output_dir / name
+        size = image.ext4_size(tree, 16 << 20)  # what the volume must hold, unpacked
+        _check_room(profile, templates[name], name, size)
+        target = overlay / slot_template.NODE_IMAGES / slotdefs.image_name(name, "lxc-system")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        image.make_squashfs(tree, target, dirs.logs / f"slot-{name}.log", sde)
+        described[name] = {"format": "squashfs", "unpacked_bytes": size, "image_bytes": target.stat().st_size,
+                           "sha256": manifest.sha256_file(target),
+                           "packages": mkosi.packages(img.output_dir / f"{name}.manifest")}
     return described
 
 
 def _vm_images(project: Project, profile: Profile, dirs: BuildDirs, tree: Path) -> dict[str, dict[str, object]]:
     """Each kvm-system template's system disk, made from the root just built (its kernel,
-    its modules, its static busybox), into that root's tree beside the other slot images."""
+    its modules, its static busybox): ext4, zstd, into that root's tree beside the other
+    slot images (a VM's disk is written to its volume as it is)."""
     described: dict[str, dict[str, object]] = {}
     for name, template in slot_template.templates_of(project, profile).items():
         if template.type != "kvm-system":
@@ -228,21 +232,14 @@ def _vm_images(project: Project, profile: Profile, dirs: BuildDirs, tree: Path) 
         fs_uuid = uuid.uuid5(uuid.NAMESPACE_URL, f"cbios:{profile.name}:{profile.version}:slot:{name}")
         size = vmimage.make_system_disk(name, template, project.slot_templates / name, tree, dirs.staging / "vmlinuz",
                                         dirs.work / "vm" / name, raw, fs_uuid, dirs.logs / f"slot-{name}.log")
-        described[name] = _pack(profile, template, name, raw, size, tree, dirs, {})
+        _check_room(profile, template, name, size)
+        target = tree / slot_template.NODE_IMAGES / slotdefs.image_name(name, "kvm-system")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        image.compress(raw, target, dirs.logs / f"slot-{name}.log")
+        raw.unlink()
+        described[name] = {"format": "ext4.zst", "unpacked_bytes": size, "image_bytes": target.stat().st_size,
+                           "sha256": manifest.sha256_file(target), "packages": {}}
     return described
-
-
-def _pack(profile: Profile, template: slot_template.SlotTemplate, name: str, raw: Path, size: int, tree: Path,
-          dirs: BuildDirs, packages: object) -> dict[str, object]:
-    """A slot image (ext4 at RAW) checked against its volume 0, then zstd into TREE's
-    slot-images; what the manifest says of it."""
-    _check_room(profile, template, name, size)
-    target = tree / slot_template.NODE_IMAGES / f"{name}.img.zst"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    image.compress(raw, target, dirs.logs / f"slot-{name}.log")
-    raw.unlink()
-    return {"image_bytes": size, "zst_bytes": target.stat().st_size, "sha256": manifest.sha256_file(target),
-            "packages": packages}
 
 
 def _check_room(profile: Profile, template: slot_template.SlotTemplate, name: str, size: int) -> None:

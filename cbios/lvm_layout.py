@@ -85,3 +85,11 @@ def lv_offset(image: Path, vg: str, lv: str, pv_partition: int = 3) -> int:
 def overwrite(image: Path, offset: int, length: int) -> None:
     subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0 {offset} {length}", str(image)],
                    check=True, capture_output=True)
+
+
+def flip_byte(image: Path, offset: int) -> tuple[int, int]:
+    """One byte of IMAGE (a qcow2) inverted in place; its value before and after."""
+    old = _read(image, offset, 1)[0]
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P {old ^ 0xFF} {offset} 1", str(image)],
+                   check=True, capture_output=True)
+    return old, old ^ 0xFF

@@ -5,8 +5,10 @@ instead of rendering an empty string."""
 
 from __future__ import annotations
 
+import compileall
 import os
 import platform
+import py_compile
 import shutil
 from pathlib import Path
 from typing import Any
@@ -45,8 +47,9 @@ def architecture() -> str:
 
 
 # What the CBIOS initrd itself needs of every kernel, beside what a profile names: the
-# firmware is a squashfs image read through dm-verity.
-INITRD_MODULES = ["fs/squashfs", "drivers/md/dm-mod", "drivers/md/dm-verity", "drivers/md/dm-bufio"]
+# firmware is a squashfs image read through dm-verity; the flasher loop-mounts slot images.
+INITRD_MODULES = ["fs/squashfs", "drivers/md/dm-mod", "drivers/md/dm-verity", "drivers/md/dm-bufio",
+                  "drivers/block/loop"]
 
 
 def context(profile: Profile, extra_packages: list[str] | None = None) -> dict[str, Any]:
@@ -225,6 +228,12 @@ def add_node_package(dest: Path) -> None:
     shutil.copy2(package / "__init__.py", target / "__init__.py")
     for source in sorted((package / "node").glob("*.py")):
         shutil.copy2(source, target / "node" / source.name)
+    # Compiled here: the root is read-only, so Python could not cache its bytecode there and
+    # would compile every module at every start of CB-Executor, CB-Manager, cbios and slot.
+    # Unchecked hashes: the files never change under it, and the build stays reproducible.
+    # (The build machine's Python is bookworm's 3.11, as the root's; another version's files
+    # would only be ignored.)
+    compileall.compile_dir(target, quiet=1, invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
 
 
 def _replace(target: Path) -> None:

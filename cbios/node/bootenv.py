@@ -22,6 +22,22 @@ class BootEnvError(Exception):
     pass
 
 
+def sums_path(grubenv: Path, copy: str) -> Path:
+    """Beside grubenv: the sha256s GRUB checks COPY's kernel and initrd against (grub.cfg)."""
+    return grubenv.parent / f"cbios-{copy}.sha256"
+
+
+def write_sums(grubenv: Path, copy: str, kernel_sha256: str, initrd_sha256: str) -> None:
+    """COPY's sums, as `sha256sum --check` reads them, written whole or not at all."""
+    path = sums_path(grubenv, copy)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(f"{kernel_sha256}  vmlinuz\n{initrd_sha256}  initrd.img\n")
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
 def parse(data: bytes) -> dict[str, str]:
     if not data.startswith(HEADER):
         raise BootEnvError("not a GRUB environment block")

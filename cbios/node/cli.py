@@ -36,6 +36,10 @@ def cmd_commit(args: argparse.Namespace) -> int:
     own = status.release(status.RELEASE.read_text())
     with bootenv.boot_partition(writable=True) as path:
         env = bootenv.read(path)
+        if env.get(f"cbios_{running}_state") == "bad":
+            print(f"cbios: copy {running} is marked bad ({env.get('cbios_corrupt') or 'by the boot loader'}): "
+                  "not committed", file=sys.stderr)
+            return 1
         new = bootenv.committed(env, running, own.get("CBIOS_VERSION"))
         if new != env:
             bootenv.write(path, new)

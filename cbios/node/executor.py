@@ -134,8 +134,20 @@ class Executor:
         dev = self._device(volume)
         if if_blank and _has_signature(dev):
             return {"written": False}
-        if tpl["type"] in ("lxc-system", "kvm-system") and iid == 0:
-            image = self.images / f"{template}.img.zst"
+        if tpl["type"] == "lxc-system" and iid == 0:
+            image = self.images / slotdefs.image_name(template, "lxc-system")
+            if not image.is_file():
+                raise Failed(f"{image}: no image of {template} in this firmware")
+            # Its root must be writable: the squashfs image unpacked into a fresh ext4.
+            target = MOUNTS / f"{volume}.image"
+            target.mkdir(parents=True, exist_ok=True)
+            _run(["mount", "-t", "squashfs", "-o", "ro,loop,nodev,nosuid", str(image), str(target)])
+            try:
+                _run(["mkfs.ext4", "-q", "-F", "-L", volume, "-d", str(target), dev], timeout=600)
+            finally:
+                _run(["umount", str(target)])
+        elif tpl["type"] == "kvm-system" and iid == 0:
+            image = self.images / slotdefs.image_name(template, "kvm-system")
             if not image.is_file():
                 raise Failed(f"{image}: no image of {template} in this firmware")
             with open(dev, "wb") as out:

@@ -13,6 +13,14 @@ from typing import Any
 TEMPLATES = Path("/usr/lib/cbios/slot-templates")
 SLOTS = Path("/usr/lib/cbios/slots.json")
 IMAGES = Path("/usr/lib/cbios/slot-images")
+# An lxc-system template's root file system is a squashfs image, unpacked into a fresh ext4 on
+# the slot's volume 0 (its root is writable); a kvm-system's system disk is an ext4 image, zstd.
+IMAGE_NAMES = {"lxc-system": "{}.sqfs", "kvm-system": "{}.img.zst"}
+
+
+def image_name(template: str, kind: str) -> str:
+    """The file of TEMPLATE's image in IMAGES (the flasher's lib.sh knows the same two names)."""
+    return IMAGE_NAMES[kind].format(template)
 EXECUTOR_SOCKET = Path("/run/cbios/executor/executor.sock")
 MANAGER_SOCKET = Path("/run/cbios/manager/manager.sock")
 SECRETS = Path("/usr/lib/cbios/secrets")  # hidden from every slot but CB-Manager (lxcconf.py)

@@ -46,6 +46,8 @@ def gather(env: dict[str, str] | None, running: str | None, own: dict[str, str],
         "next_boot": (env or {}).get("cbios_active") or None,
         "last_fallback": (env or {}).get("cbios_fallback") or None,
         "last_failure": (env or {}).get("cbios_failure") or None,
+        "last_corruption": (env or {}).get("cbios_corrupt") or None,
+        "refused_versions": bootenv.refused(env or {}),
         "copies": copies if env is not None else {},
     }
 
@@ -65,4 +67,7 @@ def render_text(st: dict[str, Any]) -> str:
     lines.append(f"next boot:     {st['next_boot']}")
     lines.append(f"last fallback: {st['last_fallback'] or 'none'}")
     lines.append(f"last failure:  {st['last_failure'] or 'none'}")
+    lines.append(f"corruption:    {st['last_corruption'] or 'none'}")
+    if st["refused_versions"]:
+        lines.append(f"refused:       {' '.join(st['refused_versions'])} (failed here; cbios update --force)")
     return "\n".join(lines) + "\n"

@@ -145,6 +145,7 @@ def verify_signature(data: bytes, signature: bytes, key: Path) -> bool:
 
 
 VERSION = re.compile(r"\d+(\.\d+){0,3}")  # as a profile's version
+SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def version_key(text: str) -> tuple[int, ...]:
@@ -164,6 +165,8 @@ class Firmware:
     root_sha256: str
     root_size: int
     verity: verity.Verity
+    kernel_sha256: str  # root.img's /boot/vmlinuz and /boot/initrd.img, which GRUB checks
+    initrd_sha256: str
 
 
 def parse_manifest(data: bytes, where: str) -> Firmware:
@@ -174,13 +177,16 @@ def parse_manifest(data: bytes, where: str) -> Firmware:
             profile=str(m["profile"]), version=str(m["version"]), architecture=str(m["architecture"]),
             tries=int(m["boot"]["tries"]),
             root_sha256=str(arts[IMAGE]["sha256"]), root_size=int(arts[IMAGE]["size"]),
-            verity=verity.Verity.parse(str(m["verity"]["param"])))
+            verity=verity.Verity.parse(str(m["verity"]["param"])),
+            kernel_sha256=str(arts["vmlinuz"]["sha256"]), initrd_sha256=str(arts["initrd.img"]["sha256"]))
     except json.JSONDecodeError as e:
         raise UpdateError(f"{where}: not JSON ({e.msg}, line {e.lineno})") from None
     except verity.VerityError as e:
         raise UpdateError(f"{where}: not a CBIOS manifest ({e})") from None
     except (KeyError, TypeError, ValueError) as e:
         raise UpdateError(f"{where}: not a CBIOS manifest (no {e})") from None
+    if not all(SHA256.fullmatch(h) for h in (firmware.root_sha256, firmware.kernel_sha256, firmware.initrd_sha256)):
+        raise UpdateError(f"{where}: not a CBIOS manifest (a sha256 that is not one)")
     if firmware.verity.hash_offset >= firmware.root_size:
         raise UpdateError(f"{where}: not a CBIOS manifest (its verity data blocks overrun root.img)")
     if not VERSION.fullmatch(firmware.version) or not 1 <= firmware.tries <= 9:
@@ -355,6 +361,7 @@ def _update(node: Node, source: Source, *, allow_downgrade: bool, force: bool,
     if problem := node.check(device, new.verity):
         raise UpdateError(f"{problem}: copy {target} stays bad")
     with node.boot_env(True) as path:
+        bootenv.write_sums(path, target, new.kernel_sha256, new.initrd_sha256)
         bootenv.write(path, to_try(bootenv.read(path), target, new.tries, new.verity.param))
     result = {
         "profile": new.profile, "from": node.own["CBIOS_VERSION"], "version": new.version,

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from cbios.build import _cache_dir
+from cbios.build import cache_dir
 from cbios.node import cluster, lxcconf, manager, wire
 from cbios.node.wire import Failed, Invalid
 from cbios.profile import load_profile
@@ -223,7 +223,7 @@ def test_the_key_is_kept_from_every_slot_but_cb_manager(project: Project) -> Non
 
 def test_profiles_with_the_same_packages_share_mkosis_cache(project: Project) -> None:
     def cache(name: str, image: str) -> Path:
-        return _cache_dir(project, image, mkosi_configs(project, load_profile(project, name))[image])
+        return cache_dir(project, image, mkosi_configs(project, load_profile(project, name))[image])
 
     assert cache("qemu-test", "root") == cache("qemu-test-peer", "root")
     assert cache("qemu-test", "root") != cache("service-node", "root")

@@ -86,6 +86,7 @@ def test_status_text_names_copies_versions_and_the_last_fallback(monkeypatch: py
         "next boot:     spare",
         "last fallback: copy root could not be loaded (kernel, initrd or file system)",
         "last failure:  none",
+        "corruption:    none",
     ]
 
 

@@ -51,7 +51,9 @@ def make_release(directory: Path, key: Path | None, *, data: bytes = DATA, **fie
     root, v = with_tree(directory, data)
     doc = {"format": 1, "profile": "qemu-test", "version": "2.0.0", "architecture": "x86-64",
            "boot": {"tries": 2, "ready_timeout": 300}, "verity": {"param": v.param},
-           "artifacts": {"root.img": {"sha256": sha256(root), "size": len(root)}}}
+           "artifacts": {"root.img": {"sha256": sha256(root), "size": len(root)},
+                         "vmlinuz": {"sha256": sha256(b"kernel"), "size": 6},
+                         "initrd.img": {"sha256": sha256(b"initrd"), "size": 6}}}
     doc.update(fields)
     (directory / "manifest.json").write_text(json.dumps(doc))
     if key is not None:
@@ -143,6 +145,10 @@ def test_an_update_writes_the_copy_not_running_and_makes_it_the_one_to_try(
     env = node.env()
     assert env["cbios_active"] == "spare" and env["cbios_spare_state"] == "new" and env["cbios_spare_tries"] == "2"
     assert env["cbios_spare_verity"] == json.loads((release / "manifest.json").read_text())["verity"]["param"]
+    # What GRUB checks the new copy's kernel and initrd against, beside the boot state.
+    assert bootenv.sums_path(node.grubenv, "spare").read_text() == \
+        f"{sha256(b'kernel')}  vmlinuz\n{sha256(b'initrd')}  initrd.img\n"
+    assert not bootenv.sums_path(node.grubenv, "root").exists()
     assert env["cbios_root_state"] == "good"
     assert any("signature good" in line for line in result["said"])
     # The manifest's path works as well as its directory.

@@ -63,8 +63,9 @@ def peer_disk(vm_project: Project, peer_profile: Profile, built: Path) -> Path:
     return make_disk(vm_project, peer_profile)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def build_manifest(built: Path) -> dict[str, object]:
+    """The build's manifest as it is now (a forced rebuild in a test before may have changed it)."""
     return manifest.read(built / manifest.MANIFEST)
 
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from cbios import manifest
 from cbios.boot import kernel_boot_spec
 from cbios.machine import Machine
 from cbios.profile import Profile
@@ -23,11 +24,11 @@ def test_boot_finished_with_no_failed_unit(machine: Machine) -> None:
     assert machine.succeed("systemctl list-units --failed --plain --no-legend") == ""
 
 
-def test_root_is_the_image_read_through_dm_verity(machine: Machine, build_manifest: dict[str, Any]) -> None:
+def test_root_is_the_image_read_through_dm_verity(machine: Machine, built: Path) -> None:
     source, fstype, options = machine.succeed("findmnt -n -o SOURCE,FSTYPE,OPTIONS / | tr -s ' ' '\\n'").split("\n")
     assert (source, fstype, options.split(",")[0]) == ("/dev/mapper/cbios-root", "squashfs", "ro")
     table = machine.succeed("dmsetup table cbios-root").split()
-    assert table[2] == "verity" and build_manifest["verity"]["root_hash"] in table
+    assert table[2] == "verity" and manifest.read(built / manifest.MANIFEST)["verity"]["root_hash"] in table
     assert machine.succeed("dmsetup status cbios-root").split()[-1] == "V"  # no block found corrupt
     assert "Read-only file system" in machine.fail("touch /usr/cbios-write-test")
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +18,8 @@ from cbios.disk import flash, flasher_spec, make_media
 from cbios.machine import Machine
 from cbios.profile import Profile
 from cbios.project import Project
+
+log = logging.getLogger("cbios")
 
 
 def boot_disk(project: Project, profile: Profile, built: Path, disk: Path, name: str,
@@ -72,6 +76,55 @@ def test_destroyed_primary_boots_the_spare_with_no_input(
         assert st["copies"]["root"]["version"] is None  # its file system is unreadable
         assert st["last_fallback"] == "copy root could not be loaded (kernel, initrd or file system)"
         assert "last fallback: copy root could not be loaded" in m.succeed("cbios status")
+        m.shutdown()
+
+
+def flip_somewhere(disk: Path, vg: str, lv: str, image_bytes: int) -> int:
+    """One byte inverted at a random place of the copy's root.img (squashfs or hash tree)."""
+    where = random.randrange(image_bytes)
+    old, new = lvm_layout.flip_byte(disk, lvm_layout.lv_offset(disk, vg, lv) + where)
+    log.info("  flipped byte %d of %s/%s's root.img (%d bytes): %#04x -> %#04x", where, vg, lv, image_bytes,
+             old, new)
+    return where
+
+
+def test_a_byte_flipped_anywhere_in_the_primary_ends_with_the_node_ready_on_the_spare(
+        vm_project: Project, profile: Profile, built: Path, disk_copy: Path, build_manifest: dict[str, Any]) -> None:
+    """Wherever it lands (kernel or initrd: GRUB's check; a block read at boot: dm-verity; a
+    block nothing reads: the scrub after ready), the node ends up ready on the spare with no
+    hands, at most one reboot, and says why."""
+    where = flip_somewhere(disk_copy, profile.storage.vg, "root", build_manifest["artifacts"]["root.img"]["size"])
+    with boot_disk(vm_project, profile, built, disk_copy, "flipped-primary") as m:
+        deadline = 3 * profile.qemu.ready_timeout
+        ready = m.wait_report(("READY",), deadline, skip_failed=True)
+        if "copy=root" in ready:  # the scrub after ready finds it, and reboots into the spare
+            ready = m.wait_report(("READY",), deadline, skip_failed=True)
+        assert "copy=spare" in ready, f"byte {where}: {ready}"
+        st = status(m)
+        assert (st["running"], st["next_boot"], st["copies"]["root"]["state"]) == ("spare", "spare", "bad"), where
+        reason = st["last_fallback"]
+        assert reason.startswith(("copy root could not be loaded", "copy root: corrupt")), (where, reason)
+        assert "last fallback: copy root" in m.succeed("cbios status")
+        boots = m.console_log.read_text(errors="replace").count("CBIOS: booting copy")
+        assert boots <= 3, f"byte {where}: {boots} boot loader choices"  # root, spare; or root, root again, spare
+        m.shutdown()
+
+
+def test_a_corrupt_spare_is_found_by_the_scrub_and_never_booted(
+        vm_project: Project, profile: Profile, built: Path, disk_copy: Path, build_manifest: dict[str, Any]) -> None:
+    size = build_manifest["artifacts"]["root.img"]["size"]
+    where = flip_somewhere(disk_copy, profile.storage.vg, "root-spare", size)
+    with boot_disk(vm_project, profile, built, disk_copy, "flipped-spare") as m:
+        assert "copy=root" in m.wait_ready(profile.qemu.ready_timeout)
+        corrupt = m.wait_report(("CORRUPT",), profile.qemu.ready_timeout)  # the scrub after ready
+        assert corrupt.startswith("CORRUPT copy spare: "), (where, corrupt)
+        st = status(m)
+        assert (st["running"], st["next_boot"]) == ("root", "root")
+        assert (st["copies"]["root"]["state"], st["copies"]["spare"]["state"]) == ("good", "bad")
+        assert st["last_corruption"].startswith("copy spare: corrupt: "), st["last_corruption"]
+        assert "corruption:    copy spare: corrupt" in m.succeed("cbios status")
+        # The daily scrub finds nothing more, and leaves the spare alone.
+        assert "copy spare: skipped: marked bad already" in m.succeed("cbios scrub")
         m.shutdown()
 
 

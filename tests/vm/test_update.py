@@ -208,6 +208,12 @@ def test_a_release_that_is_not_ready_is_rolled_back_with_no_input(
     assert f"last failure:  copy spare ({BROKEN_VERSION})" in m.succeed("cbios status")
     assert m.succeed(KEPT) == "kept\nkept"
     assert m.succeed(f"slot list {NODE}") == node.slots
+    # The node remembers it: the same release again is refused, with nothing written, unless forced.
+    assert st["refused_versions"] == [BROKEN_VERSION]
+    before = untouched(m, profile.storage.vg)
+    rc, err = m.execute(f"cbios update {URL} --no-reboot 2>&1 >/dev/null", timeout=300)
+    assert rc == 2 and f"version {BROKEN_VERSION} failed the health gate on this node before" in err, err
+    assert untouched(m, profile.storage.vg) == before
 
 
 def test_a_good_release_through_cb_manager_is_committed_and_keeps_the_slots(

@@ -1,0 +1,172 @@
+"""Power-cut trials: a node's QEMU killed at a random moment of an install, of an update, or
+of the first boot of a new copy; then the node must boot to ready on a good copy with its
+/var and its slots' volumes as they were. `invoke bench --power-cuts N` runs N trials a
+phase and reports how many recovered; the VM tests run one of each.
+
+The moment is drawn from the phase's own length, measured on a first run that is not cut."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cbios.boot import disk_boot_spec
+from cbios.disk import FLASH_TIMEOUT, disk_size, flasher_spec, make_media, overlay
+from cbios.errors import CbiosError
+from cbios.machine import Machine
+from cbios.profile import Profile
+from cbios.project import Project
+from cbios.pxe.bundle import PXE_DIR
+from cbios.pxe.lab import GUEST_SERVER, PxeLab
+from cbios.run import run
+
+log = logging.getLogger("cbios")
+
+PHASES = ("install", "update", "first-boot")
+KEPT = "cat /var/lib/cbios-power-cut; lxc-attach -n slot2 -- cat /var/lib/dnsmasq/cbios-power-cut"
+MARK = ("echo kept > /var/lib/cbios-power-cut; "
+        "lxc-attach -n slot2 -- sh -c 'echo kept > /var/lib/dnsmasq/cbios-power-cut'")
+UPDATE = f"cbios update http://{GUEST_SERVER}/ --allow-downgrade --no-reboot"
+
+
+@dataclass
+class Trial:
+    phase: str
+    cut_after_s: float
+    recovered: bool
+    detail: str
+
+
+@dataclass
+class Site:
+    """What every trial of one profile needs: its build, its node disk, a place for logs."""
+
+    project: Project
+    profile: Profile
+    out: Path
+    node_disk: Path
+    logdir: Path
+
+    def machine(self, disk: Path, name: str, lab: PxeLab | None = None) -> Machine:
+        spec = disk_boot_spec(self.project, self.profile, self.out, disk, persist=True)
+        if lab is not None:
+            spec.pxe = lab.netdev_options()
+        return Machine(spec, self.logdir, name=name)
+
+    def ready(self, m: Machine) -> str:
+        """The next READY, FAILED boots on the way skipped (a new copy spends its tries)."""
+        return m.wait_report(("READY",), 3 * self.profile.qemu.ready_timeout, skip_failed=True)
+
+
+def _on_server_link(m: Machine) -> None:
+    m.succeed("ip -4 addr show dev ctl | grep -q 10.0.2.15/ || ip addr add 10.0.2.15/24 dev ctl")
+
+
+def _good_copy(m: Machine) -> str:
+    """'' if the node runs a committed copy with its /var and slot volume as they were."""
+    st = json.loads(m.succeed("cbios status --json"))
+    running = st["running"]
+    if st["copies"][running]["state"] != "good":
+        return f"copy {running} runs but is {st['copies'][running]['state']}"
+    kept = m.execute(KEPT, timeout=60)[1]
+    return "" if kept == "kept\nkept" else f"/var or the slot volume changed: {kept!r}"
+
+
+def _cut(m: Machine, after: float, started: float) -> None:
+    time.sleep(max(0.0, started + after - time.monotonic()))  # the power cut: its moment is the trial
+    m.kill()
+
+
+def trial_install(site: Site, work: Path, rng: random.Random, length: float) -> Trial:
+    """The flasher installing from media, cut; powered on again it installs again (no force)."""
+    media = work / "media.img"
+    make_media(site.out, media, work / "media.log")
+    disk = work / "node.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", disk, str(disk_size(site.project, site.profile))], step="qemu-img")
+    cut = rng.uniform(0, length)
+    spec = flasher_spec(site.project, site.profile, site.out, disk, media)
+    with Machine(spec, site.logdir, name="cut-install") as m:
+        _cut(m, cut, m.started_at)
+    with Machine(flasher_spec(site.project, site.profile, site.out, disk, media), site.logdir,
+                 name="cut-install-again") as m:
+        line = m.wait_report(("FLASHED", "FAILED"), FLASH_TIMEOUT)
+        m.wait_exit(120)
+    if not line.startswith("FLASHED"):
+        return Trial("install", cut, False, line)
+    with site.machine(disk, "cut-install-boot") as m:
+        ready = site.ready(m)
+        m.succeed(MARK)
+        problem = _good_copy(m)
+        m.kill()
+    return Trial("install", cut, not problem, problem or ready)
+
+
+def trial_update(site: Site, work: Path, rng: random.Random, length: float) -> Trial:
+    """`cbios update` writing the other copy, cut; the node boots a good copy."""
+    cut = rng.uniform(0, length)
+    disk = overlay(site.node_disk, work / "node.qcow2")
+    with PxeLab(site.out / PXE_DIR, work / "server", mode=None) as lab:
+        with site.machine(disk, "cut-update", lab) as m:
+            site.ready(m)
+            m.succeed(MARK)
+            _on_server_link(m)
+            m.succeed(f"setsid -f sh -c '{UPDATE}' </dev/null >/dev/console 2>&1")
+            _cut(m, cut, time.monotonic())
+    with site.machine(disk, "cut-update-boot") as m:
+        ready = site.ready(m)
+        problem = _good_copy(m)
+        m.kill()
+    return Trial("update", cut, not problem, problem or ready)
+
+
+def trial_first_boot(site: Site, work: Path, rng: random.Random, length: float) -> Trial:
+    """A new copy written, then its first boot cut (before, around or after its commit)."""
+    cut = rng.uniform(0, length)
+    disk = overlay(site.node_disk, work / "node.qcow2")
+    with PxeLab(site.out / PXE_DIR, work / "server", mode=None) as lab:
+        with site.machine(disk, "cut-first-boot", lab) as m:
+            site.ready(m)
+            m.succeed(MARK)
+            _on_server_link(m)
+            m.succeed(UPDATE, timeout=900)
+            m.execute("systemctl --no-block reboot")
+            _cut(m, cut, time.monotonic())
+    with site.machine(disk, "cut-first-boot-again") as m:
+        ready = site.ready(m)
+        problem = _good_copy(m)
+        m.kill()
+    return Trial("first-boot", cut, not problem, problem or ready)
+
+
+TRIALS: dict[str, Callable[[Site, Path, random.Random, float], Trial]] = {
+    "install": trial_install, "update": trial_update, "first-boot": trial_first_boot}
+# How long each phase lasts under TCG on the build machines (seconds), the window the cut is
+# drawn from: install power-on to FLASHED, update command to its end, reboot to ready and scrub.
+LENGTHS = {"install": 75.0, "update": 45.0, "first-boot": 120.0}
+
+
+def run_trials(site: Site, phases: tuple[str, ...], count: int, seed: int) -> dict[str, Any]:
+    """COUNT trials of each phase; how many recovered, and each trial's moment and verdict."""
+    rng = random.Random(seed)
+    figures: dict[str, Any] = {}
+    for phase in phases:
+        trials = []
+        for n in range(count):
+            with tempfile.TemporaryDirectory(prefix=f"cbios-cut-{phase}-") as tmp:
+                try:
+                    t = TRIALS[phase](site, Path(tmp), rng, LENGTHS[phase])
+                except CbiosError as e:
+                    t = Trial(phase, -1, False, str(e).splitlines()[0])
+            log.info("‣ power cut %s #%d after %.1f s: %s (%s)", phase, n + 1, t.cut_after_s,
+                     "recovered" if t.recovered else "NOT RECOVERED", t.detail)
+            trials.append(t)
+        figures[phase] = {"recovered": sum(t.recovered for t in trials), "of": count,
+                          "trials": [t.__dict__ for t in trials]}
+    return figures
