@@ -38,6 +38,11 @@ def finish_tree(tree: Path, profile: Profile, vmlinuz: Path, initrd: Path) -> No
     shutil.copy2(initrd, boot / "initrd.img")
     _var_to_factory(tree)
     _authorized_keys(tree, profile)
+    # Empty, not "uninitialized": a read-only root would otherwise be a first boot every time
+    # (systemd then applies every unit preset, 11 s under TCG). The machine ID is made anew
+    # at each boot either way.
+    (tree / "etc/machine-id").unlink(missing_ok=True)
+    (tree / "etc/machine-id").write_text("")
 
 
 def _var_to_factory(tree: Path) -> None:
