@@ -108,41 +108,36 @@ def trial_install(site: Site, work: Path, rng: random.Random, length: float) -> 
     return Trial("install", cut, not problem, problem or ready)
 
 
-def trial_update(site: Site, work: Path, rng: random.Random, length: float) -> Trial:
-    """`cbios update` writing the other copy, cut; the node boots a good copy."""
+def _cut_running_node(site: Site, work: Path, rng: random.Random, length: float, phase: str,
+                      prepare: str, command: str) -> Trial:
+    """The installed node, ready, its /var and a slot volume marked; PREPARE run to its end,
+    then COMMAND left running and the power cut at a random moment; then the node boots."""
     cut = rng.uniform(0, length)
     disk = overlay(site.node_disk, work / "node.qcow2")
     with PxeLab(site.out / PXE_DIR, work / "server", mode=None) as lab:
-        with site.machine(disk, "cut-update", lab) as m:
+        with site.machine(disk, f"cut-{phase}", lab) as m:
             site.ready(m)
             m.succeed(MARK)
             _on_server_link(m)
-            m.succeed(f"setsid -f sh -c '{UPDATE}' </dev/null >/dev/console 2>&1")
+            if prepare:
+                m.succeed(prepare, timeout=900)
+            m.succeed(f"setsid -f sh -c '{command}' </dev/null >/dev/console 2>&1")
             _cut(m, cut, time.monotonic())
-    with site.machine(disk, "cut-update-boot") as m:
+    with site.machine(disk, f"cut-{phase}-again") as m:
         ready = site.ready(m)
         problem = _good_copy(m)
         m.kill()
-    return Trial("update", cut, not problem, problem or ready)
+    return Trial(phase, cut, not problem, problem or ready)
+
+
+def trial_update(site: Site, work: Path, rng: random.Random, length: float) -> Trial:
+    """`cbios update` writing the other copy, cut; the node boots a good copy."""
+    return _cut_running_node(site, work, rng, length, "update", "", UPDATE)
 
 
 def trial_first_boot(site: Site, work: Path, rng: random.Random, length: float) -> Trial:
     """A new copy written, then its first boot cut (before, around or after its commit)."""
-    cut = rng.uniform(0, length)
-    disk = overlay(site.node_disk, work / "node.qcow2")
-    with PxeLab(site.out / PXE_DIR, work / "server", mode=None) as lab:
-        with site.machine(disk, "cut-first-boot", lab) as m:
-            site.ready(m)
-            m.succeed(MARK)
-            _on_server_link(m)
-            m.succeed(UPDATE, timeout=900)
-            m.execute("systemctl --no-block reboot")
-            _cut(m, cut, time.monotonic())
-    with site.machine(disk, "cut-first-boot-again") as m:
-        ready = site.ready(m)
-        problem = _good_copy(m)
-        m.kill()
-    return Trial("first-boot", cut, not problem, problem or ready)
+    return _cut_running_node(site, work, rng, length, "first-boot", UPDATE, "systemctl reboot")
 
 
 TRIALS: dict[str, Callable[[Site, Path, random.Random, float], Trial]] = {
