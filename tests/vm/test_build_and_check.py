@@ -64,22 +64,6 @@ def test_root_img_is_squashfs_followed_by_its_verity_tree(built: Path, build_man
     assert build_manifest["layout"]["root_size"] >= image.stat().st_size
 
 
-def test_a_release_made_after_the_node_disk_verifies_with_the_firmwares_key(
-        built: Path, node_disk: Path, tmp_path: Path) -> None:
-    """make image (the build, then its node disk), then cbios release: nothing rewrote the
-    signed manifest, so the release file still verifies with the key inside root.img."""
-    assert (built / "disk.json").is_file()
-    path = write_release(built, tmp_path / "r.cbios.tar")
-    with tarfile.open(path) as tar:
-        tar.extractall(tmp_path / "r", filter="data")
-    key = subprocess.run(["unsquashfs", "-cat", str(tmp_path / "r" / "root.img"), signing.NODE_KEY],
-                         capture_output=True, check=True).stdout
-    (tmp_path / "key.pem").write_bytes(key)
-    doc = (tmp_path / "r" / manifest.MANIFEST).read_bytes()
-    assert update.verify_signature(doc, (tmp_path / "r" / manifest.SIGNATURE).read_bytes(), tmp_path / "key.pem")
-    assert b'"disk"' not in doc
-
-
 def test_unchanged_build_does_nothing(vm_project: Project, profile: Profile, built: Path) -> None:
     before = (built / "manifest.json").stat().st_mtime_ns
     build(vm_project, profile)
@@ -113,3 +97,20 @@ def test_boot_check_failure_shows_console_tail_and_log_path(built: Path) -> None
     assert "no READY within 10 s" in proc.stderr
     assert "--- last 25 console lines ---" in proc.stderr
     assert "console log: " in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_release_made_after_the_node_disk_verifies_with_the_firmwares_key(
+        built: Path, node_disk: Path, tmp_path: Path) -> None:
+    """make image (the build, then its node disk), then cbios release: nothing rewrote the
+    signed manifest, so the release file still verifies with the key inside root.img. (Last
+    in this module: a forced rebuild removes the node disk of the firmware before it.)"""
+    assert (built / "disk.json").is_file()
+    path = write_release(built, tmp_path / "r.cbios.tar")
+    with tarfile.open(path) as tar:
+        tar.extractall(tmp_path / "r", filter="data")
+    key = subprocess.run(["unsquashfs", "-cat", str(tmp_path / "r" / "root.img"), signing.NODE_KEY],
+                         capture_output=True, check=True).stdout
+    (tmp_path / "key.pem").write_bytes(key)
+    doc = (tmp_path / "r" / manifest.MANIFEST).read_bytes()
+    assert update.verify_signature(doc, (tmp_path / "r" / manifest.SIGNATURE).read_bytes(), tmp_path / "key.pem")
+    assert b'"disk"' not in doc
