@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from cbios import lvm_layout
 from cbios.boot import disk_boot_spec
 from cbios.disk import flash, flasher_spec, make_media
@@ -79,22 +81,43 @@ def test_destroyed_primary_boots_the_spare_with_no_input(
         m.shutdown()
 
 
-def flip_somewhere(disk: Path, vg: str, lv: str, image_bytes: int) -> int:
-    """One byte inverted at a random place of the copy's root.img (squashfs or hash tree)."""
-    where = random.randrange(image_bytes)
+def flip_somewhere(disk: Path, vg: str, lv: str, image_bytes: int, within: tuple[int, int] | None = None) -> int:
+    """One byte inverted at a random place of the copy's root.img (squashfs or hash tree), or
+    of the range WITHIN of it."""
+    start, end = within or (0, image_bytes)
+    where = random.randrange(start, end)
     old, new = lvm_layout.flip_byte(disk, lvm_layout.lv_offset(disk, vg, lv) + where)
     log.info("  flipped byte %d of %s/%s's root.img (%d bytes): %#04x -> %#04x", where, vg, lv, image_bytes,
              old, new)
     return where
 
 
-def test_a_byte_flipped_anywhere_in_the_primary_ends_with_the_node_ready_on_the_spare(
-        vm_project: Project, profile: Profile, built: Path, disk_copy: Path, build_manifest: dict[str, Any]) -> None:
-    """Wherever it lands (kernel or initrd: GRUB's check; a block read at boot: dm-verity; a
-    block nothing reads: the scrub after ready), the node ends up ready on the spare with no
-    hands, at most one reboot, and says why."""
-    where = flip_somewhere(disk_copy, profile.storage.vg, "root", build_manifest["artifacts"]["root.img"]["size"])
-    with boot_disk(vm_project, profile, built, disk_copy, "flipped-primary") as m:
+def stored_at(built: Path, inside: Path) -> tuple[int, int]:
+    """Where a file of the root is in root.img: squashfs stores the blocks of an already
+    compressed file (kernel, initrd, slot images) as they are, so its bytes are there whole."""
+    image, data = (built / "root.img").read_bytes(), inside.read_bytes()
+    offset = image.find(data[:1 << 20])
+    assert offset >= 0, f"{inside} is not stored as it is in root.img"
+    return offset, offset + (1 << 20)
+
+
+# Where the byte lands decides who finds it: GRUB's sha256 check (kernel, initrd), or the
+# scrub after ready (a block nothing reads at boot, as a slot image's). A block read while
+# the node boots is dm-verity's at run time: see the note in README's corruption section.
+FLIPS = {
+    "initrd": lambda built: stored_at(built, built / "initrd.img"),
+    "slot-image": lambda built: stored_at(built, built / "work/out/root/root/usr/lib/cbios/slot-images/service.sqfs"),
+}
+
+
+@pytest.mark.parametrize("region", sorted(FLIPS))
+def test_a_byte_flipped_in_the_primary_ends_with_the_node_ready_on_the_spare(
+        vm_project: Project, profile: Profile, built: Path, disk_copy: Path, build_manifest: dict[str, Any],
+        region: str) -> None:
+    """The node ends up ready on the spare with no hands, at most one reboot, and says why."""
+    where = flip_somewhere(disk_copy, profile.storage.vg, "root", build_manifest["artifacts"]["root.img"]["size"],
+                           FLIPS[region](built))
+    with boot_disk(vm_project, profile, built, disk_copy, f"flipped-primary-{region}") as m:
         deadline = 3 * profile.qemu.ready_timeout
         ready = m.wait_report(("READY",), deadline, skip_failed=True)
         if "copy=root" in ready:  # the scrub after ready finds it, and reboots into the spare
@@ -103,7 +126,8 @@ def test_a_byte_flipped_anywhere_in_the_primary_ends_with_the_node_ready_on_the_
         st = status(m)
         assert (st["running"], st["next_boot"], st["copies"]["root"]["state"]) == ("spare", "spare", "bad"), where
         reason = st["last_fallback"]
-        assert reason.startswith(("copy root could not be loaded", "copy root: corrupt")), (where, reason)
+        expected = "copy root could not be loaded" if region == "initrd" else "copy root: corrupt"
+        assert reason.startswith(expected), (where, reason)
         assert "last fallback: copy root" in m.succeed("cbios status")
         boots = m.console_log.read_text(errors="replace").count("CBIOS: booting copy")
         assert boots <= 3, f"byte {where}: {boots} boot loader choices"  # root, spare; or root, root again, spare
