@@ -120,7 +120,8 @@ def build(project: Project, profile: Profile, *, force: bool = False) -> Path:
     _expect(root_out / "root.vmlinuz", "mkosi root", "no kernel in the image: is kernel.package installed?")
     _expect(root_out / "root.initrd", "mkosi root", "mkosi produced no initrd")
     shutil.copy2(root_out / "root.vmlinuz", dirs.staging / "vmlinuz")
-    image.recompress_initrd(root_out / "root.initrd", [initrd_cpio], dirs.staging / "initrd.img")
+    image.recompress_initrd(root_out / "root.initrd", [initrd_cpio], dirs.staging / "initrd.img",
+                            project.cache / "initrd-xz")
     image.finish_tree(tree, profile, dirs.staging / "vmlinuz", dirs.staging / "initrd.img")
     slot_images.update(_vm_images(project, profile, dirs, tree))
     root_verity = image.make_root_img(tree, dirs.staging / "root.img", dirs.logs / "image.log", sde)

@@ -6,6 +6,7 @@ is copied into the writable /var at boot; /boot holds this copy's own kernel and
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -81,13 +82,21 @@ def _authorized_keys(tree: Path, profile: Profile) -> None:
         os.chmod(keys, 0o600)
 
 
-def recompress_initrd(initrd: Path, parts: list[Path], out: Path) -> None:
+INITRD_XZ = ["--check=crc32", "--lzma2=preset=9e,dict=32MiB"]
+INITRD_CACHE_KEEP = 4  # packed initrds kept in the cache: a release and the few before it
+
+
+def recompress_initrd(initrd: Path, parts: list[Path], out: Path, cache: Path) -> None:
     """OUT: INITRD (mkosi's zstd cpio archives PARTS, each zero-padded) as one xz stream.
 
     GRUB reads the initrd out of the copy's squashfs, which stores a block that xz cannot
     shrink as it is; GRUB's sha256 check reads such a file fast, but a block squashfs did
     compress again for every small read. xz also makes the initrd smaller than zstd -19 does,
-    and the kernel unpacks it (CRC32 check, no BCJ filter: what its decoder takes)."""
+    and the kernel unpacks it (CRC32 check, no BCJ filter: what its decoder takes).
+
+    The archive is made reproducible (inode numbers in order, every mtime 0), so an initrd
+    whose files did not change, in whichever checkout or release, is packed once: xz takes
+    about 90 s, and the packed initrd is kept in CACHE under the hash of what it holds."""
     data = initrd.read_bytes()
     cpio = b""
     for part in parts:
@@ -98,12 +107,53 @@ def recompress_initrd(initrd: Path, parts: list[Path], out: Path) -> None:
         data = data[len(packed):].lstrip(b"\0")
     if data:
         cpio += _zstd_d(data)  # mkosi's cpio of the kernel modules, padded with zeros
+    cpio = reproducible_cpio(cpio)
+    cached = cache / f"{hashlib.sha256(cpio + repr(INITRD_XZ).encode()).hexdigest()}.xz"
+    if cached.is_file():
+        shutil.copyfile(cached, out)
+        os.utime(cached)  # the newest are kept
+        return
     with complete_step(f"Compressing {out.name} with xz ({len(cpio) >> 20} MiB of cpio)"):
-        proc = subprocess.run(["xz", "-c", "-T1", "--check=crc32", "--lzma2=preset=9e,dict=32MiB"], input=cpio,
-                              capture_output=True, check=False)
+        proc = subprocess.run(["xz", "-c", "-T1", *INITRD_XZ], input=cpio, capture_output=True, check=False)
     if proc.returncode != 0:
         raise StepError("initrd", f"xz failed: {proc.stderr.decode(errors='replace').strip()}")
     out.write_bytes(proc.stdout)
+    cache.mkdir(parents=True, exist_ok=True)
+    partial = cached.with_suffix(".partial")
+    partial.write_bytes(proc.stdout)
+    partial.replace(cached)
+    for old in sorted(cache.glob("*.xz"), key=lambda f: f.stat().st_mtime, reverse=True)[INITRD_CACHE_KEEP:]:
+        old.unlink(missing_ok=True)
+
+
+def reproducible_cpio(data: bytes, mtime: int = 0) -> bytes:
+    """DATA, concatenated newc cpio archives (perhaps zero-padded between them), with inode
+    numbers given in order of first use (hard links stay linked) and every mtime MTIME."""
+    out = bytearray()
+    inodes: dict[int, int] = {}
+    i = 0
+    while i < len(data):
+        if data[i] == 0:  # padding between archives
+            out.append(0)
+            i += 1
+            continue
+        header = bytearray(data[i:i + CPIO_HEADER])
+        if bytes(header[:6]) not in (b"070701", b"070702"):
+            raise StepError("initrd", f"not a newc cpio archive at byte {i}")
+        namesize, filesize = int(header[94:102], 16), int(header[54:62], 16)
+        header[6:14] = b"%08X" % inodes.setdefault(int(header[6:14], 16), len(inodes) + 1)
+        header[46:54] = b"%08X" % mtime
+        end = _align4(_align4(i + CPIO_HEADER + namesize) + filesize)
+        out += header + data[i + CPIO_HEADER:end]
+        i = end
+    return bytes(out)
+
+
+CPIO_HEADER = 110
+
+
+def _align4(n: int) -> int:
+    return (n + 3) & ~3
 
 
 def _zstd_d(data: bytes) -> bytes:

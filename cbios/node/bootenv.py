@@ -3,6 +3,7 @@ the plain boot partition, which GRUB reads at every boot and writes with save_en
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 from collections.abc import Iterator
@@ -77,17 +78,20 @@ def write(path: Path, env: dict[str, str]) -> None:
 
 @contextmanager
 def boot_partition(writable: bool = False) -> Iterator[Path]:
-    """The boot partition, mounted for as long as it is needed (it has no journal)."""
+    """The boot partition, mounted for as long as it is needed (it has no journal); one
+    process at a time (`cbios status` beside the health gate's scrub, say), the others wait."""
     MOUNTPOINT.mkdir(parents=True, exist_ok=True)
-    options = "rw,sync" if writable else "ro"
-    proc = subprocess.run(["mount", "-o", options, f"LABEL={BOOT_LABEL}", str(MOUNTPOINT)],
-                          capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False)
-    if proc.returncode != 0:
-        raise BootEnvError(f"cannot mount the boot partition (LABEL={BOOT_LABEL}): {proc.stderr.strip()}")
-    try:
-        yield MOUNTPOINT / "grub" / "grubenv"
-    finally:
-        subprocess.run(["umount", str(MOUNTPOINT)], check=False, stdin=subprocess.DEVNULL)
+    with open(MOUNTPOINT.parent / "boot.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        options = "rw,sync" if writable else "ro"
+        proc = subprocess.run(["mount", "-o", options, f"LABEL={BOOT_LABEL}", str(MOUNTPOINT)],
+                              capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False)
+        if proc.returncode != 0:
+            raise BootEnvError(f"cannot mount the boot partition (LABEL={BOOT_LABEL}): {proc.stderr.strip()}")
+        try:
+            yield MOUNTPOINT / "grub" / "grubenv"
+        finally:
+            subprocess.run(["umount", str(MOUNTPOINT)], check=False, stdin=subprocess.DEVNULL)
 
 
 def running_copy(cmdline: str | None = None, netboot_copy: Path = NETBOOT_COPY) -> str | None:

@@ -85,14 +85,17 @@ def _copy_device(copy: str) -> Path:
 
 
 def cmd_scrub(args: argparse.Namespace) -> int:
-    """Read both copies whole through dm-verity; mark a corrupt one bad. Exit 1 if one was."""
+    """Read both copies whole through dm-verity (at boot, the running one); mark a corrupt one
+    bad. Exit 1 if one was."""
     running = bootenv.running_copy()
     if running is None:
         print("cbios: not booted from a node disk: no copies to scrub", file=sys.stderr)
         return 0
     with bootenv.boot_partition() as path:
         env = bootenv.read(path)
-    findings = scrub.scrub_copies(env, _copy_device)
+    # At boot, the running copy: the other was read back when it was written, and the
+    # scheduled scrub reads both.
+    findings = scrub.scrub_copies(env, _copy_device, copies=(running,) if args.boot else bootenv.COPIES)
     for f in findings:
         if f.result == "corrupt":
             scrub.report(f"CORRUPT copy {f.copy}{' (running)' if f.copy == running else ''}: {f.detail}")
@@ -173,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     f.set_defaults(func=cmd_record_failure)
     c = sub.add_parser("scrub", help="read both copies whole through dm-verity; mark a corrupt one bad")
     c.add_argument("--boot", action="store_true",
-                   help="at boot: if the running copy is corrupt and the other is not, reboot into it")
+                   help="at boot: the running copy alone; if it is corrupt and the other is not, reboot into it")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_scrub)
     k = sub.add_parser("corrupt", help="the running copy's block BLOCK was refused by dm-verity (done by udev)")

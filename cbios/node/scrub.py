@@ -2,15 +2,16 @@
 blocks that nothing reads is found too; and what a copy found corrupt becomes.
 
 A corrupt copy is marked bad in the boot state with the reason (`cbios status` shows it),
-and, while the other copy is good, the other one boots next. The scrub runs once the node
-is ready at every boot (cbios-scrub.service): a running copy found corrupt then reboots
-the node into the other copy at once. The daily run (cbios-scrub.timer), and a block the
-kernel refuses at run time (udev, `cbios corrupt`), leave a running node up: the other copy
-boots next time. Nothing reboots a node whose other copy is bad too."""
+and, while the other copy is good, the other one boots next. Once the node is ready at
+every boot, the health gate scrubs the running copy (the other was read back when it was
+written): found corrupt, it reboots the node into the other copy at once. The scheduled
+run (cbios-scrub.timer: an hour after boot, then daily) reads both copies, and a block the
+kernel refuses at run time (udev, `cbios corrupt`) is marked at once; both leave a running
+node up: the other copy boots next time. Nothing reboots a node whose other copy is bad too."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,10 +28,11 @@ class Finding:
 
 
 def scrub_copies(env: dict[str, str], device: Callable[[str], Path],
-                 check: Callable[[Path, verity.Verity, str], str | None] = verity.scrub) -> list[Finding]:
-    """Each copy the boot state can open, read whole through dm-verity."""
+                 check: Callable[[Path, verity.Verity, str], str | None] = verity.scrub,
+                 copies: Iterable[str] = bootenv.COPIES) -> list[Finding]:
+    """Each of COPIES the boot state can open, read whole through dm-verity."""
     found = []
-    for copy in bootenv.COPIES:
+    for copy in copies:
         state, param = env.get(f"cbios_{copy}_state"), env.get(f"cbios_{copy}_verity", "")
         if state == "bad":
             found.append(Finding(copy, "skipped", "marked bad already"))

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from cbios import build as build_mod
-from cbios import manifest
+from cbios import image, manifest
 from cbios.errors import StepError
 from cbios.profile import load_profile
 from cbios.project import Project
@@ -69,3 +71,30 @@ def test_var_moves_to_factory_with_tmpfiles_lines_that_refill_it(tmp_path: Path)
     assert f"C /var/lib/dpkg - - - - /{FACTORY_VAR}/lib/dpkg" in lines
     assert f"C /var/run - - - - /{FACTORY_VAR}/run" in lines
     assert "d /var/tmp 1777 root root -" in lines
+
+
+def _cpio(tree: Path, when: int) -> bytes:
+    for path in tree.rglob("*"):
+        os.utime(path, (when, when), follow_symlinks=False)
+    names = "\n".join(sorted(str(p.relative_to(tree)) for p in tree.rglob("*"))) + "\n"
+    return subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], input=names.encode(), cwd=tree,
+                          capture_output=True, check=True).stdout
+
+
+def test_an_initrd_whose_files_did_not_change_packs_to_the_same_bytes(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc/a").write_text("a\n")
+    os.link(tree / "etc/a", tree / "etc/b")  # a hard link stays one
+    (tree / "etc/c").write_text("c\n")
+    first, second = _cpio(tree, 1_000_000), _cpio(tree, 2_000_000)
+    assert first != second
+    joined = image.reproducible_cpio(first + b"\0" * 512 + first, 7)
+    assert image.reproducible_cpio(second + b"\0" * 512 + second, 7) == joined
+    out = tmp_path / "out"
+    out.mkdir()
+    subprocess.run(["cpio", "-idm", "--quiet"], input=joined, cwd=out, check=True)
+    assert (out / "etc/c").read_text() == "c\n" and (out / "etc/c").stat().st_mtime == 7
+    assert (out / "etc/a").stat().st_ino == (out / "etc/b").stat().st_ino
+    with pytest.raises(StepError, match="not a newc cpio archive at byte 0"):
+        image.reproducible_cpio(b"garbage", 0)

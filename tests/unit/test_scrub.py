@@ -38,6 +38,13 @@ def test_a_clean_node_changes_nothing() -> None:
     assert scrub.mark(dict(GOOD), findings) == GOOD
 
 
+def test_the_scrub_at_boot_reads_the_running_copy_alone() -> None:
+    check, seen = checker({"root-spare"})
+    findings = scrub.scrub_copies(GOOD, devices, check, copies=("root",))
+    assert [(f.copy, f.result) for f in findings] == [("root", "clean")]
+    assert [name for _, name in seen] == ["cbios-scrub-root"]
+
+
 def test_a_corrupt_running_copy_gives_way_to_the_other_and_says_why() -> None:
     check, _ = checker({"root"})
     env = scrub.mark(dict(GOOD), scrub.scrub_copies(GOOD, devices, check))

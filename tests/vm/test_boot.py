@@ -7,10 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from cbios import manifest
-from cbios.boot import kernel_boot_spec
 from cbios.machine import Machine
 from cbios.profile import Profile
-from cbios.project import Project
 from cbios.render import architecture
 
 
@@ -78,22 +76,3 @@ def test_manifest_package_versions_are_what_the_root_has(
     assert installed == {name: listed[name] for name in installed}
     assert json.dumps(build_manifest["packages"]["initrd"])  # the initrd's packages are recorded too
     assert {"systemd", "lvm2", "udev"} <= {p["name"] for p in build_manifest["packages"]["initrd"]}
-
-
-def test_root_found_by_lv_name(machine: Machine, vm_project: Project, profile: Profile, built: Path,
-                               scratch_disk: Path, build_manifest: dict[str, Any]) -> None:
-    """The initrd activates LVM and opens cbios.image=/dev/<vg>/<lv> through dm-verity: copy
-    root.img into an LV on the scratch disk, then boot a second guest from that disk alone."""
-    vg = profile.storage.vg
-    size = build_manifest["artifacts"]["root.img"]["size"]
-    machine.succeed(f"pvcreate -q /dev/vdb && vgcreate -q {vg} /dev/vdb && lvcreate -q -y -n root -L {size}b {vg}")
-    machine.succeed(f"dd if=/dev/vda of=/dev/{vg}/root bs=4M conv=fsync status=none && vgchange -q -an {vg}")
-    machine.shutdown()  # the scratch disk can be open in one QEMU at a time; this test runs last
-    spec = kernel_boot_spec(vm_project, profile, built)
-    spec.cmdline = spec.cmdline.replace("cbios.image=/dev/vda", f"cbios.image=/dev/{vg}/root")
-    spec.drives = [f"file={scratch_disk},format=qcow2,if=virtio"]
-    with Machine(spec, built / "work" / "vm-tests", name="qemu-test-lv") as lv_machine:
-        lv_machine.wait_ready(profile.qemu.ready_timeout)
-        assert lv_machine.succeed("findmnt -n -o SOURCE,OPTIONS / | cut -d, -f1") == "/dev/mapper/cbios-root ro"
-        assert f"({vg}-root)" in lv_machine.succeed("dmsetup deps -o devname cbios-root")
-        lv_machine.shutdown()
