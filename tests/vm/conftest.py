@@ -4,25 +4,19 @@ cheap) and boot it in QEMU. Chosen with `pytest -m vm`; they need root, mkosi an
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from cbios import manifest
 from cbios.boot import kernel_boot_spec
-from cbios.build import build
 from cbios.machine import Machine
 from cbios.profile import Profile, load_profile
 from cbios.project import Project
-
-PROFILE = "qemu-test"
-PEER_PROFILE = "qemu-test-peer"  # the cluster's second node
-NEXT_VERSION = "2.0.1"  # qemu-test with a changed overlay file
-NEXT_MARK = f"# qemu-test {NEXT_VERSION}: journald as before"
-BROKEN_VERSION = "2.0.0"  # qemu-test whose CB-Manager cannot start
+from tests.vm import images
+from tests.vm.images import PEER_PROFILE, PROFILE
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -46,7 +40,7 @@ def profile(vm_project: Project) -> Profile:
 @pytest.fixture(scope="session")
 def built(vm_project: Project, profile: Profile) -> Path:
     """build/qemu-test, built (or found up to date) once per session."""
-    return build(vm_project, profile)
+    return images.built(vm_project)
 
 
 @pytest.fixture(scope="session")
@@ -57,10 +51,7 @@ def peer_profile(vm_project: Project) -> Profile:
 @pytest.fixture(scope="session")
 def peer_disk(vm_project: Project, peer_profile: Profile, built: Path) -> Path:
     """The second node's build (warm: it installs qemu-test's packages) and disk."""
-    from cbios.disk import make_disk
-
-    build(vm_project, peer_profile)
-    return make_disk(vm_project, peer_profile)
+    return images.peer_disk(vm_project)
 
 
 @pytest.fixture
@@ -100,9 +91,7 @@ def ready_machine(m: Machine, profile: Profile) -> Iterator[Machine]:
 @pytest.fixture(scope="session")
 def node_disk(vm_project: Project, profile: Profile, built: Path) -> Path:
     """build/qemu-test/disk.qcow2, made by the flasher once per session (or found up to date)."""
-    from cbios.disk import make_disk
-
-    return make_disk(vm_project, profile)
+    return images.node_disk(vm_project)
 
 
 @pytest.fixture
@@ -113,36 +102,11 @@ def disk_copy(node_disk: Path, tmp_path: Path) -> Path:
     return overlay(node_disk, tmp_path / "node.qcow2")
 
 
-def release(vm_project: Project, work: Path, version: str, change: Callable[[Path], None]) -> Path:
-    """qemu-test at VERSION, built from a copy of the project's inputs that CHANGE edits, as
-    a release engineer makes the next release; mkosi's caches are shared with the first build."""
-    root = work / "project"
-    for name in ("profiles", "overlays", "initrd", "slot-templates"):
-        shutil.copytree(vm_project.root / name, root / name, symlinks=True)
-    (root / ".cache").symlink_to(vm_project.cache.resolve())
-    yaml = root / "profiles" / f"{PROFILE}.yaml"
-    yaml.write_text(yaml.read_text().replace('version: "1.0.0"', f'version: "{version}"', 1))
-    change(root)
-    project = Project(root, build_dir=work / "build")
-    return build(project, load_profile(project, PROFILE))
+@pytest.fixture(scope="session")
+def next_build(vm_project: Project, built: Path) -> Path:
+    return images.next_build(vm_project)
 
 
 @pytest.fixture(scope="session")
-def next_build(vm_project: Project, built: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The next release: NEXT_VERSION, one overlay file changed."""
-    def change(root: Path) -> None:
-        conf = root / "overlays/base/etc/systemd/journald.conf.d/cbios.conf"
-        conf.write_text(conf.read_text() + NEXT_MARK + "\n")
-    return release(vm_project, tmp_path_factory.mktemp("next-release"), NEXT_VERSION, change)
-
-
-@pytest.fixture(scope="session")
-def broken_build(vm_project: Project, built: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A bad release: BROKEN_VERSION, whose CB-Manager exits at once. One try to become ready
-    (its profile says so), so that its rollback costs one failed boot, not two."""
-    def change(root: Path) -> None:
-        (root / "slot-templates/cb-manager/run").write_text(
-            "#!/bin/sh\necho 'CB-Manager: a broken release: exiting' >&2\nexit 1\n")
-        yaml = root / "profiles" / f"{PROFILE}.yaml"
-        yaml.write_text(yaml.read_text().replace("  tries: 2\n", "  tries: 1\n", 1))
-    return release(vm_project, tmp_path_factory.mktemp("broken-release"), BROKEN_VERSION, change)
+def broken_build(vm_project: Project, built: Path) -> Path:
+    return images.broken_build(vm_project)

@@ -34,7 +34,7 @@ from cbios.profile import Profile
 from cbios.project import Project
 from cbios.pxe.bundle import PXE_DIR
 from cbios.pxe.lab import PxeLab
-from tests.vm.conftest import NEXT_VERSION
+from tests.vm.images import NEXT_VERSION
 
 log = logging.getLogger("cbios")
 

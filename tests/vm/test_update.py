@@ -30,7 +30,7 @@ from cbios.profile import Profile
 from cbios.project import Project
 from cbios.pxe.bundle import PXE_DIR
 from cbios.pxe.lab import GUEST_SERVER, PxeLab
-from tests.vm.conftest import BROKEN_VERSION, NEXT_MARK, NEXT_VERSION
+from tests.vm.images import BROKEN_VERSION, NEXT_MARK, NEXT_VERSION
 
 log = logging.getLogger("cbios")
 
