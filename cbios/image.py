@@ -127,6 +127,13 @@ def recompress_initrd(initrd: Path, parts: list[Path], out: Path, cache: Path) -
         old.unlink(missing_ok=True)
 
 
+CPIO_HEADER = 110
+
+
+def _align4(n: int) -> int:
+    return (n + 3) & ~3
+
+
 def reproducible_cpio(data: bytes, mtime: int = 0) -> bytes:
     """DATA, concatenated newc cpio archives (perhaps zero-padded between them), with inode
     numbers given in order of first use (hard links stay linked) and every mtime MTIME."""
@@ -148,13 +155,6 @@ def reproducible_cpio(data: bytes, mtime: int = 0) -> bytes:
         out += header + data[i + CPIO_HEADER:end]
         i = end
     return bytes(out)
-
-
-CPIO_HEADER = 110
-
-
-def _align4(n: int) -> int:
-    return (n + 3) & ~3
 
 
 def _zstd_d(data: bytes) -> bytes:

@@ -43,7 +43,6 @@ class VmSpec:
     netdev: str = "user,id=n0,restrict=on"
     macs: list[str] = field(default_factory=list)  # one NIC a MAC on netdevs n0, n1, ...; none: one NIC
     no_reboot: bool = True  # a guest reboot ends QEMU (kernel boots); disk boots may reboot
-    fw_cfg: dict[str, str] = field(default_factory=dict)  # -fw_cfg name=opt/...,string=...
     pxe: str = ""  # extra options of netdev n0 (tftp=, bootfile=, guestfwd=): the first NIC boots over PXE
     boot: str = ""  # -boot value, e.g. "once=n": PXE first, the disk after a reboot
     links: dict[int, str] = field(default_factory=dict)  # NIC index -> its own netdev, e.g. "socket,udp=..."
@@ -76,8 +75,6 @@ class VmSpec:
         if self.shell_socket:
             argv += ["-chardev", f"socket,id=shell,path={self.shell_socket},server=on,wait=off",
                      "-device", f"virtserialport,chardev=shell,name={SHELL_PORT}"]
-        for name, value in self.fw_cfg.items():
-            argv += ["-fw_cfg", f"name={name},string={value}"]
         if self.qmp_socket:
             argv += ["-qmp", f"unix:{self.qmp_socket},server=on,wait=off"]
         return argv

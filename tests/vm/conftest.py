@@ -38,7 +38,7 @@ def profile(vm_project: Project) -> Profile:
 
 
 @pytest.fixture(scope="session")
-def built(vm_project: Project, profile: Profile) -> Path:
+def built(vm_project: Project) -> Path:
     """build/qemu-test, built (or found up to date) once per session."""
     return images.built(vm_project)
 

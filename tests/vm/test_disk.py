@@ -22,10 +22,8 @@ from cbios.project import Project
 log = logging.getLogger("cbios")
 
 
-def boot_disk(project: Project, profile: Profile, built: Path, disk: Path, name: str,
-              fw_cfg: dict[str, str] | None = None) -> Machine:
+def boot_disk(project: Project, profile: Profile, built: Path, disk: Path, name: str) -> Machine:
     spec = disk_boot_spec(project, profile, built, disk, persist=True)
-    spec.fw_cfg = fw_cfg or {}
     return Machine(spec, disk.parent / "vm", name=name)  # started by `with`
 
 

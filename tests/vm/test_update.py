@@ -210,7 +210,7 @@ def test_a_release_that_is_not_ready_is_rolled_back_with_no_input(
     assert m.succeed(f"slot list {NODE}") == node.slots
     # The node remembers it: the same release again is refused, with nothing written, unless forced.
     assert st["refused_versions"] == [BROKEN_VERSION]
-    on_server_link(m)  # it rebooted twice by itself
+    m = node.up("broken")  # rebooted twice by itself: on its server link again
     before = untouched(m, profile.storage.vg)
     rc, err = m.execute(f"cbios update {URL} --no-reboot 2>&1 >/dev/null", timeout=300)
     assert rc == 2 and f"version {BROKEN_VERSION} failed the health gate on this node before" in err, err
