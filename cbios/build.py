@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from cbios.render import (
     slot_image_configs,
     write_tree,
 )
+from cbios.run import run
 
 log = logging.getLogger("cbios")
 
@@ -111,7 +111,7 @@ def build(project: Project, profile: Profile, *, force: bool = False) -> Path:
     mkosi.build(images["initrd"], log_file=dirs.logs / "initrd.log",
                 extra_trees=[project.initrd / "tree", initrd_extra], source_date_epoch=sde)
     initrd_cpio = images["initrd"].output_dir / "initrd.cpio.zst"
-    slot_images = _slot_images(project, profile, dirs, slot_configs, overlay, sde)
+    slot_trees = _slot_images(project, profile, dirs, slot_configs, sde)
     mkosi.build(images["root"], log_file=dirs.logs / "root.log", extra_trees=[overlay],
                 initrds=[initrd_cpio], source_date_epoch=sde)
 
@@ -123,6 +123,7 @@ def build(project: Project, profile: Profile, *, force: bool = False) -> Path:
     image.recompress_initrd(root_out / "root.initrd", [initrd_cpio], dirs.staging / "initrd.img",
                             project.cache / "initrd-xz")
     image.finish_tree(tree, profile, dirs.staging / "vmlinuz", dirs.staging / "initrd.img")
+    slot_images = _place_slot_images(slot_trees, tree)
     slot_images.update(_vm_images(project, profile, dirs, tree))
     root_verity = image.make_root_img(tree, dirs.staging / "root.img", dirs.logs / "image.log", sde)
     size = (dirs.staging / "root.img").stat().st_size
@@ -193,12 +194,11 @@ def _bake_secrets(project: Project, profile: Profile, overlay: Path) -> None:
         key.write_bytes((project.root / profile.cluster.key).read_bytes().strip())
 
 
-def _slot_images(project: Project, profile: Profile, dirs: BuildDirs, configs: dict[str, dict[str, str]],
-                 overlay: Path, sde: int | None) -> dict[str, dict[str, object]]:
-    """Each lxc-system template's root file system: mkosi, then squashfs, into the root's
-    tree (the flasher and CB-Executor unpack it into a fresh ext4 on the slot's volume 0)."""
+def _slot_images(project: Project, profile: Profile, dirs: BuildDirs,
+                 configs: dict[str, dict[str, str]], sde: int | None) -> dict[str, Path]:
+    """Each lxc-system template's root file system, built by mkosi: {name: its tree}."""
     templates = slot_template.templates_of(project, profile)
-    described: dict[str, dict[str, object]] = {}
+    trees: dict[str, Path] = {}
     for name, files in configs.items():
         write_tree(files, dirs.work / "mkosi" / f"slot-{name}")
         img = mkosi.MkosiImage(
@@ -209,37 +209,37 @@ def _slot_images(project: Project, profile: Profile, dirs: BuildDirs, configs: d
             package_cache_dir=project.cache / "packages",
         )
         mkosi.build(img, log_file=dirs.logs / f"slot-{name}.log", source_date_epoch=sde)
-        tree = img.output_dir / name
-        size = image.ext4_size(tree, 16 << 20)  # what the volume must hold, unpacked
-        _check_room(profile, templates[name], name, size)
-        target = overlay / slot_template.NODE_IMAGES / slotdefs.image_name(name, "lxc-system")
+        _check_room(profile, templates[name], name, image.ext4_size(img.output_dir / name, 16 << 20))
+        trees[name] = img.output_dir / name
+    return trees
+
+
+def _place_slot_images(trees: dict[str, Path], tree: Path) -> dict[str, dict[str, object]]:
+    """The lxc-system trees into the root's slot-images/ (slotdefs.IMAGES): the squashfs stores
+    each of their files that the root has too (nearly all of a Debian system) once."""
+    described: dict[str, dict[str, object]] = {}
+    for name, src in trees.items():
+        target = tree / slot_template.NODE_IMAGES / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        image.make_squashfs(tree, target, dirs.logs / f"slot-{name}.log", sde)
-        described[name] = {"format": "squashfs", "unpacked_bytes": size, "image_bytes": target.stat().st_size,
-                           "sha256": manifest.sha256_file(target),
-                           "packages": mkosi.packages(img.output_dir / f"{name}.manifest")}
+        shutil.rmtree(target, ignore_errors=True)
+        run(["cp", "-a", "--reflink=auto", src, target], step=f"slot {name}")
+        described[name] = {"format": "tree", "unpacked_bytes": image.ext4_size(target, 16 << 20),
+                           "packages": mkosi.packages(src.parent / f"{name}.manifest")}
     return described
 
 
 def _vm_images(project: Project, profile: Profile, dirs: BuildDirs, tree: Path) -> dict[str, dict[str, object]]:
     """Each kvm-system template's system disk, made from the root just built (its kernel,
-    its modules, its static busybox): ext4, zstd, into that root's tree beside the other
-    slot images (a VM's disk is written to its volume as it is)."""
+    its modules, its static busybox), as a tree in that root beside the other slot images."""
     described: dict[str, dict[str, object]] = {}
     for name, template in slot_template.templates_of(project, profile).items():
         if template.type != "kvm-system":
             continue
-        raw = dirs.work / "out" / f"slot-{name}.img"
-        fs_uuid = uuid.uuid5(uuid.NAMESPACE_URL, f"cbios:{profile.name}:{profile.version}:slot:{name}")
+        target = tree / slot_template.NODE_IMAGES / name
         size = vmimage.make_system_disk(name, template, project.slot_templates / name, tree, dirs.staging / "vmlinuz",
-                                        dirs.work / "vm" / name, raw, fs_uuid, dirs.logs / f"slot-{name}.log")
+                                        dirs.work / "vm" / name, target, dirs.logs / f"slot-{name}.log")
         _check_room(profile, template, name, size)
-        target = tree / slot_template.NODE_IMAGES / slotdefs.image_name(name, "kvm-system")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        image.compress(raw, target, dirs.logs / f"slot-{name}.log")
-        raw.unlink()
-        described[name] = {"format": "ext4.zst", "unpacked_bytes": size, "image_bytes": target.stat().st_size,
-                           "sha256": manifest.sha256_file(target), "packages": {}}
+        described[name] = {"format": "tree", "unpacked_bytes": size, "packages": {}}
     return described
 
 

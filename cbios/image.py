@@ -10,7 +10,6 @@ import hashlib
 import os
 import shutil
 import subprocess
-import uuid
 from pathlib import Path
 
 from cbios.errors import StepError
@@ -28,7 +27,6 @@ from cbios.run import complete_step, run
 SQUASHFS = ["-comp", "xz", "-b", "128K"]
 FACTORY_VAR = "usr/share/factory/var"
 TMPFILES = "usr/lib/tmpfiles.d/cbios-factory-var.conf"
-ZSTD_LEVEL = 12
 
 
 def finish_tree(tree: Path, profile: Profile, vmlinuz: Path, initrd: Path) -> None:
@@ -203,22 +201,3 @@ def ext4_size(tree: Path, headroom: int) -> int:
     # ext4 metadata (inode tables, journal) takes about 10% of a small file system.
     size = used + used // 10 + headroom + (16 << 20)
     return (size + (1 << 20) - 1) // (1 << 20) << 20
-
-
-def make_ext4(tree: Path, out: Path, label: str, fs_uuid: uuid.UUID, headroom: int, log_file: Path) -> int:
-    """An ext4 image of TREE, no bigger than its contents need plus HEADROOM; its size."""
-    used = tree_size(tree)
-    size = ext4_size(tree, headroom)
-    if out.exists():
-        out.unlink()
-    with complete_step(f"Making {out.name} ({size >> 20} MiB, contents {used >> 20} MiB)"):
-        run(["mkfs.ext4", "-q", "-F", "-L", label, "-U", str(fs_uuid),
-             "-E", f"hash_seed={fs_uuid}", "-O", "^orphan_file,^metadata_csum_seed",
-             "-d", tree, out, f"{size >> 10}K"],
-            step="mkfs.ext4", log_file=log_file)
-    return size
-
-
-def compress(src: Path, out: Path, log_file: Path) -> None:
-    with complete_step(f"Compressing {src.name}"):
-        run(["zstd", "-q", "-f", "-T0", f"-{ZSTD_LEVEL}", src, "-o", out], step="zstd", log_file=log_file)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import shutil
 import struct
 import subprocess
-import uuid
 from pathlib import Path
 
 from cbios import image
@@ -70,8 +69,8 @@ def is_static(path: Path) -> bool:
 
 
 def make_system_disk(name: str, template: SlotTemplate, template_dir: Path, tree: Path, kernel: Path,
-                     work: Path, out: Path, fs_uuid: uuid.UUID, log_file: Path) -> int:
-    """The ext4 image of NAME's system disk at OUT; its size in bytes."""
+                     work: Path, disk: Path, log_file: Path) -> int:
+    """NAME's system disk, the tree DISK; the bytes an ext4 of it takes."""
     assert template.vm is not None
     step = f"slot {name}"
     busybox = next((tree / p for p in BUSYBOX if (tree / p).is_file() and not (tree / p).is_symlink()), None)
@@ -101,7 +100,7 @@ def make_system_disk(name: str, template: SlotTemplate, template_dir: Path, tree
         shutil.copy2(kdir / rel, target)
     (initrd / "lib/modules/load").write_text("".join(f"{rel}\n" for rel in modules))
 
-    disk = work / "disk"
+    shutil.rmtree(disk, ignore_errors=True)
     (disk / "boot").mkdir(parents=True)
     for d in ("etc/cbios", "var/lib/compute"):
         (disk / d).mkdir(parents=True)
@@ -114,6 +113,5 @@ def make_system_disk(name: str, template: SlotTemplate, template_dir: Path, tree
                               input="\n".join(files).encode(), cwd=initrd, stdout=cpio, stderr=log, check=False)
     if proc.returncode != 0:
         raise StepError(step, f"cpio of its initrd failed (see {log_file})")
-    size = image.make_ext4(disk, out, f"slot-{name}"[:16], fs_uuid, 8 << 20, log_file)
     shutil.rmtree(work, ignore_errors=True)
-    return size
+    return image.ext4_size(disk, 8 << 20)

@@ -125,8 +125,8 @@ class Executor:
         _run(["lvremove", "--yes", f"{self.vg}/{volume}"])
 
     def op_volume_write(self, volume: str, template: str, if_blank: bool = False) -> dict[str, Any]:
-        """Fill a volume from the template baked into this firmware: an lxc-system's image
-        for its volume 0, else a fresh ext4 with the template's volume/ tree (volume 0)."""
+        """Fill a volume from the template baked into this firmware: an lxc-system's or a
+        kvm-system's image for its volume 0, else a fresh ext4 with the template's volume/ tree."""
         tpl = self._template(template)
         self._need(volume)
         eid, iid = int(volume[4]), int(volume[6])
@@ -134,28 +134,11 @@ class Executor:
         dev = self._device(volume)
         if if_blank and _has_signature(dev):
             return {"written": False}
-        if tpl["type"] == "lxc-system" and iid == 0:
-            image = self.images / slotdefs.image_name(template, "lxc-system")
-            if not image.is_file():
+        if tpl["type"] in ("lxc-system", "kvm-system") and iid == 0:
+            image = self.images / template
+            if not image.is_dir():
                 raise Failed(f"{image}: no image of {template} in this firmware")
-            # Its root must be writable: the squashfs image unpacked into a fresh ext4.
-            target = MOUNTS / f"{volume}.image"
-            target.mkdir(parents=True, exist_ok=True)
-            _run(["mount", "-t", "squashfs", "-o", "ro,loop,nodev,nosuid", str(image), str(target)])
-            try:
-                _run(["mkfs.ext4", "-q", "-F", "-L", volume, "-d", str(target), dev], timeout=600)
-            finally:
-                _run(["umount", str(target)])
-        elif tpl["type"] == "kvm-system" and iid == 0:
-            image = self.images / slotdefs.image_name(template, "kvm-system")
-            if not image.is_file():
-                raise Failed(f"{image}: no image of {template} in this firmware")
-            with open(dev, "wb") as out:
-                proc = subprocess.run(["zstd", "-dcq", str(image)], stdout=out, stderr=subprocess.PIPE, check=False)
-                os.fsync(out.fileno())
-            if proc.returncode != 0:
-                raise Failed(f"writing {image.name} to {volume}: {proc.stderr.decode().strip()}")
-            _run(["resize2fs", "-f", dev], timeout=300)
+            _run(["mkfs.ext4", "-q", "-F", "-L", volume, "-d", str(image), dev], timeout=600)
         else:
             seed = self.templates / template / "volume"
             argv = ["mkfs.ext4", "-q", "-F", "-L", volume, "-E", "root_owner=0:0"]

@@ -12,15 +12,11 @@ from typing import Any
 
 TEMPLATES = Path("/usr/lib/cbios/slot-templates")
 SLOTS = Path("/usr/lib/cbios/slots.json")
+# An lxc-system template's root file system, or a kvm-system's system disk, is a directory
+# IMAGES/TEMPLATE of the root, written into a fresh ext4 on the slot's volume 0 (mkfs.ext4 -d;
+# the flasher does the same). A tree, not an image file: the root's squashfs stores a file
+# once however many times it holds it, and a slot's Debian is nearly all the root's files.
 IMAGES = Path("/usr/lib/cbios/slot-images")
-# An lxc-system template's root file system is a squashfs image, unpacked into a fresh ext4 on
-# the slot's volume 0 (its root is writable); a kvm-system's system disk is an ext4 image, zstd.
-IMAGE_NAMES = {"lxc-system": "{}.sqfs", "kvm-system": "{}.img.zst"}
-
-
-def image_name(template: str, kind: str) -> str:
-    """The file of TEMPLATE's image in IMAGES (the flasher's lib.sh knows the same two names)."""
-    return IMAGE_NAMES[kind].format(template)
 EXECUTOR_SOCKET = Path("/run/cbios/executor/executor.sock")
 MANAGER_SOCKET = Path("/run/cbios/manager/manager.sock")
 SECRETS = Path("/usr/lib/cbios/secrets")  # hidden from every slot but CB-Manager (lxcconf.py)

@@ -25,16 +25,18 @@ import pydantic
 from pydantic import Field
 
 from cbios.errors import ProfileError
+from cbios.node import slotdefs
 from cbios.profile.model import Name, Profile, Size, SlotVolume, Strict, parse_size
 from cbios.profile.yamlload import YamlError, format_path, load_yaml
 from cbios.project import Project
 
 SLOT_TYPES = ("lxc-service", "lxc-system", "kvm-system")
 MANAGER = "cb-manager"
-MANAGER_EID = 0
-NODE_TEMPLATES = "usr/lib/cbios/slot-templates"
-NODE_SLOTS = "usr/lib/cbios/slots.json"
-NODE_IMAGES = "usr/lib/cbios/slot-images"
+MANAGER_EID = slotdefs.MANAGER_EID
+# Where the node finds them (cbios/node/slotdefs.py), relative to the root being built.
+NODE_TEMPLATES = str(slotdefs.TEMPLATES).lstrip("/")
+NODE_SLOTS = str(slotdefs.SLOTS).lstrip("/")
+NODE_IMAGES = str(slotdefs.IMAGES).lstrip("/")
 
 
 class TemplateVolume(Strict):

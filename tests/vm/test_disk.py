@@ -16,8 +16,10 @@ from cbios import lvm_layout
 from cbios.boot import disk_boot_spec
 from cbios.disk import flash, flasher_spec, make_media
 from cbios.machine import Machine
+from cbios.node import slotdefs
 from cbios.profile import Profile
 from cbios.project import Project
+from tests.vm import squashfs_map
 
 log = logging.getLogger("cbios")
 
@@ -83,21 +85,13 @@ def flip_somewhere(disk: Path, vg: str, lv: str, image_bytes: int, within: tuple
     return where
 
 
-def stored_at(built: Path, inside: Path) -> tuple[int, int]:
-    """Where a file of the root is in root.img: squashfs stores the blocks of an already
-    compressed file (kernel, initrd, slot images) as they are, so its bytes are there whole."""
-    image, data = (built / "root.img").read_bytes(), inside.read_bytes()
-    offset = image.find(data[:1 << 20])
-    assert offset >= 0, f"{inside} is not stored as it is in root.img"
-    return offset, offset + (1 << 20)
-
-
-# Where the byte lands decides who finds it: GRUB's sha256 check (kernel, initrd), or the
-# scrub after ready (a block nothing reads at boot, as a slot image's). A block read while
-# the node boots is dm-verity's at run time: see the note in README's corruption section.
+# Where the byte lands decides who finds it: GRUB's sha256 check (the initrd), or the scrub
+# after ready (a block nothing reads at boot: the compute slot's initrd, which only an install
+# of that slot reads). A block read while the node boots is dm-verity's at run time: see the
+# note in README's corruption section.
 FLIPS = {
-    "initrd": lambda built: stored_at(built, built / "initrd.img"),
-    "slot-image": lambda built: stored_at(built, built / "work/out/root/root/usr/lib/cbios/slot-images/service.sqfs"),
+    "initrd": "boot/initrd.img",
+    "slot-image": f"{slotdefs.IMAGES}/compute/boot/initrd.img",
 }
 
 
@@ -107,7 +101,7 @@ def test_a_byte_flipped_in_the_primary_ends_with_the_node_ready_on_the_spare(
         region: str) -> None:
     """The node ends up ready on the spare with no hands, at most one reboot, and says why."""
     where = flip_somewhere(disk_copy, profile.storage.vg, "root", build_manifest["artifacts"]["root.img"]["size"],
-                           FLIPS[region](built))
+                           squashfs_map.data_extent(built / "root.img", FLIPS[region]))
     with boot_disk(vm_project, profile, built, disk_copy, f"flipped-primary-{region}") as m:
         deadline = 3 * profile.qemu.ready_timeout
         ready = m.wait_report(("READY",), deadline, skip_failed=True)
