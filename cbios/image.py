@@ -27,6 +27,10 @@ from cbios.run import complete_step, run
 SQUASHFS = ["-comp", "xz", "-b", "128K"]
 FACTORY_VAR = "usr/share/factory/var"
 TMPFILES = "usr/lib/tmpfiles.d/cbios-factory-var.conf"
+# What in /var describes the firmware rather than the node: linked to the running copy's own,
+# not copied (a copy made by an older firmware would outlive its update, and dpkg's 1000
+# files took seconds of each boot to copy under TCG).
+FIRMWARE_VAR = ("lib/dpkg", "cache/debconf")
 
 
 def finish_tree(tree: Path, profile: Profile, vmlinuz: Path, initrd: Path) -> None:
@@ -54,7 +58,8 @@ def _var_to_factory(tree: Path) -> None:
     var.mkdir(mode=0o755)
     lines = ["# /var is writable and starts empty: fill it from the image at boot (cbios).",
              "# 'C' copies only where the target is missing, so a persistent /var keeps its data;",
-             "# it works a level down because other tmpfiles.d lines create /var/lib and the like."]
+             "# it works a level down because other tmpfiles.d lines create /var/lib and the like.",
+             "# 'L+': the package database is the running copy's, whichever copy runs."]
     for top in sorted(factory.iterdir()):
         if top.is_dir() and not top.is_symlink():
             lines.append(f"d /var/{top.name} {top.stat().st_mode & 0o7777:04o} root root -")
@@ -63,7 +68,8 @@ def _var_to_factory(tree: Path) -> None:
             entries = [top]
         for entry in entries:
             rel = entry.relative_to(factory)
-            lines.append(f"C /var/{rel} - - - - /{FACTORY_VAR}/{rel}")
+            kind = "L+" if rel.as_posix() in FIRMWARE_VAR else "C"
+            lines.append(f"{kind} /var/{rel} - - - - /{FACTORY_VAR}/{rel}")
     (tree / TMPFILES).parent.mkdir(parents=True, exist_ok=True)
     (tree / TMPFILES).write_text("\n".join(lines) + "\n")
 

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from cbios.node import bootenv, kvm, lxcconf, requests, slotdefs, update, wire
+from cbios.node import bootenv, kvm, lxcconf, requests, slotdefs, wire
 from cbios.node.command import run as _run
 from cbios.node.wire import Failed, Invalid
 
@@ -60,6 +60,10 @@ class Executor:
 
     def op_firmware_update(self, source: str, allow_downgrade: bool = False, reboot: bool = False) -> dict[str, Any]:
         """`cbios update` for CB-Manager: the copy that is not running, then (REBOOT) a reboot."""
+        # Imported here: its HTTP client is a third of the executor's imports, which every
+        # boot waits for (seconds under TCG), and few boots update.
+        from cbios.node import update
+
         if not self.updating.acquire(blocking=False):
             raise Failed("firmware.update: an update is already running")
         try:
