@@ -110,7 +110,9 @@ def cmd_scrub(args: argparse.Namespace) -> int:
         bootenv.write(path, env)
     if args.boot and scrub.should_reboot(env, running):
         scrub.report(f"copy {running} is corrupt: rebooting into copy {bootenv.other(running)}")
-        subprocess.run(["systemctl", "--no-block", "reboot"], check=False, stdin=subprocess.DEVNULL)
+        # --force: no unit is stopped one by one (that runs programs of the corrupt copy);
+        # processes are killed and file systems unmounted.
+        subprocess.run(["systemctl", "reboot", "--force"], check=False, stdin=subprocess.DEVNULL)
     return 1
 
 
