@@ -6,6 +6,7 @@
     invoke pxe-serve --profile qemu-test --interface eth1 [--mode install]
     invoke test [--unit | --vm | -k EXPR]
     invoke bench --profile qemu-test [--cold] [--power-cuts 20]
+    invoke power-cuts --profile qemu-test [--count 20] [--phase install ...]
 """
 
 from __future__ import annotations
@@ -155,3 +156,25 @@ def bench(c: Context, profile: str = "qemu-test", cold: bool = False, power_cuts
     from cbios.bench import run_bench
 
     run_bench(profile, cold=cold, power_cuts=power_cuts)
+
+
+@task(iterable=["phase"],
+      help={"profile": "profile whose node to cut (built, and its node disk made, first if needed)",
+            "count": "trials in each phase",
+            "phase": "install, update or first-boot (repeatable; default: all three)",
+            "seed": "seed of the random moments (default: the time)"})
+def power_cuts(c: Context, profile: str = "qemu-test", count: int = 20, phase: list[str] | None = None,
+               seed: int = 0) -> None:
+    """Cut the node's power at random moments of an install, an update and a new copy's first
+    boot; count the trials after which it booted to ready on a good copy with /var and its
+    slots' volumes kept; write build/PROFILE/power-cuts.json (about 3 minutes a trial under TCG)."""
+    import time
+
+    from cbios.errors import CbiosError
+    from cbios.powercut import PHASES, run_power_cuts
+
+    try:
+        run_power_cuts(profile, count, tuple(phase or PHASES), seed or int(time.time()))
+    except CbiosError as e:
+        print(f"cbios: {e.message}", file=sys.stderr)
+        raise Exit(code=e.status) from None

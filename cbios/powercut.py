@@ -1,7 +1,8 @@
 """Power-cut trials: a node's QEMU killed at a random moment of an install, of an update, or
 of the first boot of a new copy; then the node must boot to ready on a good copy with its
-/var and its slots' volumes as they were. `invoke bench --power-cuts N` runs N trials a
-phase and reports how many recovered; the VM tests run one of each.
+/var and its slots' volumes as they were. `invoke power-cuts --count N [--phase P]` runs N
+trials of each phase (or of P alone) and adds them to build/NAME/power-cuts.json; `invoke
+bench --power-cuts N` runs them after its figures.
 
 The moment is drawn from the phase's own length, measured on a first run that is not cut."""
 
@@ -18,10 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from cbios.boot import disk_boot_spec
-from cbios.disk import FLASH_TIMEOUT, disk_size, flasher_spec, make_media, overlay
+from cbios.build import build
+from cbios.disk import DISK, FLASH_TIMEOUT, disk_size, flasher_spec, make_disk, make_media, overlay
 from cbios.errors import CbiosError
 from cbios.machine import Machine
-from cbios.profile import Profile
+from cbios.profile import Profile, load_profile
 from cbios.project import Project
 from cbios.pxe.bundle import PXE_DIR
 from cbios.pxe.lab import GUEST_SERVER, PxeLab
@@ -164,4 +166,29 @@ def run_trials(site: Site, phases: tuple[str, ...], count: int, seed: int) -> di
             trials.append(t)
         figures[phase] = {"recovered": sum(t.recovered for t in trials), "of": count,
                           "trials": [t.__dict__ for t in trials]}
+    return figures
+
+
+def run_power_cuts(name: str, count: int, phases: tuple[str, ...], seed: int) -> dict[str, Any]:
+    """COUNT trials of each of PHASES on the profile's build and node disk (made first if
+    needed); each phase's result replaces that phase's in build/NAME/power-cuts.json, so the
+    phases may run one at a time."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    unknown = sorted(set(phases) - set(PHASES))
+    if unknown:
+        raise CbiosError(f"power cuts: no phase {unknown[0]!r} (phases: {', '.join(PHASES)})")
+    project = Project.find()
+    profile = load_profile(project, name)
+    out = build(project, profile)
+    make_disk(project, profile)
+    site = Site(project, profile, out, out / DISK, out / "work" / "power-cuts")
+    path = out / "power-cuts.json"
+    figures = json.loads(path.read_text()) if path.exists() else {}
+    for phase, result in run_trials(site, phases, count, seed).items():
+        figures[phase] = {"version": profile.version, "seed": seed, **result}
+    path.write_text(json.dumps(figures, indent=2) + "\n")
+    for phase in PHASES:
+        if phase in figures:
+            print(f"{phase:>10}: {figures[phase]['recovered']} of {figures[phase]['of']} recovered")
+    print(f"(written to {project.display(path)})")
     return figures
