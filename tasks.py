@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from invoke import Context, Exit, task
@@ -23,9 +24,18 @@ from invoke import Context, Exit, task
 def _cbios(*argv: str) -> None:
     from cbios.cli import main
 
-    status = main(list(argv))
-    if status != 0:
-        raise Exit(code=status)
+    _exit_on_failure(main(list(argv)))
+
+
+def _reported(call: Callable[[], object]) -> None:
+    """CALL, its errors reported as `cbios` reports them: its lines, no traceback, its status."""
+    from cbios.cli import reporting
+
+    def step() -> int:
+        call()
+        return 0
+
+    _exit_on_failure(reporting(step))
 
 
 @task(help={"profile": "profile to build (profiles/NAME.yaml)",
@@ -155,7 +165,7 @@ def bench(c: Context, profile: str = "qemu-test", cold: bool = False, power_cuts
     PXE install time; write build/PROFILE/bench.json."""
     from cbios.bench import run_bench
 
-    run_bench(profile, cold=cold, power_cuts=power_cuts)
+    _reported(lambda: run_bench(profile, cold=cold, power_cuts=power_cuts))
 
 
 @task(iterable=["phase"],
@@ -168,13 +178,6 @@ def power_cuts(c: Context, profile: str = "qemu-test", count: int = 20, phase: l
     """Cut the node's power at random moments of an install, an update and a new copy's first
     boot; count the trials after which it booted to ready on a good copy with /var and its
     slots' volumes kept; write build/PROFILE/power-cuts.json (about 3 minutes a trial under TCG)."""
-    import time
-
-    from cbios.errors import CbiosError
     from cbios.powercut import PHASES, run_power_cuts
 
-    try:
-        run_power_cuts(profile, count, tuple(phase or PHASES), seed or int(time.time()))
-    except CbiosError as e:
-        print(f"cbios: {e.message}", file=sys.stderr)
-        raise Exit(code=e.status) from None
+    _reported(lambda: run_power_cuts(profile, count, tuple(phase or PHASES), seed or None))

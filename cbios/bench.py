@@ -144,8 +144,7 @@ def run_bench(name: str, *, cold: bool, power_cuts: int = 0) -> dict[str, Any]:
             m.shutdown()
     _pxe_figures(project, profile, out, logdir, figures)
     if power_cuts:
-        site = powercut.Site(project, profile, out, out / DISK, logdir / "power-cuts")
-        figures["power_cuts"] = powercut.run_trials(site, powercut.PHASES, power_cuts, seed=int(time.time()))
+        figures["power_cuts"] = powercut.record(project, profile, out, powercut.PHASES, power_cuts)
     path = out / "bench.json"
     path.write_text(json.dumps(figures, indent=2) + "\n")
     for key, value in figures.items():

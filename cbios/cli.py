@@ -6,7 +6,7 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -175,21 +175,19 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(message)s",
-                        stream=sys.stderr)
+def reporting(call: Callable[[], int], *, debug: bool = False) -> int:
+    """CALL's exit status; a CbiosError printed as its lines, with no traceback (raised with
+    DEBUG), and its status."""
     try:
-        status: int = args.func(args, Project.find())
-        return status
+        return call()
     except ProfileError as e:
-        if args.debug:
+        if debug:
             raise
         for problem in e.problems:
             print(problem, file=sys.stderr)
         return e.status
     except CbiosError as e:
-        if args.debug:
+        if debug:
             raise
         print(f"cbios: {e.message}", file=sys.stderr)
         if e.hint:
@@ -198,6 +196,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cbios: interrupted", file=sys.stderr)
         return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(message)s",
+                        stream=sys.stderr)
+    return reporting(lambda: int(args.func(args, Project.find())), debug=args.debug)
 
 
 if __name__ == "__main__":

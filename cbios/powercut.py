@@ -32,6 +32,7 @@ from cbios.run import run
 log = logging.getLogger("cbios")
 
 PHASES = ("install", "update", "first-boot")
+RESULTS = "power-cuts.json"  # in build/NAME/, beside bench.json
 KEPT = "cat /var/lib/cbios-power-cut; lxc-attach -n slot2 -- cat /var/lib/dnsmasq/cbios-power-cut"
 MARK = ("echo kept > /var/lib/cbios-power-cut; "
         "lxc-attach -n slot2 -- sh -c 'echo kept > /var/lib/dnsmasq/cbios-power-cut'")
@@ -169,26 +170,40 @@ def run_trials(site: Site, phases: tuple[str, ...], count: int, seed: int) -> di
     return figures
 
 
-def run_power_cuts(name: str, count: int, phases: tuple[str, ...], seed: int) -> dict[str, Any]:
-    """COUNT trials of each of PHASES on the profile's build and node disk (made first if
-    needed); each phase's result replaces that phase's in build/NAME/power-cuts.json, so the
-    phases may run one at a time."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+def check_phases(phases: tuple[str, ...]) -> None:
     unknown = sorted(set(phases) - set(PHASES))
     if unknown:
         raise CbiosError(f"power cuts: no phase {unknown[0]!r} (phases: {', '.join(PHASES)})")
-    project = Project.find()
-    profile = load_profile(project, name)
-    out = build(project, profile)
-    make_disk(project, profile)
+
+
+def record(project: Project, profile: Profile, out: Path, phases: tuple[str, ...], count: int,
+           seed: int | None = None) -> dict[str, Any]:
+    """COUNT trials of each of PHASES on the build in OUT and its node disk, their moments
+    drawn with SEED (default: the clock). Each phase's result replaces that phase's in
+    OUT/power-cuts.json, so the phases may run one at a time; the file's figures."""
+    check_phases(phases)
+    seed = int(time.time()) if seed is None else seed
     site = Site(project, profile, out, out / DISK, out / "work" / "power-cuts")
-    path = out / "power-cuts.json"
+    path = out / RESULTS
     figures = json.loads(path.read_text()) if path.exists() else {}
     for phase, result in run_trials(site, phases, count, seed).items():
         figures[phase] = {"version": profile.version, "seed": seed, **result}
     path.write_text(json.dumps(figures, indent=2) + "\n")
+    return figures
+
+
+def run_power_cuts(name: str, count: int, phases: tuple[str, ...], seed: int | None = None) -> dict[str, Any]:
+    """The trials of `invoke power-cuts`: the profile built and its node disk made first if
+    needed; a line a phase of what power-cuts.json now holds."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    check_phases(phases)  # before anything is built
+    project = Project.find()
+    profile = load_profile(project, name)
+    out = build(project, profile)
+    make_disk(project, profile)
+    figures = record(project, profile, out, phases, count, seed)
     for phase in PHASES:
         if phase in figures:
             print(f"{phase:>10}: {figures[phase]['recovered']} of {figures[phase]['of']} recovered")
-    print(f"(written to {project.display(path)})")
+    print(f"(written to {project.display(out / RESULTS)})")
     return figures
