@@ -44,11 +44,11 @@ class BundleServer(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], bundle: Path, files: list[str], receipts: Path,
                  *, preset_mode: str | None = None, preset_args: str = "",
                  hold_after: tuple[str, int] | None = None) -> None:
-        """HOLD_AFTER (NAME, BYTES), for tests that cut a transfer off: once BYTES of NAME are
-        sent, that transfer sends nothing more until the server stops (`held` is set)."""
+        """HOLD_AFTER (NAME, BYTES): as `hold(NAME, BYTES)` from the start."""
         self.bundle = bundle
         self.hold_after = hold_after
         self.held = threading.Event()
+        self.released = threading.Event()
         self.preset = "".join(f"set {k} {v}\n" for k, v in (("cbios-mode", preset_mode), ("cbios-args", preset_args))
                               if v)
         self.files = set(files)
@@ -69,9 +69,23 @@ class BundleServer(ThreadingHTTPServer):
         self._thread = threading.Thread(target=self.serve_forever, name="cbios-httpd", daemon=True)
         self._thread.start()
 
+    def hold(self, name: str, after: int) -> None:
+        """For tests that cut a node off in the middle of a transfer, at a point they choose
+        rather than one they race: once AFTER bytes of NAME are sent, that transfer sends
+        nothing more (`held` is set) and breaks off at `release()` or `stop()`."""
+        self.held.clear()
+        self.released.clear()
+        self.hold_after = (name, after)
+
+    def release(self) -> None:
+        """End the hold: the held transfer breaks off; transfers after it are whole."""
+        self.hold_after = None
+        self.released.set()
+
     def stop(self) -> None:
         """Stop serving, and break off every transfer under way."""
         self.stopping.set()
+        self.released.set()
         self.shutdown()
         with self._lock:
             for conn in self._conns:
@@ -154,7 +168,7 @@ class Handler(BaseHTTPRequestHandler):
             while not self.server.stopping.is_set() and (chunk := f.read(CHUNK)):
                 if hold is not None and transfer.sent + len(chunk) > hold:
                     self.server.held.set()
-                    self.server.stopping.wait()
+                    self.server.released.wait()
                     break
                 try:
                     self.wfile.write(chunk)

@@ -139,6 +139,21 @@ def test_stop_breaks_off_a_transfer_under_way(bundle: Path, tmp_path: Path) -> N
     assert srv.transfers[0].done is False and srv.transfers[0].sent < 256 << 20
 
 
+def test_a_held_transfer_stops_where_told_and_breaks_off_at_release(server: BundleServer, bundle: Path) -> None:
+    server.hold("root.img", 1 << 16)
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    conn.request("GET", "/root.img")
+    resp = conn.getresponse()
+    assert resp.read(1 << 16) == (bundle / "root.img").read_bytes()[: 1 << 16]
+    assert server.held.wait(10) and server.bytes_sent("root.img") == 1 << 16
+    server.release()
+    with pytest.raises(http.client.IncompleteRead):
+        resp.read()
+    status, data, _ = request(server, "GET", "/root.img")  # the hold is over: whole again
+    assert status == 200 and len(data) == BIG
+    assert [t.done for t in server.transfers] == [False, True]
+
+
 def test_dnsmasq_configuration_is_a_proxy_with_tftp_and_the_ipxe_chain() -> None:
     conf = dnsmasq_conf(profile="qemu-test", version="1.0.0", interface="eth1", network="192.168.7.0",
                         tftp_root=Path("/run/x/tftp"), script_url="http://192.168.7.1:8080/boot.ipxe")

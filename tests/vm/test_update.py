@@ -26,6 +26,7 @@ from cbios import manifest
 from cbios.boot import disk_boot_spec
 from cbios.disk import overlay
 from cbios.machine import Machine
+from cbios.node.update import IMAGE
 from cbios.profile import Profile
 from cbios.project import Project
 from cbios.pxe.bundle import PXE_DIR
@@ -174,9 +175,14 @@ def test_a_corrupted_image_is_written_only_into_a_copy_marked_bad(
 def test_power_cut_while_writing_leaves_the_node_on_its_firmware(next_build: Path, node: Node) -> None:
     m = node.up("v1")
     node.serve(next_build / PXE_DIR)
+    half = (next_build / PXE_DIR / IMAGE).stat().st_size // 2
+    node.lab.server.hold(IMAGE, half)  # the write stops half way until the power is cut
     in_background(m, f"cbios update {URL}")
-    wait_console(m, "cbios: writing copy spare: ", 300)  # its progress: the write is under way
+    wait_console(m, "cbios: writing copy spare (", 300)
+    if not node.lab.server.held.wait(300):
+        raise m.error(f"{IMAGE}: the node did not fetch half of it within 300 s")
     m.kill()  # the power cut
+    node.lab.server.release()
     m = node.up("after-power-cut")
     assert "version=1.0.0 copy=root" in m.reports[-1]
     st = status(m)
