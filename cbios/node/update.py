@@ -234,7 +234,7 @@ def stream(source: Source, new: Firmware, sink: IO[bytes], say: Callable[[str], 
     its sha256 must be the manifest's. A write that fails or a transfer cut short is a verdict."""
     h = hashlib.sha256()
     done = 0
-    last = time.monotonic()
+    start = last = time.monotonic()
     where = source.where(IMAGE)
     with source.open(IMAGE) as f:
         while chunk := _read(f, where, done, CHUNK):
@@ -254,6 +254,7 @@ def stream(source: Source, new: Firmware, sink: IO[bytes], say: Callable[[str], 
     if h.hexdigest() != new.root_sha256:
         raise UpdateError(f"{where}: checksum mismatch (sha256 {h.hexdigest()[:12]}, "
                           f"the manifest says {new.root_sha256[:12]})")
+    say(f"{doing}: {done >> 20}/{new.root_size >> 20} MiB (100%) in {time.monotonic() - start:.1f} s")
     return h.hexdigest()
 
 
