@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -149,3 +150,27 @@ def test_running_copy_of_a_netboot_comes_from_the_initrd(tmp_path: Path) -> None
     assert bootenv.running_copy("cbios.netboot cbios.vg=lvm", tmp_path / "copy") == "spare"
     assert bootenv.running_copy("cbios.copy=root", tmp_path / "copy") == "root"  # GRUB's word first
     assert bootenv.running_copy("cbios.netboot", tmp_path / "none") is None
+
+
+@pytest.mark.parametrize(("document", "values"), [
+    ({"profile": "qemu-test", "layout": {"tries": 3}, "artifacts": {"root.img": {"size": 114294784}}, "x": "a\nb"},
+     {".profile": '"qemu-test"', ".layout.tries": "3", '.artifacts["root.img"].size': "114294784",
+      ".missing": "null", ".x": '"a\\nb"'}),  # one line each, whatever a value holds
+    ([1], None),  # not an object
+    ({"profile": "p", "layout": "flat"}, None),  # a filter that fails
+    ({"profile": "p", "layout": {"tries": [1, 2]}, "x": 1, "missing": 1}, None),  # .layout.tries[] gives two
+])
+def test_the_flasher_reads_its_manifest_in_one_jq_pass(tmp_path: Path, document: object,
+                                                       values: dict[str, str] | None) -> None:
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps(document))
+    filters = list(values or {".profile": "", ".layout.tries[]": "", ".x": "", ".missing": "", ".layout.vg": ""})
+    quoted = " ".join(f"'{f}'" for f in filters)
+    show = 'for k in "${!JSON_VALUE[@]}"; do printf "%s\\t%s\\n" "$k" "${JSON_VALUE[$k]}"; done'
+    proc = subprocess.run(["bash", "-c", f'set -eu; . "{LIB_SH}"; json_values "{path}" {quoted} || exit 3; {show}'],
+                          capture_output=True, text=True, check=False)
+    if values is None:
+        assert proc.returncode == 3, proc.stdout + proc.stderr
+    else:
+        assert proc.returncode == 0, proc.stderr
+        assert dict(line.split("\t", 1) for line in proc.stdout.splitlines()) == values

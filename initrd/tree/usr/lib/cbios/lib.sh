@@ -94,6 +94,23 @@ env_save() {
         | dd of="$GRUBENV" bs=1024 count=1 iflag=fullblock conv=notrunc,fsync status=none
 }
 
+# json_values FILE FILTER...: FILE's value at each jq FILTER, read in one jq pass (a start
+# of jq costs a good part of a second under emulation), into JSON_VALUE[FILTER] as compact
+# JSON on one line: a string in its quotes, a missing value null. Fails unless FILE is a
+# JSON object and each FILTER gives it exactly one value.
+# shellcheck disable=SC2034 # read by the scripts that source this
+declare -A JSON_VALUE=()
+# shellcheck disable=SC2034
+json_values() {
+    local file=$1 values=() i
+    shift
+    mapfile -t values < <(jq -r "if type == \"object\" then [$(IFS=,; printf '%s' "$*")][] | tojson
+                                 else error(\"not an object\") end" "$file" 2>/dev/null || echo '(jq failed)')
+    [ "${#values[@]}" = $# ] && [ "${values[-1]}" != '(jq failed)' ] || return 1
+    JSON_VALUE=()
+    for ((i = 1; i <= $#; i++)); do JSON_VALUE[${!i}]=${values[i - 1]}; done
+}
+
 other_copy() { if [ "$1" = root ]; then echo spare; else echo root; fi; }
 copy_lv() { if [ "$1" = root ]; then echo root; else echo root-spare; fi; }
 
