@@ -57,7 +57,8 @@ def _pxe_figures(project: Project, profile: Profile, out: Path, logdir: Path, fi
                 log.info("  %s", m.wait_report(("FLASHED",), FLASH_TIMEOUT))
                 figures["pxe_install_s"] = round(m.uptime(), 1)
                 figures["pxe_install_flasher_s"] = lab.wait_receipt().get("seconds")
-                figures["pxe_install_bytes_sent"] = lab.server.bytes_sent()
+                figures["pxe_install_bytes_sent"] = lab.server.bytes_sent()  # kernel and initrd too
+                figures["pxe_install_root_img_bytes_sent"] = lab.server.bytes_sent("root.img")  # the copy's
                 m.wait_exit(120)
         # The bytes the flasher wrote (root.img, twice), written again with dd: twice into the
         # spare copy (the running one is mounted), read from the running one.
