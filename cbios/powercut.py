@@ -14,7 +14,7 @@ import random
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -158,12 +158,13 @@ def run_trials(site: Site, phases: tuple[str, ...], count: int, seed: int) -> di
         trials = []
         for n in range(count):
             with tempfile.TemporaryDirectory(prefix=f"cbios-cut-{phase}-") as tmp:
-                try:
-                    t = TRIALS[phase](site, Path(tmp), rng, LENGTHS[phase])
+                try:  # each trial's consoles kept apart, to read a failed one afterwards
+                    t = TRIALS[phase](replace(site, logdir=site.logdir / f"{phase}-{n + 1}"), Path(tmp),
+                                      rng, LENGTHS[phase])
                 except CbiosError as e:
                     t = Trial(phase, -1, False, str(e).splitlines()[0])
-            log.info("‣ power cut %s #%d after %.1f s: %s (%s)", phase, n + 1, t.cut_after_s,
-                     "recovered" if t.recovered else "NOT RECOVERED", t.detail)
+            log.info("‣ power cut %s #%d after %.1f s: %s (%s); consoles: %s", phase, n + 1, t.cut_after_s,
+                     "recovered" if t.recovered else "NOT RECOVERED", t.detail, site.logdir / f"{phase}-{n + 1}")
             trials.append(t)
         figures[phase] = {"recovered": sum(t.recovered for t in trials), "of": count,
                           "trials": [t.__dict__ for t in trials]}
