@@ -1,5 +1,5 @@
-"""One node's life over PXE, in order, on one disk: a blank disk installed over the
-network; updates refused before anything is written (a manifest signed with another key, a
+"""One node's life over PXE, in order, on one disk: a blank disk whose install loses its
+power half way, installed again over the network; updates refused before anything is written (a manifest signed with another key, a
 grub.cfg changed by the server); an update cut off by the server stopping mid-write, after
 which the node boots its old firmware (an image corrupted on the way meets the same checks:
 test_update.py); an update; a netboot that runs the updated copy from the node's own LVs.
@@ -102,11 +102,19 @@ def image_size(build_dir: Path) -> int:
 
 @pytest.fixture
 def installed(vm_project: Project, profile: Profile, built: Path, node: Node) -> dict[str, Any]:
-    """The node installed over PXE and booted once from its disk (a file left in /var);
-    done once, by the first test that needs it."""
+    """The node installed over PXE, after a first try cut off by a power cut, and booted once
+    from its disk (a file left in /var); done once, by the first test that needs it."""
     if "install" in node.done:
         return node.done["install"]  # type: ignore[no-any-return]
     seen: dict[str, Any] = {}
+    # A first install loses its power half way through root.img (the server holds it there, so
+    # the test sets the pace): the disk holds the partitions, the VG and half-written copies.
+    with PxeLab(built / PXE_DIR, node.logdir / "cut", mode="install", kernel_args=POWEROFF,
+                hold_after=("root.img", image_size(built) // 2)) as lab, \
+            pxe_machine(vm_project, profile, built, node, lab, "pxe-install-cut") as m:
+        if not lab.server.held.wait(FLASH_TIMEOUT):
+            raise m.error("the flasher never fetched half of root.img")
+        m.kill()  # the power cut
     with PxeLab(built / PXE_DIR, node.logdir / "install", mode="install", kernel_args=POWEROFF) as lab:
         seen["flashed"] = flash(vm_project, profile, built, node, lab, "pxe-install")
         node.figures["install_bytes"] = seen["bytes_sent"] = lab.server.bytes_sent()
@@ -126,10 +134,11 @@ def installed(vm_project: Project, profile: Profile, built: Path, node: Node) ->
     return seen
 
 
-def test_blank_node_installs_over_pxe_and_boots_from_its_disk(
+def test_an_install_cut_off_is_done_again_over_pxe_and_the_node_boots_from_its_disk(
         built: Path, node: Node, installed: dict[str, Any]) -> None:
     sums = manifest.read(built / manifest.MANIFEST)["artifacts"]
     assert installed["flashed"].startswith("FLASHED install qemu-test 1.0.0 on /dev/vda"), installed["flashed"]
+    assert "cbios-flash: /dev/vda holds an install that did not finish: installing again" in installed["console"]
     receipt = installed["receipt"]
     assert receipt["result"] == "FLASHED" and receipt["mode"] == "install"
     assert (receipt["mac"], receipt["object_id"], receipt["version"]) == (MAC, "31000040010", "1.0.0")
