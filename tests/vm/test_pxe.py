@@ -1,8 +1,9 @@
 """One node's life over PXE, in order, on one disk: a blank disk whose install loses its
-power half way, installed again over the network; updates refused before anything is written (a manifest signed with another key, a
-grub.cfg changed by the server); an update cut off by the server stopping mid-write, after
-which the node boots its old firmware (an image corrupted on the way meets the same checks:
-test_update.py); an update; a netboot that runs the updated copy from the node's own LVs.
+power half way, installed again over the network; updates refused before anything is
+written (a manifest signed with another key, a grub.cfg changed by the server); an update
+cut off by the server stopping mid-write, after which the node boots its old firmware (an
+image corrupted on the way meets the same checks: test_update.py); an update; a netboot
+that runs the updated copy from the node's own LVs.
 
 Run in part (pytest -k), a step sets up what it needs through the `installed` fixture, or
 skips and names the step it needs.
