@@ -157,14 +157,14 @@ def run_trials(site: Site, phases: tuple[str, ...], count: int, seed: int) -> di
     for phase in phases:
         trials = []
         for n in range(count):
+            logdir = site.logdir / f"{phase}-{n + 1}"  # each trial's consoles apart, to read a failed one
             with tempfile.TemporaryDirectory(prefix=f"cbios-cut-{phase}-") as tmp:
-                try:  # each trial's consoles kept apart, to read a failed one afterwards
-                    t = TRIALS[phase](replace(site, logdir=site.logdir / f"{phase}-{n + 1}"), Path(tmp),
-                                      rng, LENGTHS[phase])
+                try:
+                    t = TRIALS[phase](replace(site, logdir=logdir), Path(tmp), rng, LENGTHS[phase])
                 except CbiosError as e:
                     t = Trial(phase, -1, False, str(e).splitlines()[0])
             log.info("‣ power cut %s #%d after %.1f s: %s (%s); consoles: %s", phase, n + 1, t.cut_after_s,
-                     "recovered" if t.recovered else "NOT RECOVERED", t.detail, site.logdir / f"{phase}-{n + 1}")
+                     "recovered" if t.recovered else "NOT RECOVERED", t.detail, logdir)
             trials.append(t)
         figures[phase] = {"recovered": sum(t.recovered for t in trials), "of": count,
                           "trials": [t.__dict__ for t in trials]}

@@ -248,14 +248,18 @@ def stream(source: Source, new: Firmware, sink: IO[bytes], say: Callable[[str], 
                 raise UpdateError(f"{getattr(sink, 'name', 'the copy')}: writing failed: {e}") from None
             if time.monotonic() - last >= PROGRESS_EVERY:
                 last = time.monotonic()
-                say(f"{doing}: {done >> 20}/{new.root_size >> 20} MiB ({100 * done // max(new.root_size, 1)}%)")
+                say(_progress(doing, done, new.root_size))
     if done < new.root_size:
         raise UpdateError(f"{where}: the transfer broke off after {done >> 20} MiB ({done} of {new.root_size} bytes)")
     if h.hexdigest() != new.root_sha256:
         raise UpdateError(f"{where}: checksum mismatch (sha256 {h.hexdigest()[:12]}, "
                           f"the manifest says {new.root_sha256[:12]})")
-    say(f"{doing}: {done >> 20}/{new.root_size >> 20} MiB (100%) in {time.monotonic() - start:.1f} s")
+    say(f"{_progress(doing, done, new.root_size)} in {time.monotonic() - start:.1f} s")
     return h.hexdigest()
+
+
+def _progress(doing: str, done: int, total: int) -> str:
+    return f"{doing}: {done >> 20}/{total >> 20} MiB ({100 * done // max(total, 1)}%)"
 
 
 def _read(f: IO[bytes], where: str, done: int, size: int) -> bytes:

@@ -102,11 +102,12 @@ env_save() {
 declare -A JSON_VALUE=()
 # shellcheck disable=SC2034
 json_values() {
-    local file=$1 values=() i
+    local file=$1 out values=() i
     shift
-    mapfile -t values < <(jq -r "if type == \"object\" then [$(IFS=,; printf '%s' "$*")][] | tojson
-                                 else error(\"not an object\") end" "$file" 2>/dev/null || echo '(jq failed)')
-    [ "${#values[@]}" = $# ] && [ "${values[-1]}" != '(jq failed)' ] || return 1
+    out=$(jq -r "if type == \"object\" then [$(IFS=,; printf '%s' "$*")][] | tojson
+                 else error(\"not an object\") end" "$file" 2>/dev/null) || return 1
+    mapfile -t values <<<"$out"
+    [ "${#values[@]}" = $# ] || return 1
     JSON_VALUE=()
     for ((i = 1; i <= $#; i++)); do JSON_VALUE[${!i}]=${values[i - 1]}; done
 }
