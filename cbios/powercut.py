@@ -33,9 +33,12 @@ log = logging.getLogger("cbios")
 
 PHASES = ("install", "update", "first-boot")
 RESULTS = "power-cuts.json"  # in build/NAME/, beside bench.json
-KEPT = "cat /var/lib/cbios-power-cut; lxc-attach -n slot2 -- cat /var/lib/dnsmasq/cbios-power-cut"
+# A file in /var and one on a slot's volume, written and synced before the power may go: what
+# the node had on disk must be there after it. (Unsynced, they are lost to a cut within ext4's
+# commit interval, as any file would be.)
 MARK = ("echo kept > /var/lib/cbios-power-cut; "
-        "lxc-attach -n slot2 -- sh -c 'echo kept > /var/lib/dnsmasq/cbios-power-cut'")
+        "lxc-attach -n slot2 -- sh -c 'echo kept > /var/lib/dnsmasq/cbios-power-cut'; sync")
+KEPT = "cat /var/lib/cbios-power-cut; lxc-attach -n slot2 -- cat /var/lib/dnsmasq/cbios-power-cut"
 UPDATE = f"cbios update http://{GUEST_SERVER}/ --allow-downgrade --no-reboot"
 
 

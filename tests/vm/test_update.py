@@ -27,6 +27,7 @@ from cbios.boot import disk_boot_spec
 from cbios.disk import overlay
 from cbios.machine import Machine
 from cbios.node.update import IMAGE
+from cbios.powercut import KEPT, MARK
 from cbios.profile import Profile
 from cbios.project import Project
 from cbios.pxe.bundle import PXE_DIR
@@ -36,7 +37,6 @@ from tests.vm.images import BROKEN_VERSION, NEXT_MARK, NEXT_VERSION
 log = logging.getLogger("cbios")
 
 URL = f"http://{GUEST_SERVER}/"
-KEPT = "cat /var/lib/cbios-update-test; lxc-attach -n slot2 -- cat /var/lib/dnsmasq/cbios-update-test"
 KEY = Path(__file__).resolve().parents[2] / "profiles/keys/qemu-test-signing.pem"
 NODE = "31000040010"  # its slots; `slot list` alone would also ask the cluster's other node
 
@@ -68,8 +68,7 @@ class Node:
             self.m.wait_ready(self.profile.qemu.ready_timeout)
         on_server_link(self.m)
         if not self.slots:  # the first boot of the module, whichever test runs first
-            self.m.succeed("echo kept > /var/lib/cbios-update-test; "
-                           "lxc-attach -n slot2 -- sh -c 'echo kept > /var/lib/dnsmasq/cbios-update-test'")
+            self.m.succeed(MARK)
             self.slots = self.m.succeed(f"slot list {NODE}")
         return self.m
 
