@@ -4,7 +4,8 @@ of the first boot of a new copy; then the node must boot to ready on a good copy
 trials of each phase (or of P alone) and adds them to build/NAME/power-cuts.json; `invoke
 bench --power-cuts N` runs them after its figures.
 
-The moment is drawn from the phase's own length, measured on a first run that is not cut."""
+The moment is drawn from a window as long as the phase takes under TCG (LENGTHS); where in
+the phase it landed is read from the cut node's console (STAGES) and kept with the trial."""
 
 from __future__ import annotations
 
@@ -46,8 +47,34 @@ UPDATE = f"cbios update http://{GUEST_SERVER}/ --allow-downgrade --no-reboot"
 class Trial:
     phase: str
     cut_after_s: float
+    landed: str  # how far the phase got before the cut: a stage of STAGES
     recovered: bool
     detail: str
+
+
+# How far a phase got, from the lines the cut node printed from the phase's start: each stage
+# is reached when its text is on the console (the flasher's and `cbios update`'s own lines,
+# GRUB's, health's), in this order; before the first, the phase's start.
+STAGES: dict[str, tuple[tuple[str, str], ...]] = {
+    "install": (("", "booting the flasher"), ("signature good", "signature checked"),
+                ("writing both copies", "writing the copies"), ("written and read back", "copies verified"),
+                ("slot volume", "filling slot volumes"), ("FLASHED", "flashed")),
+    "update": (("", "fetching"), ("signature good", "signature checked"), ("writing copy", "writing the copy"),
+               ("back through dm-verity", "reading it back"), ("UPDATED", "updated")),
+    "first-boot": (("", "shutting down"), ("CBIOS: booting copy", "booting the new copy"),
+                   ("committed copy", "committed"), ("READY", "ready")),
+}
+
+
+def landed(phase: str, console: str) -> str:
+    """The last stage of PHASE that CONSOLE (what the node printed from the phase's start) shows."""
+    return [stage for text, stage in STAGES[phase] if text in console][-1]
+
+
+def _console_from(m: Machine, offset: int) -> str:
+    with m.console_log.open("rb") as f:
+        f.seek(offset)
+        return f.read().decode(errors="replace")
 
 
 @dataclass
@@ -100,18 +127,19 @@ def trial_install(site: Site, work: Path, rng: random.Random, length: float) -> 
     spec = flasher_spec(site.project, site.profile, site.out, disk, media)
     with Machine(spec, site.logdir, name="cut-install") as m:
         _cut(m, cut, m.started_at)
+        stage = landed("install", _console_from(m, 0))
     with Machine(flasher_spec(site.project, site.profile, site.out, disk, media), site.logdir,
                  name="cut-install-again") as m:
         line = m.wait_report(("FLASHED", "FAILED"), FLASH_TIMEOUT)
         m.wait_exit(120)
     if not line.startswith("FLASHED"):
-        return Trial("install", cut, False, line)
+        return Trial("install", cut, stage, False, line)
     with site.machine(disk, "cut-install-boot") as m:
         ready = site.ready(m)
         m.succeed(MARK)
         problem = _good_copy(m)
         m.kill()
-    return Trial("install", cut, not problem, problem or ready)
+    return Trial("install", cut, stage, not problem, problem or ready)
 
 
 def _cut_running_node(site: Site, work: Path, rng: random.Random, length: float, phase: str,
@@ -127,13 +155,15 @@ def _cut_running_node(site: Site, work: Path, rng: random.Random, length: float,
             _on_server_link(m)
             if prepare:
                 m.succeed(prepare, timeout=900)
+            start = m.console_log.stat().st_size
             m.succeed(f"setsid -f sh -c '{command}' </dev/null >/dev/console 2>&1")
             _cut(m, cut, time.monotonic())
+            stage = landed(phase, _console_from(m, start))
     with site.machine(disk, f"cut-{phase}-again") as m:
         ready = site.ready(m)
         problem = _good_copy(m)
         m.kill()
-    return Trial(phase, cut, not problem, problem or ready)
+    return Trial(phase, cut, stage, not problem, problem or ready)
 
 
 def trial_update(site: Site, work: Path, rng: random.Random, length: float) -> Trial:
@@ -149,8 +179,9 @@ def trial_first_boot(site: Site, work: Path, rng: random.Random, length: float) 
 TRIALS: dict[str, Callable[[Site, Path, random.Random, float], Trial]] = {
     "install": trial_install, "update": trial_update, "first-boot": trial_first_boot}
 # How long each phase lasts under TCG on the build machines (seconds), the window the cut is
-# drawn from: install power-on to FLASHED, update command to its end, reboot to ready and scrub.
-LENGTHS = {"install": 75.0, "update": 45.0, "first-boot": 120.0}
+# drawn from: install power-on to FLASHED, update command to its end, reboot to a little past
+# the commit (about 130 s after `systemctl reboot`), so that some cuts fall after it.
+LENGTHS = {"install": 75.0, "update": 45.0, "first-boot": 160.0}
 
 
 def run_trials(site: Site, phases: tuple[str, ...], count: int, seed: int) -> dict[str, Any]:
@@ -165,11 +196,13 @@ def run_trials(site: Site, phases: tuple[str, ...], count: int, seed: int) -> di
                 try:
                     t = TRIALS[phase](replace(site, logdir=logdir), Path(tmp), rng, LENGTHS[phase])
                 except CbiosError as e:
-                    t = Trial(phase, -1, False, str(e).splitlines()[0])
-            log.info("‣ power cut %s #%d after %.1f s: %s (%s); consoles: %s", phase, n + 1, t.cut_after_s,
-                     "recovered" if t.recovered else "NOT RECOVERED", t.detail, logdir)
+                    t = Trial(phase, -1, "", False, str(e).splitlines()[0])
+            log.info("‣ power cut %s #%d after %.1f s (%s): %s (%s); consoles: %s", phase, n + 1, t.cut_after_s,
+                     t.landed, "recovered" if t.recovered else "NOT RECOVERED", t.detail, logdir)
             trials.append(t)
         figures[phase] = {"recovered": sum(t.recovered for t in trials), "of": count,
+                          "landed": {stage: sum(t.landed == stage for t in trials)
+                                     for _, stage in STAGES[phase] if any(t.landed == stage for t in trials)},
                           "trials": [t.__dict__ for t in trials]}
     return figures
 
@@ -208,6 +241,8 @@ def run_power_cuts(name: str, count: int, phases: tuple[str, ...], seed: int | N
     figures = record(project, profile, out, phases, count, seed)
     for phase in PHASES:
         if phase in figures:
-            print(f"{phase:>10}: {figures[phase]['recovered']} of {figures[phase]['of']} recovered")
+            where = ", ".join(f"{n} {stage}" for stage, n in figures[phase].get("landed", {}).items())
+            print(f"{phase:>10}: {figures[phase]['recovered']} of {figures[phase]['of']} recovered"
+                  + (f" (cut while: {where})" if where else ""))
     print(f"(written to {project.display(out / RESULTS)})")
     return figures
