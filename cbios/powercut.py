@@ -9,9 +9,11 @@ the phase it landed is read from the cut node's console (STAGES) and kept with t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -50,6 +52,7 @@ class Trial:
     landed: str  # how far the phase got before the cut: a stage of STAGES
     recovered: bool
     detail: str
+    console: str  # the console the cut fell in
 
 
 # How far a phase got, from the lines the cut node printed from the phase's start: each stage
@@ -117,66 +120,107 @@ def _cut(m: Machine, after: float, started: float) -> None:
     m.kill()
 
 
-def trial_install(site: Site, work: Path, rng: random.Random, length: float) -> Trial:
+@dataclass
+class Chain:
+    """What one phase's trials hand on. A running node's trial that recovered leaves its node
+    ready, and the next trial's cut falls in that QEMU: a node goes through cut after cut as a
+    node in the field would, and a trial boots once, not twice. A trial that did not recover
+    ends the chain; the next one starts from the node disk again. WORK: the phase's folder."""
+
+    work: Path
+    lab: PxeLab | None = None  # the release server, for the phase's whole run
+    m: Machine | None = None
+    disk: Path | None = None
+
+    def end(self) -> None:
+        if self.m is not None:
+            self.m.kill()
+        self.m = None
+
+
+def trial_install(site: Site, chain: Chain, rng: random.Random, length: float) -> Trial:
     """The flasher installing from media, cut; powered on again it installs again (no force)."""
+    work = Path(tempfile.mkdtemp(prefix="install-", dir=chain.work))
     media = work / "media.img"
     make_media(site.out, media, work / "media.log")
     disk = work / "node.qcow2"
     run(["qemu-img", "create", "-q", "-f", "qcow2", disk, str(disk_size(site.project, site.profile))], step="qemu-img")
     cut = rng.uniform(0, length)
     spec = flasher_spec(site.project, site.profile, site.out, disk, media)
-    with Machine(spec, site.logdir, name="cut-install") as m:
-        _cut(m, cut, m.started_at)
-        stage = landed("install", _console_from(m, 0))
-    with Machine(flasher_spec(site.project, site.profile, site.out, disk, media), site.logdir,
-                 name="cut-install-again") as m:
-        line = m.wait_report(("FLASHED", "FAILED"), FLASH_TIMEOUT)
-        m.wait_exit(120)
-    if not line.startswith("FLASHED"):
-        return Trial("install", cut, stage, False, line)
-    with site.machine(disk, "cut-install-boot") as m:
-        ready = site.ready(m)
-        m.succeed(MARK)
-        problem = _good_copy(m)
-        m.kill()
-    return Trial("install", cut, stage, not problem, problem or ready)
-
-
-def _cut_running_node(site: Site, work: Path, rng: random.Random, length: float, phase: str,
-                      prepare: str, command: str) -> Trial:
-    """The installed node, ready, its /var and a slot volume marked; PREPARE run to its end,
-    then COMMAND left running and the power cut at a random moment; then the node boots."""
-    cut = rng.uniform(0, length)
-    disk = overlay(site.node_disk, work / "node.qcow2")
-    with PxeLab(site.out / PXE_DIR, work / "server", mode=None) as lab:
-        with site.machine(disk, f"cut-{phase}", lab) as m:
-            site.ready(m)
+    try:
+        with Machine(spec, site.logdir, name="cut-install") as m:
+            _cut(m, cut, m.started_at)
+            stage = landed("install", _console_from(m, 0))
+            cut_in = str(m.console_log)
+        with Machine(flasher_spec(site.project, site.profile, site.out, disk, media), site.logdir,
+                     name="cut-install-again") as m:
+            line = m.wait_report(("FLASHED", "FAILED"), FLASH_TIMEOUT)
+            m.wait_exit(120)
+        if not line.startswith("FLASHED"):
+            return Trial("install", cut, stage, False, line, cut_in)
+        with site.machine(disk, "cut-install-boot") as m:
+            ready = site.ready(m)
             m.succeed(MARK)
-            _on_server_link(m)
-            if prepare:
-                m.succeed(prepare, timeout=900)
-            start = m.console_log.stat().st_size
-            m.succeed(f"setsid -f sh -c '{command}' </dev/null >/dev/console 2>&1")
-            _cut(m, cut, time.monotonic())
-            stage = landed(phase, _console_from(m, start))
-    with site.machine(disk, f"cut-{phase}-again") as m:
+            problem = _good_copy(m)
+            m.kill()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return Trial("install", cut, stage, not problem, problem or ready, cut_in)
+
+
+def _node(site: Site, chain: Chain) -> Machine:
+    """The chain's node, ready and on the server's link: as the last trial left it, or its
+    node disk booted anew, its /var and a slot's volume marked."""
+    if chain.m is not None and chain.m.running():
+        return chain.m
+    assert chain.lab is not None
+    chain.disk = overlay(site.node_disk, Path(tempfile.mkdtemp(prefix="node-", dir=chain.work)) / "node.qcow2")
+    m = chain.m = site.machine(chain.disk, "boot", chain.lab)
+    m.start()
+    site.ready(m)
+    m.succeed(MARK)
+    return m
+
+
+def _cut_running_node(site: Site, chain: Chain, rng: random.Random, length: float, phase: str,
+                      prepare: str, command: str) -> Trial:
+    """The chain's node, ready: PREPARE run to its end, then COMMAND left running and the power
+    cut at a random moment; then the node boots, and must be ready on a good copy."""
+    cut = rng.uniform(0, length)
+    m = _node(site, chain)
+    cut_in = str(m.console_log)
+    try:
+        _on_server_link(m)
+        if prepare:
+            m.succeed(prepare, timeout=900)
+        start = m.console_log.stat().st_size
+        m.succeed(f"setsid -f sh -c '{command}' </dev/null >/dev/console 2>&1")
+        _cut(m, cut, time.monotonic())
+        stage = landed(phase, _console_from(m, start))
+        assert chain.disk is not None and chain.lab is not None
+        m = chain.m = site.machine(chain.disk, "after-cut", chain.lab)
+        m.start()
         ready = site.ready(m)
         problem = _good_copy(m)
-        m.kill()
-    return Trial(phase, cut, stage, not problem, problem or ready)
+    except BaseException:
+        chain.end()
+        raise
+    if problem:
+        chain.end()
+    return Trial(phase, cut, stage, not problem, problem or ready, cut_in)
 
 
-def trial_update(site: Site, work: Path, rng: random.Random, length: float) -> Trial:
+def trial_update(site: Site, chain: Chain, rng: random.Random, length: float) -> Trial:
     """`cbios update` writing the other copy, cut; the node boots a good copy."""
-    return _cut_running_node(site, work, rng, length, "update", "", UPDATE)
+    return _cut_running_node(site, chain, rng, length, "update", "", UPDATE)
 
 
-def trial_first_boot(site: Site, work: Path, rng: random.Random, length: float) -> Trial:
+def trial_first_boot(site: Site, chain: Chain, rng: random.Random, length: float) -> Trial:
     """A new copy written, then its first boot cut (before, around or after its commit)."""
-    return _cut_running_node(site, work, rng, length, "first-boot", UPDATE, "systemctl reboot")
+    return _cut_running_node(site, chain, rng, length, "first-boot", UPDATE, "systemctl reboot")
 
 
-TRIALS: dict[str, Callable[[Site, Path, random.Random, float], Trial]] = {
+TRIALS: dict[str, Callable[[Site, Chain, random.Random, float], Trial]] = {
     "install": trial_install, "update": trial_update, "first-boot": trial_first_boot}
 # How long each phase lasts under TCG on the build machines (seconds), the window the cut is
 # drawn from: install power-on to FLASHED, update command to its end, reboot to a little past
@@ -190,16 +234,20 @@ def run_trials(site: Site, phases: tuple[str, ...], count: int, seed: int) -> di
     figures: dict[str, Any] = {}
     for phase in phases:
         trials = []
-        for n in range(count):
-            logdir = site.logdir / f"{phase}-{n + 1}"  # each trial's consoles apart, to read a failed one
-            with tempfile.TemporaryDirectory(prefix=f"cbios-cut-{phase}-") as tmp:
+        with tempfile.TemporaryDirectory(prefix=f"cbios-cut-{phase}-") as tmp, contextlib.ExitStack() as stack:
+            chain = Chain(Path(tmp))
+            stack.callback(chain.end)
+            if phase != "install":
+                chain.lab = stack.enter_context(PxeLab(site.out / PXE_DIR, chain.work / "server", mode=None))
+            for n in range(count):
+                logdir = site.logdir / f"{phase}-{n + 1}"  # each trial's consoles apart, to read a failed one
                 try:
-                    t = TRIALS[phase](replace(site, logdir=logdir), Path(tmp), rng, LENGTHS[phase])
+                    t = TRIALS[phase](replace(site, logdir=logdir), chain, rng, LENGTHS[phase])
                 except CbiosError as e:
-                    t = Trial(phase, -1, "", False, str(e).splitlines()[0])
-            log.info("‣ power cut %s #%d after %.1f s (%s): %s (%s); consoles: %s", phase, n + 1, t.cut_after_s,
-                     t.landed, "recovered" if t.recovered else "NOT RECOVERED", t.detail, logdir)
-            trials.append(t)
+                    t = Trial(phase, -1, "", False, str(e).splitlines()[0], "")
+                log.info("‣ power cut %s #%d after %.1f s (%s): %s (%s); cut in %s", phase, n + 1, t.cut_after_s,
+                         t.landed, "recovered" if t.recovered else "NOT RECOVERED", t.detail, t.console or logdir)
+                trials.append(t)
         figures[phase] = {"recovered": sum(t.recovered for t in trials), "of": count,
                           "landed": {stage: sum(t.landed == stage for t in trials)
                                      for _, stage in STAGES[phase] if any(t.landed == stage for t in trials)},
