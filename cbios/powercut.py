@@ -4,8 +4,9 @@ of the first boot of a new copy; then the node must boot to ready on a good copy
 trials of each phase (or of P alone) and adds them to build/NAME/power-cuts.json; `invoke
 bench --power-cuts N` runs them after its figures.
 
-The moment is drawn from a window as long as the phase takes under TCG (LENGTHS); where in
-the phase it landed is read from the cut node's console (STAGES) and kept with the trial."""
+The moment is drawn from a window as long as the phase takes: each phase is first run once
+whole on this machine and timed (MEASURES). Where in the phase a cut landed is read from the
+cut node's console (STAGES) and kept with the trial."""
 
 from __future__ import annotations
 
@@ -138,13 +139,19 @@ class Chain:
         self.m = None
 
 
-def trial_install(site: Site, chain: Chain, rng: random.Random, length: float) -> Trial:
-    """The flasher installing from media, cut; powered on again it installs again (no force)."""
+def _blank_node(site: Site, chain: Chain) -> tuple[Path, Path, Path]:
+    """A folder of the chain's with install media and a blank disk in it; the three paths."""
     work = Path(tempfile.mkdtemp(prefix="install-", dir=chain.work))
     media = work / "media.img"
     make_media(site.out, media, work / "media.log")
     disk = work / "node.qcow2"
     run(["qemu-img", "create", "-q", "-f", "qcow2", disk, str(disk_size(site.project, site.profile))], step="qemu-img")
+    return work, media, disk
+
+
+def trial_install(site: Site, chain: Chain, rng: random.Random, length: float) -> Trial:
+    """The flasher installing from media, cut; powered on again it installs again (no force)."""
+    work, media, disk = _blank_node(site, chain)
     cut = rng.uniform(0, length)
     spec = flasher_spec(site.project, site.profile, site.out, disk, media)
     try:
@@ -222,10 +229,57 @@ def trial_first_boot(site: Site, chain: Chain, rng: random.Random, length: float
 
 TRIALS: dict[str, Callable[[Site, Chain, random.Random, float], Trial]] = {
     "install": trial_install, "update": trial_update, "first-boot": trial_first_boot}
-# How long each phase lasts under TCG on the build machines (seconds), the window the cut is
-# drawn from: install power-on to FLASHED, update command to its end, reboot to a little past
-# the commit (about 130 s after `systemctl reboot`), so that some cuts fall after it.
-LENGTHS = {"install": 75.0, "update": 45.0, "first-boot": 160.0}
+
+
+def _wait_console(m: Machine, offset: int, text: str, timeout: float) -> None:
+    """Until TEXT is on M's console past OFFSET (a line a program printed), within TIMEOUT."""
+    deadline = time.monotonic() + timeout
+    while text not in _console_from(m, offset):
+        if not m.running() or time.monotonic() > deadline:
+            raise m.error(f"{text!r} not on the console within {timeout:.0f} s")
+        time.sleep(0.5)
+
+
+def measure_install(site: Site, chain: Chain) -> float:
+    """Power-on to FLASHED, from media onto a blank disk."""
+    work, media, disk = _blank_node(site, chain)
+    try:
+        with Machine(flasher_spec(site.project, site.profile, site.out, disk, media), site.logdir,
+                     name="install-whole") as m:
+            m.wait_report(("FLASHED",), FLASH_TIMEOUT)
+            return time.monotonic() - m.started_at
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def measure_update(site: Site, chain: Chain) -> float:
+    """`cbios update`, from the command to its end."""
+    m = _node(site, chain)
+    _on_server_link(m)
+    start = time.monotonic()
+    m.succeed(UPDATE, timeout=900)
+    return time.monotonic() - start
+
+
+def measure_first_boot(site: Site, chain: Chain) -> float:
+    """A new copy's first boot: `systemctl reboot` to its commit. The node's QEMU is then
+    let go (its shell does not outlive the reboot), so the first trial boots the disk again."""
+    m = _node(site, chain)
+    _on_server_link(m)
+    m.succeed(UPDATE, timeout=900)
+    offset = m.console_log.stat().st_size
+    start = time.monotonic()
+    m.succeed("setsid -f systemctl reboot </dev/null >/dev/null 2>&1")
+    _wait_console(m, offset, "committed copy", 3 * site.profile.qemu.ready_timeout)
+    seconds = time.monotonic() - start
+    chain.end()
+    return seconds
+
+
+# Each phase timed whole, and how far past its end the window of its cuts reaches: the
+# first boot's goes a quarter past the commit, so that some cuts fall after it.
+MEASURES: dict[str, tuple[Callable[[Site, Chain], float], float]] = {
+    "install": (measure_install, 1.0), "update": (measure_update, 1.0), "first-boot": (measure_first_boot, 1.25)}
 
 
 def run_trials(site: Site, phases: tuple[str, ...], count: int, seed: int) -> dict[str, Any]:
@@ -239,16 +293,20 @@ def run_trials(site: Site, phases: tuple[str, ...], count: int, seed: int) -> di
             stack.callback(chain.end)
             if phase != "install":
                 chain.lab = stack.enter_context(PxeLab(site.out / PXE_DIR, chain.work / "server", mode=None))
+            measure, reach = MEASURES[phase]
+            window = round(reach * measure(replace(site, logdir=site.logdir / f"{phase}-whole"), chain), 1)
+            log.info("‣ power cuts %s: the phase took %.1f s whole; cuts drawn from 0 to %.1f s", phase,
+                     window / reach, window)
             for n in range(count):
                 logdir = site.logdir / f"{phase}-{n + 1}"  # each trial's consoles apart, to read a failed one
                 try:
-                    t = TRIALS[phase](replace(site, logdir=logdir), chain, rng, LENGTHS[phase])
+                    t = TRIALS[phase](replace(site, logdir=logdir), chain, rng, window)
                 except CbiosError as e:
                     t = Trial(phase, -1, "", False, str(e).splitlines()[0], "")
                 log.info("‣ power cut %s #%d after %.1f s (%s): %s (%s); cut in %s", phase, n + 1, t.cut_after_s,
                          t.landed, "recovered" if t.recovered else "NOT RECOVERED", t.detail, t.console or logdir)
                 trials.append(t)
-        figures[phase] = {"recovered": sum(t.recovered for t in trials), "of": count,
+        figures[phase] = {"recovered": sum(t.recovered for t in trials), "of": count, "window_s": window,
                           "landed": {stage: sum(t.landed == stage for t in trials)
                                      for _, stage in STAGES[phase] if any(t.landed == stage for t in trials)},
                           "trials": [t.__dict__ for t in trials]}
