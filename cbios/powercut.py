@@ -17,7 +17,7 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -282,10 +282,17 @@ MEASURES: dict[str, tuple[Callable[[Site, Chain], float], float]] = {
     "install": (measure_install, 1.0), "update": (measure_update, 1.0), "first-boot": (measure_first_boot, 1.25)}
 
 
-def run_trials(site: Site, phases: tuple[str, ...], count: int, seed: int) -> dict[str, Any]:
-    """COUNT trials of each phase; how many recovered, and each trial's moment and verdict."""
+def summary(phase: str, trials: list[Trial], count: int, window: float) -> dict[str, Any]:
+    """The figures of PHASE's TRIALS so far, of COUNT: how many recovered, how many cuts fell
+    in each stage, and each trial's moment and verdict."""
+    landed = {stage: sum(t.landed == stage for t in trials) for _, stage in STAGES[phase]}
+    return {"recovered": sum(t.recovered for t in trials), "of": len(trials), "planned": count, "window_s": window,
+            "landed": {stage: n for stage, n in landed.items() if n}, "trials": [t.__dict__ for t in trials]}
+
+
+def run_trials(site: Site, phases: tuple[str, ...], count: int, seed: int) -> Iterator[tuple[str, dict[str, Any]]]:
+    """COUNT trials of each phase; after each, the phase and its figures so far."""
     rng = random.Random(seed)
-    figures: dict[str, Any] = {}
     for phase in phases:
         trials = []
         with tempfile.TemporaryDirectory(prefix=f"cbios-cut-{phase}-") as tmp, contextlib.ExitStack() as stack:
@@ -306,11 +313,7 @@ def run_trials(site: Site, phases: tuple[str, ...], count: int, seed: int) -> di
                 log.info("‣ power cut %s #%d after %.1f s (%s): %s (%s); cut in %s", phase, n + 1, t.cut_after_s,
                          t.landed, "recovered" if t.recovered else "NOT RECOVERED", t.detail, t.console or logdir)
                 trials.append(t)
-        figures[phase] = {"recovered": sum(t.recovered for t in trials), "of": count, "window_s": window,
-                          "landed": {stage: sum(t.landed == stage for t in trials)
-                                     for _, stage in STAGES[phase] if any(t.landed == stage for t in trials)},
-                          "trials": [t.__dict__ for t in trials]}
-    return figures
+                yield phase, summary(phase, trials, count, window)
 
 
 def check_phases(phases: tuple[str, ...]) -> None:
@@ -323,15 +326,18 @@ def record(project: Project, profile: Profile, out: Path, phases: tuple[str, ...
            seed: int | None = None) -> dict[str, Any]:
     """COUNT trials of each of PHASES on the build in OUT and its node disk, their moments
     drawn with SEED (default: the clock). Each phase's result replaces that phase's in
-    OUT/power-cuts.json, so the phases may run one at a time; the file's figures."""
+    OUT/power-cuts.json, so the phases may run one at a time; the file is written after each
+    trial, so that a long run broken off keeps what it did. The file's figures."""
     check_phases(phases)
     seed = int(time.time()) if seed is None else seed
     site = Site(project, profile, out, out / DISK, out / "work" / "power-cuts")
     path = out / RESULTS
     figures = json.loads(path.read_text()) if path.exists() else {}
-    for phase, result in run_trials(site, phases, count, seed).items():
+    for phase, result in run_trials(site, phases, count, seed):
         figures[phase] = {"version": profile.version, "seed": seed, **result}
-    path.write_text(json.dumps(figures, indent=2) + "\n")
+        part = path.with_name(path.name + ".part")
+        part.write_text(json.dumps(figures, indent=2) + "\n")
+        part.replace(path)
     return figures
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cbios.errors import CbiosError
-from cbios.powercut import PHASES, STAGES, check_phases, landed
+from cbios.powercut import PHASES, STAGES, Trial, check_phases, landed, summary
 
 UPDATE = """\
 cbios: manifest.json: signature good (/usr/share/cbios/signing.pub)
@@ -46,3 +46,13 @@ def test_every_phase_has_its_stages_from_its_start() -> None:
 def test_an_unknown_phase_is_named() -> None:
     with pytest.raises(CbiosError, match="no phase 'boot'"):
         check_phases(("update", "boot"))
+
+
+def test_a_phase_is_summed_up_by_where_its_cuts_fell() -> None:
+    trials = [Trial("update", 3.0, "writing the copy", True, "READY", "c1"),
+              Trial("update", 9.5, "writing the copy", True, "READY", "c2"),
+              Trial("update", 0.4, "fetching", False, "copy root runs but is bad", "c3")]
+    figures = summary("update", trials, 20, 17.2)
+    assert (figures["recovered"], figures["of"], figures["planned"], figures["window_s"]) == (2, 3, 20, 17.2)
+    assert list(figures["landed"].items()) == [("fetching", 1), ("writing the copy", 2)]  # in the phase's order
+    assert figures["trials"][2]["detail"] == "copy root runs but is bad"
