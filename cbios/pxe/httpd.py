@@ -34,8 +34,10 @@ class Transfer:
     name: str
     size: int
     sent: int = 0
-    done: bool = False
+    done: bool = False  # every byte sent; decided once the transfer has ended
     started: float = field(default_factory=time.monotonic)
+    # Set when the server is through with it: a client can have read the last byte before then.
+    ended: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
 
 
 class BundleServer(ThreadingHTTPServer):
@@ -176,6 +178,7 @@ class Handler(BaseHTTPRequestHandler):
                     break
                 transfer.sent += len(chunk)
         transfer.done = transfer.sent == size
+        transfer.ended.set()
         seconds = time.monotonic() - transfer.started
         if transfer.done:
             log.info("  %s %s: %s sent, %d bytes in %.1f s", transfer.mac, transfer.client, name, size, seconds)

@@ -95,6 +95,7 @@ def test_files_are_served_whole_and_nothing_else(server: BundleServer, bundle: P
     assert status == 200 and data == b"" and headers["Content-Length"] == str(BIG)
     for path in ("/", "/../build/root.img", "/receipts", "/root.img.zst", "/%2e%2e/SHA256SUMS"):
         assert request(server, "GET", path)[0] == 404, path
+    assert server.transfers[0].ended.wait(10)  # the server is through with it, as the client was
     assert server.bytes_sent("root.img") == BIG
     assert [(t.mac, t.name, t.done) for t in server.transfers] == [("52:54:00:c0:00:01", "root.img", True)]
 
@@ -151,6 +152,7 @@ def test_a_held_transfer_stops_where_told_and_breaks_off_at_release(server: Bund
         resp.read()
     status, data, _ = request(server, "GET", "/root.img")  # the hold is over: whole again
     assert status == 200 and len(data) == BIG
+    assert all(t.ended.wait(10) for t in server.transfers)
     assert [t.done for t in server.transfers] == [False, True]
 
 
