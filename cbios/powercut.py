@@ -30,7 +30,7 @@ from cbios.machine import Machine
 from cbios.profile import Profile, load_profile
 from cbios.project import Project
 from cbios.pxe.bundle import PXE_DIR
-from cbios.pxe.lab import GUEST_SERVER, PxeLab
+from cbios.pxe.lab import GUEST_SERVER, JOIN_NODE, PxeLab
 from cbios.run import run
 
 log = logging.getLogger("cbios")
@@ -100,10 +100,6 @@ class Site:
     def ready(self, m: Machine) -> str:
         """The next READY, FAILED boots on the way skipped (a new copy spends its tries)."""
         return m.wait_report(("READY",), 3 * self.profile.qemu.ready_timeout, skip_failed=True)
-
-
-def _on_server_link(m: Machine) -> None:
-    m.succeed("ip -4 addr show dev ctl | grep -q 10.0.2.15/ || ip addr add 10.0.2.15/24 dev ctl")
 
 
 def _good_copy(m: Machine) -> str:
@@ -197,7 +193,7 @@ def _cut_running_node(site: Site, chain: Chain, rng: random.Random, length: floa
     m = _node(site, chain)
     cut_in = str(m.console_log)
     try:
-        _on_server_link(m)
+        m.succeed(JOIN_NODE)
         if prepare:
             m.succeed(prepare, timeout=900)
         start = m.console_log.stat().st_size
@@ -255,7 +251,7 @@ def measure_install(site: Site, chain: Chain) -> float:
 def measure_update(site: Site, chain: Chain) -> float:
     """`cbios update`, from the command to its end."""
     m = _node(site, chain)
-    _on_server_link(m)
+    m.succeed(JOIN_NODE)
     start = time.monotonic()
     m.succeed(UPDATE, timeout=900)
     return time.monotonic() - start
@@ -265,7 +261,7 @@ def measure_first_boot(site: Site, chain: Chain) -> float:
     """A new copy's first boot: `systemctl reboot` to its commit. The node's QEMU is then
     let go (its shell does not outlive the reboot), so the first trial boots the disk again."""
     m = _node(site, chain)
-    _on_server_link(m)
+    m.succeed(JOIN_NODE)
     m.succeed(UPDATE, timeout=900)
     offset = m.console_log.stat().st_size
     start = time.monotonic()

@@ -17,6 +17,10 @@ from cbios.pxe.bundle import FILES
 from cbios.pxe.httpd import BundleServer
 
 GUEST_SERVER = "10.0.2.100"
+# A CBIOS node on the lab: QEMU's user network is untagged on its ctl interface (the node's
+# management VLAN rides on it), where the node has no address of its own after a boot. This
+# gives it QEMU's guest address there, once, so that it reaches GUEST_SERVER.
+JOIN_NODE = "ip -4 addr show dev ctl | grep -q 10.0.2.15/ || ip addr add 10.0.2.15/24 dev ctl"
 CHAIN = "chain.ipxe"
 
 

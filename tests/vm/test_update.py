@@ -31,7 +31,7 @@ from cbios.powercut import KEPT, MARK
 from cbios.profile import Profile
 from cbios.project import Project
 from cbios.pxe.bundle import PXE_DIR
-from cbios.pxe.lab import GUEST_SERVER, PxeLab
+from cbios.pxe.lab import GUEST_SERVER, JOIN_NODE, PxeLab
 from tests.vm.images import BROKEN_VERSION, NEXT_MARK, NEXT_VERSION
 
 log = logging.getLogger("cbios")
@@ -66,7 +66,7 @@ class Node:
             self.m = Machine(spec, self.logdir, name=name)
             self.m.start()
             self.m.wait_ready(self.profile.qemu.ready_timeout)
-        on_server_link(self.m)
+        self.m.succeed(JOIN_NODE)
         if not self.slots:  # the first boot of the module, whichever test runs first
             self.m.succeed(MARK)
             self.slots = self.m.succeed(f"slot list {NODE}")
@@ -85,12 +85,6 @@ def node(tmp_path_factory: pytest.TempPathFactory, vm_project: Project, profile:
             if n.m is not None:
                 n.m.kill()
     log.info("update figures: %s", json.dumps(n.figures))
-
-
-def on_server_link(m: Machine) -> None:
-    # QEMU's user network is untagged on ctl (the node's management VLAN rides on it); after a
-    # reboot the address is gone.
-    m.succeed("ip -4 addr show dev ctl | grep -q 10.0.2.15/ || ip addr add 10.0.2.15/24 dev ctl")
 
 
 def status(m: Machine) -> dict[str, Any]:
