@@ -212,6 +212,28 @@ class Machine:
                 raise self.error(f"{command!r} did not succeed within {timeout:.0f} s; last output:\n{out}")
             time.sleep(1)
 
+    def in_background(self, command: str) -> None:
+        """COMMAND left running in the guest past this shell's command, its output on the console."""
+        self.succeed(f"setsid -f sh -c '{command}' </dev/null >/dev/console 2>&1")
+
+    # -- the console ----------------------------------------------------------------
+
+    def console(self, offset: int = 0) -> str:
+        """What the guest printed on its console, from byte OFFSET (the log's size taken earlier)."""
+        with self.console_log.open("rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
+
+    def wait_console(self, text: str, timeout: float, offset: int = 0) -> None:
+        """Until TEXT is on the console past OFFSET (a line some program printed), within TIMEOUT."""
+        deadline = time.monotonic() + timeout
+        while text not in self.console(offset):
+            if time.monotonic() > deadline:
+                raise self.error(f"no {text!r} on the console within {timeout:.0f} s")
+            if not self.running():
+                raise self.error(f"QEMU exited while waiting for {text!r} on the console")
+            time.sleep(0.5)
+
     # -- helpers --------------------------------------------------------------------
 
     def _qmp(self, command: str) -> None:

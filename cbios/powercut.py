@@ -75,12 +75,6 @@ def landed(phase: str, console: str) -> str:
     return [stage for text, stage in STAGES[phase] if text in console][-1]
 
 
-def _console_from(m: Machine, offset: int) -> str:
-    with m.console_log.open("rb") as f:
-        f.seek(offset)
-        return f.read().decode(errors="replace")
-
-
 @dataclass
 class Site:
     """What every trial of one profile needs: its build, its node disk, a place for logs."""
@@ -153,7 +147,7 @@ def trial_install(site: Site, chain: Chain, rng: random.Random, length: float) -
     try:
         with Machine(spec, site.logdir, name="cut-install") as m:
             _cut(m, cut, m.started_at)
-            stage = landed("install", _console_from(m, 0))
+            stage = landed("install", m.console())
             cut_in = str(m.console_log)
         with Machine(flasher_spec(site.project, site.profile, site.out, disk, media), site.logdir,
                      name="cut-install-again") as m:
@@ -197,9 +191,9 @@ def _cut_running_node(site: Site, chain: Chain, rng: random.Random, length: floa
         if prepare:
             m.succeed(prepare, timeout=900)
         start = m.console_log.stat().st_size
-        m.succeed(f"setsid -f sh -c '{command}' </dev/null >/dev/console 2>&1")
+        m.in_background(command)
         _cut(m, cut, time.monotonic())
-        stage = landed(phase, _console_from(m, start))
+        stage = landed(phase, m.console(start))
         assert chain.disk is not None and chain.lab is not None
         m = chain.m = site.machine(chain.disk, "after-cut", chain.lab)
         m.start()
@@ -225,15 +219,6 @@ def trial_first_boot(site: Site, chain: Chain, rng: random.Random, length: float
 
 TRIALS: dict[str, Callable[[Site, Chain, random.Random, float], Trial]] = {
     "install": trial_install, "update": trial_update, "first-boot": trial_first_boot}
-
-
-def _wait_console(m: Machine, offset: int, text: str, timeout: float) -> None:
-    """Until TEXT is on M's console past OFFSET (a line a program printed), within TIMEOUT."""
-    deadline = time.monotonic() + timeout
-    while text not in _console_from(m, offset):
-        if not m.running() or time.monotonic() > deadline:
-            raise m.error(f"{text!r} not on the console within {timeout:.0f} s")
-        time.sleep(0.5)
 
 
 def measure_install(site: Site, chain: Chain) -> float:
@@ -265,8 +250,8 @@ def measure_first_boot(site: Site, chain: Chain) -> float:
     m.succeed(UPDATE, timeout=900)
     offset = m.console_log.stat().st_size
     start = time.monotonic()
-    m.succeed("setsid -f systemctl reboot </dev/null >/dev/null 2>&1")
-    _wait_console(m, offset, "committed copy", 3 * site.profile.qemu.ready_timeout)
+    m.in_background("systemctl reboot")
+    m.wait_console("committed copy", 3 * site.profile.qemu.ready_timeout, offset)
     seconds = time.monotonic() - start
     chain.end()
     return seconds

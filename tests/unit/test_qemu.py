@@ -101,3 +101,14 @@ def test_wait_ready_is_bounded(fake_qemu: Path, tmp_path: Path, monkeypatch: pyt
             m.start()  # the hanging fake never opens its shell socket
     finally:
         m.kill()
+
+
+def test_machine_reads_its_console_from_a_point_and_waits_for_a_line(fake_qemu: Path, tmp_path: Path) -> None:
+    with Machine(spec(), tmp_path / "logs", name="fake") as m:
+        m.wait_ready(10)
+        offset = m.console_log.stat().st_size
+        assert "console line 39" in m.console() and m.console(offset) == ""
+        m.succeed(f"echo 'cbios: committed copy spare' >> {m.console_log}")  # the fake's shell: as a guest prints
+        m.wait_console("committed copy", 10, offset)
+        with pytest.raises(VmError, match="no 'console line 5' on the console within 1 s"):
+            m.wait_console("console line 5", 1, offset)  # printed, but before OFFSET

@@ -15,7 +15,6 @@ import logging
 import os
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -98,21 +97,6 @@ def untouched(m: Machine, vg: str) -> str:
                      "sha256sum /mnt/grub/grubenv; umount /mnt", timeout=120)
 
 
-def in_background(m: Machine, command: str) -> None:
-    """COMMAND left running in the guest, its output on the console."""
-    m.succeed(f"setsid -f sh -c '{command}' </dev/null >/dev/console 2>&1")
-
-
-def wait_console(m: Machine, text: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in m.console_log.read_text(errors="replace"):
-        if time.monotonic() > deadline:
-            raise m.error(f"no {text!r} on the console within {timeout:.0f} s")
-        if not m.running():
-            raise m.error(f"QEMU exited while waiting for {text!r} on the console")
-        time.sleep(0.5)
-
-
 def tampered(source: Path, work: Path, how: str) -> Path:
     bundle = work / how
     shutil.copytree(source, bundle, copy_function=os.link)
@@ -170,8 +154,8 @@ def test_power_cut_while_writing_leaves_the_node_on_its_firmware(next_build: Pat
     node.serve(next_build / PXE_DIR)
     half = (next_build / PXE_DIR / IMAGE).stat().st_size // 2
     node.lab.server.hold(IMAGE, half)  # the write stops half way until the power is cut
-    in_background(m, f"cbios update {URL}")
-    wait_console(m, "cbios: writing copy spare (", 300)
+    m.in_background(f"cbios update {URL}")
+    m.wait_console("cbios: writing copy spare (", 300)
     if not node.lab.server.held.wait(300):
         raise m.error(f"{IMAGE}: the node did not fetch half of it within 300 s")
     m.kill()  # the power cut
@@ -188,7 +172,7 @@ def test_a_release_that_is_not_ready_is_rolled_back_with_no_input(
         profile: Profile, broken_build: Path, node: Node) -> None:
     m = node.up("broken")
     node.serve(broken_build / PXE_DIR)
-    in_background(m, f"cbios update {URL}")  # and it reboots by itself
+    m.in_background(f"cbios update {URL}")  # and it reboots by itself
     failed = m.wait_report(("FAILED",), 600)
     start = m.uptime()
     assert f"version={BROKEN_VERSION} copy=spare" in failed and "cbios-slots.service" in failed, failed
