@@ -113,10 +113,11 @@ def _cut(m: Machine, after: float, started: float) -> None:
 
 @dataclass
 class Chain:
-    """What one phase's trials hand on. A running node's trial that recovered leaves its node
-    ready, and the next trial's cut falls in that QEMU: a node goes through cut after cut as a
-    node in the field would, and a trial boots once, not twice. A trial that did not recover
-    ends the chain; the next one starts from the node disk again. WORK: the phase's folder."""
+    """What the trials of one phase share. An update or first-boot trial that recovered leaves
+    its node ready, and the next trial's cut falls in that QEMU: one node goes through cut
+    after cut, as a node in the field would, and a trial boots once, not twice. A trial that
+    did not recover ends the chain; the next starts from the node disk again. WORK: the
+    phase's folder."""
 
     work: Path
     lab: PxeLab | None = None  # the release server, for the phase's whole run
@@ -166,8 +167,8 @@ def trial_install(site: Site, chain: Chain, rng: random.Random, length: float) -
 
 
 def _node(site: Site, chain: Chain) -> Machine:
-    """The chain's node, ready and on the server's link: as the last trial left it, or its
-    node disk booted anew, its /var and a slot's volume marked."""
+    """The chain's node, ready: as the last trial left it, or the node disk booted anew, its
+    /var and a slot's volume marked."""
     if chain.m is not None and chain.m.running():
         return chain.m
     assert chain.lab is not None
