@@ -167,17 +167,17 @@ def trial_install(site: Site, chain: Chain, rng: random.Random, length: float) -
 
 
 def _node(site: Site, chain: Chain) -> Machine:
-    """The chain's node, ready: as the last trial left it, or the node disk booted anew, its
-    /var and a slot's volume marked."""
-    if chain.m is not None and chain.m.running():
-        return chain.m
-    assert chain.lab is not None
-    chain.disk = overlay(site.node_disk, Path(tempfile.mkdtemp(prefix="node-", dir=chain.work)) / "node.qcow2")
-    m = chain.m = site.machine(chain.disk, "boot", chain.lab)
-    m.start()
-    site.ready(m)
-    m.succeed(MARK)
-    return m
+    """The chain's node, ready and on the lab's link: as the last trial left it, or the node
+    disk booted anew, its /var and a slot's volume marked."""
+    if chain.m is None or not chain.m.running():
+        assert chain.lab is not None
+        chain.disk = overlay(site.node_disk, Path(tempfile.mkdtemp(prefix="node-", dir=chain.work)) / "node.qcow2")
+        chain.m = site.machine(chain.disk, "boot", chain.lab)
+        chain.m.start()
+        site.ready(chain.m)
+        chain.m.succeed(MARK)
+    chain.m.succeed(JOIN_NODE)  # after every boot: the address does not outlive one
+    return chain.m
 
 
 def _cut_running_node(site: Site, chain: Chain, rng: random.Random, length: float, phase: str,
@@ -185,10 +185,9 @@ def _cut_running_node(site: Site, chain: Chain, rng: random.Random, length: floa
     """The chain's node, ready: PREPARE run to its end, then COMMAND left running and the power
     cut at a random moment; then the node boots, and must be ready on a good copy."""
     cut = rng.uniform(0, length)
-    m = _node(site, chain)
-    cut_in = str(m.console_log)
     try:
-        m.succeed(JOIN_NODE)
+        m = _node(site, chain)
+        cut_in = str(m.console_log)
         if prepare:
             m.succeed(prepare, timeout=900)
         start = m.console_log.stat().st_size
@@ -237,7 +236,6 @@ def measure_install(site: Site, chain: Chain) -> float:
 def measure_update(site: Site, chain: Chain) -> float:
     """`cbios update`, from the command to its end."""
     m = _node(site, chain)
-    m.succeed(JOIN_NODE)
     start = time.monotonic()
     m.succeed(UPDATE, timeout=900)
     return time.monotonic() - start
@@ -247,7 +245,6 @@ def measure_first_boot(site: Site, chain: Chain) -> float:
     """A new copy's first boot: `systemctl reboot` to its commit. The node's QEMU is then
     let go (its shell does not outlive the reboot), so the first trial boots the disk again."""
     m = _node(site, chain)
-    m.succeed(JOIN_NODE)
     m.succeed(UPDATE, timeout=900)
     offset = m.console_log.stat().st_size
     start = time.monotonic()
