@@ -9,7 +9,7 @@ import logging
 import subprocess
 from typing import Any
 
-from cbios.node import manager, slotdefs, wire
+from cbios.node import slotdefs, wire
 
 log = logging.getLogger("cbios")
 EXECUTOR_WAIT = 60
@@ -28,6 +28,8 @@ def up(config: dict[str, Any] | None = None) -> int:
     if not wire.wait_for(slotdefs.EXECUTOR_SOCKET, EXECUTOR_WAIT):
         log.error("cbios: CB-Executor does not answer on %s", slotdefs.EXECUTOR_SOCKET)
         return 1
+    from cbios.node import manager  # not before it is needed: a node booted from an image alone has no slots
+
     catalogue = slotdefs.catalogue()
     ex = manager.executor_client
     try:
@@ -48,6 +50,8 @@ def up(config: dict[str, Any] | None = None) -> int:
 
 def down() -> int:
     """Every running slot, CB-Manager last, each with its bound."""
+    from cbios.node import manager
+
     ex = manager.executor_client
     status = 0
     try:

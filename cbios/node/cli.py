@@ -10,7 +10,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from cbios.node import bootenv, bootstrap, scrub, slotdefs, status, update, wire
+from cbios.node import bootenv, scrub, slotdefs, status, wire
+
+# update (HTTP, TLS, tar) and bootstrap (CB-Manager's client) are imported by the commands
+# that use them: the health gate's `commit` and cbios-slots' `slots-up` run at every boot,
+# and a cold import of those modules cost seconds of it under TCG.
 
 UPDATE_TIMEOUT = 1800 + 60  # through CB-Manager, which gives CB-Executor 1800 s for it
 
@@ -49,6 +53,8 @@ def cmd_commit(args: argparse.Namespace) -> int:
 
 def cmd_update(args: argparse.Namespace) -> int:
     """New firmware into the copy that is not running; reboot into it unless --no-reboot."""
+    from cbios.node import update
+
     if args.through_manager:
         if args.force:
             print("cbios: update: --force is for the node's own console, not --through-manager", file=sys.stderr)
@@ -57,8 +63,12 @@ def cmd_update(args: argparse.Namespace) -> int:
             "source": args.source, "allow_downgrade": args.allow_downgrade, "reboot": not args.no_reboot},
             timeout=UPDATE_TIMEOUT)
     else:
-        result = update.update(update.node_here(), args.source, allow_downgrade=args.allow_downgrade,
-                               force=args.force, say=lambda line: print(f"cbios: {line}", flush=True))
+        try:
+            result = update.update(update.node_here(), args.source, allow_downgrade=args.allow_downgrade,
+                                   force=args.force, say=lambda line: print(f"cbios: {line}", flush=True))
+        except update.UpdateError as e:
+            print(f"cbios: update: {e}", file=sys.stderr)
+            return 2
     if args.json:
         print(json.dumps(result, indent=2))
     if not args.no_reboot and not args.through_manager:
@@ -153,6 +163,18 @@ def cmd_bootenv(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_slots_up(args: argparse.Namespace) -> int:
+    from cbios.node import bootstrap
+
+    return bootstrap.up()
+
+
+def cmd_slots_down(args: argparse.Namespace) -> int:
+    from cbios.node import bootstrap
+
+    return bootstrap.down()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     p = argparse.ArgumentParser(prog="cbios", description=__doc__)
@@ -187,17 +209,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     b = sub.add_parser("bootenv", help="show, or set with KEY=VALUE (empty VALUE unsets), the boot state")
     b.add_argument("set", nargs="*", metavar="KEY=VALUE")
     b.set_defaults(func=cmd_bootenv)
-    sub.add_parser("slots-up", help="start CB-Manager (cbios-slots.service)").set_defaults(
-        func=lambda _: bootstrap.up())
+    sub.add_parser("slots-up", help="start CB-Manager (cbios-slots.service)").set_defaults(func=cmd_slots_up)
     sub.add_parser("slots-down", help="stop every slot, CB-Manager last (cbios-slots.service)").set_defaults(
-        func=lambda _: bootstrap.down())
+        func=cmd_slots_down)
     args = p.parse_args(argv)
     try:
         status_code: int = args.func(args)
         return status_code
-    except update.UpdateError as e:
-        print(f"cbios: update: {e}", file=sys.stderr)
-        return 2
     except wire.RemoteError as e:
         print(f"cbios: {e}", file=sys.stderr)
         return 2 if e.code == "invalid" else 1
