@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import py_compile
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 from cbios.errors import StepError
@@ -26,6 +28,7 @@ from cbios.run import complete_step, run
 # 128 KiB blocks, 46 s with 1 MiB, on this machine) for 6% less size.
 SQUASHFS = ["-comp", "xz", "-b", "128K"]
 FACTORY_VAR = "usr/share/factory/var"
+PYTHON_LIB = "usr/lib/python3*"  # the standard library (python3.X) and Debian's modules (python3)
 TMPFILES = "usr/lib/tmpfiles.d/cbios-factory-var.conf"
 # What in /var describes the firmware rather than the node: linked to the running copy's own,
 # not copied (a copy made by an older firmware would outlive its update, and dpkg's 1000
@@ -42,11 +45,33 @@ def finish_tree(tree: Path, profile: Profile, vmlinuz: Path, initrd: Path) -> No
     shutil.copy2(initrd, boot / "initrd.img")
     _var_to_factory(tree)
     _authorized_keys(tree, profile)
+    unchecked_bytecode(tree)
     # Empty, not "uninitialized": a read-only root would otherwise be a first boot every time
     # (systemd then applies every unit preset, 11 s under TCG). The machine ID is made anew
     # at each boot either way.
     (tree / "etc/machine-id").unlink(missing_ok=True)
     (tree / "etc/machine-id").write_text("")
+
+
+def unchecked_bytecode(tree: Path) -> int:
+    """Compile again, with unchecked hashes, every module of the tree's Python that Debian
+    compiled; return how many. Its bytecode has checked hashes (py_compile's default when
+    SOURCE_DATE_EPOCH is set, as in this build), so each import read the module's source as
+    well, to hash it: cold
+    reads of the squashfs at every boot, for a source that cannot change under its bytecode
+    on a read-only root. Bytecode of another Python than this one is left as it is."""
+    compiled = sorted(tree.glob(f"{PYTHON_LIB}/**/__pycache__/*.{sys.implementation.cache_tag}.pyc"))
+    if not compiled:
+        return 0
+    count = 0
+    with complete_step(f"Compiling {len(compiled)} Python modules again, with unchecked hashes"):
+        for pyc in compiled:
+            source = pyc.parent.parent / f"{pyc.name.split('.', 1)[0]}.py"
+            if source.is_file():  # else orphaned bytecode, which nothing imports
+                py_compile.compile(str(source), cfile=str(pyc), dfile=f"/{source.relative_to(tree)}", doraise=True,
+                                   invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+                count += 1
+    return count
 
 
 def _var_to_factory(tree: Path) -> None:

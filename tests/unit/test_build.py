@@ -73,6 +73,32 @@ def test_var_moves_to_factory_with_tmpfiles_lines_that_refill_it(tmp_path: Path)
     assert "d /var/tmp 1777 root root -" in lines
 
 
+def test_debian_bytecode_is_compiled_again_with_unchecked_hashes(tmp_path: Path) -> None:
+    import importlib.util
+    import marshal
+    import py_compile
+    import sys
+
+    tree = tmp_path / "root"
+    lib = tree / "usr/lib/python3.11/json"
+    lib.mkdir(parents=True)
+    (lib / "__init__.py").write_text("X = 1\n")
+    py_compile.compile(str(lib / "__init__.py"), dfile="/usr/lib/python3.11/json/__init__.py",
+                       invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)
+    (lib / "notcompiled.py").write_text("Y = 2\n")
+    orphan = lib / "__pycache__" / f"gone.{sys.implementation.cache_tag}.pyc"
+    orphan.write_bytes(b"old")
+    pyc = Path(importlib.util.cache_from_source(str(lib / "__init__.py")))
+    assert int.from_bytes(pyc.read_bytes()[4:8], "little") == 0b11  # hash-based, checked
+
+    assert image.unchecked_bytecode(tree) == 1
+    assert int.from_bytes(pyc.read_bytes()[4:8], "little") == 0b01  # hash-based, not checked
+    assert not (lib / "__pycache__" / f"notcompiled.{sys.implementation.cache_tag}.pyc").exists()
+    assert orphan.read_bytes() == b"old"
+    code = marshal.loads(pyc.read_bytes()[16:])  # the node's path, as tracebacks show it
+    assert code.co_filename == "/usr/lib/python3.11/json/__init__.py"
+
+
 def _cpio(tree: Path, when: int) -> bytes:
     for path in tree.rglob("*"):
         os.utime(path, (when, when), follow_symlinks=False)
