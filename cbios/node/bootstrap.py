@@ -6,10 +6,9 @@ CB-Executor, exactly as CB-Manager makes the other slots; once it answers, it st
 from __future__ import annotations
 
 import logging
-import subprocess
 from typing import Any
 
-from cbios.node import slotdefs, wire
+from cbios.node import bootenv, slotdefs, wire
 
 log = logging.getLogger("cbios")
 EXECUTOR_WAIT = 60
@@ -22,13 +21,13 @@ def up(config: dict[str, Any] | None = None) -> int:
     if entry is None:
         log.info("cbios: no CB-Manager in this firmware: no slots")
         return 0
-    if subprocess.run(["vgs", config["vg"]], capture_output=True, check=False).returncode != 0:
-        log.info("cbios: no volume group %s (booted from an image alone): no slots", config["vg"])
+    if bootenv.running_copy() is None:
+        log.info("cbios: not booted from a node disk (an image alone): no slots")
         return 0
     if not wire.wait_for(slotdefs.EXECUTOR_SOCKET, EXECUTOR_WAIT):
         log.error("cbios: CB-Executor does not answer on %s", slotdefs.EXECUTOR_SOCKET)
         return 1
-    from cbios.node import manager  # not before it is needed: a node booted from an image alone has no slots
+    from cbios.node import manager  # here: a node booted from an image alone does not need it
 
     catalogue = slotdefs.catalogue()
     ex = manager.executor_client
