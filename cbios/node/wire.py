@@ -101,12 +101,16 @@ def read_line(sock: socket.socket, timeout: float | None = None) -> bytes | None
     return data
 
 
+SD_LISTEN_FDS_START = 3
+
+
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
 
 
 def serve(path: Path, handler: Handler, *, mode: int = 0o600, ready: Callable[[], None] | None = None) -> None:
-    """Answer requests on PATH (replaced if stale) until the process ends."""
+    """Answer requests on PATH (replaced if stale), or on the socket systemd made for it, until
+    the process ends."""
 
     class _Request(socketserver.BaseRequestHandler):
         def handle(self) -> None:
@@ -125,13 +129,28 @@ def serve(path: Path, handler: Handler, *, mode: int = 0o600, ready: Callable[[]
             except OSError:
                 pass
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.unlink(missing_ok=True)
-    with _Server(str(path), _Request) as server:
-        os.chmod(path, mode)
+    listening = listen_fd()
+    if listening is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+    with _Server(str(path), _Request, bind_and_activate=listening is None) as server:
+        if listening is None:
+            os.chmod(path, mode)
+        else:  # systemd made the socket (its .socket unit) and has been queueing callers on it
+            server.socket.close()
+            server.socket = socket.socket(fileno=listening)
         if ready:
             ready()
         server.serve_forever()
+
+
+def listen_fd() -> int | None:
+    """The socket systemd passed this process (socket activation, sd_listen_fds), if any."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()) or os.environ.get("LISTEN_FDS") != "1":
+        return None
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)  # not for the programs this one runs
+    return SD_LISTEN_FDS_START
 
 
 def call(path: Path, op: str, args: dict[str, Any] | None = None, *, timeout: float = 120.0) -> Any:

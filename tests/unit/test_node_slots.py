@@ -109,6 +109,35 @@ def test_the_wire_round_trip_over_a_real_socket(tmp_path: Path, monkeypatch: pyt
         assert s.recv(100) == b""
 
 
+def test_cb_executor_takes_the_socket_systemd_made_for_it(tmp_path: Path) -> None:
+    """Socket activation, with systemd's own tool: a caller waits on the socket until
+    CB-Executor has started, and the daemon makes no socket of its own."""
+    import os
+    import subprocess
+    import sys
+
+    listening, own = tmp_path / "activated.sock", tmp_path / "own.sock"
+    server = ("import sys; from pathlib import Path; from cbios.node import wire; "
+              "wire.serve(Path(sys.argv[1]), lambda op, args: {'op': op, 'env': sorted(k for k in "
+              "__import__('os').environ if k.startswith('LISTEN_'))})")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    proc = subprocess.Popen(["systemd-socket-activate", "-l", str(listening), sys.executable, "-c", server, str(own)],
+                            env=env, stderr=subprocess.PIPE)
+    try:
+        assert wire.wait_for(listening, 10), proc.stderr
+        # The daemon's children do not see the socket as theirs.
+        assert wire.call(listening, "container.list") == {"op": "container.list", "env": []}
+        assert not own.exists()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_cb_executor_socket_unit_listens_where_the_node_calls() -> None:
+    unit = Path(__file__).resolve().parents[2] / "overlays/base/usr/lib/systemd/system/cbios-executor.socket"
+    assert f"ListenStream={slotdefs.EXECUTOR_SOCKET}\n" in unit.read_text()
+
+
 # -- the LXC configuration ---------------------------------------------------------------
 
 def definition(**kw: Any) -> lxcconf.Definition:
