@@ -159,13 +159,14 @@ def _exit_on_failure(status: int) -> None:
 
 @task(help={"profile": "profile to measure", "cold": "also measure a build from empty caches",
             "power_cuts": "also cut the power N times in each phase (install, update, first boot) and count "
-                          "the recoveries (about 3 minutes a trial under TCG)"})
-def bench(c: Context, profile: str = "qemu-test", cold: bool = False, power_cuts: int = 0) -> None:
+                          "the recoveries (about 3 minutes a trial under TCG)",
+            "boots": "boots to ready of CBIOS and of the stock baseline, in turn (medians; default 3)"})
+def bench(c: Context, profile: str = "qemu-test", cold: bool = False, power_cuts: int = 0, boots: int = 3) -> None:
     """Measure build times, artifact sizes, boot time to ready (and against a stock Debian root),
     PXE install time; write build/PROFILE/bench.json."""
     from cbios.bench import run_bench
 
-    _reported(lambda: run_bench(profile, cold=cold, power_cuts=power_cuts))
+    _reported(lambda: run_bench(profile, cold=cold, power_cuts=power_cuts, boots=boots))
 
 
 @task(iterable=["phase"],
