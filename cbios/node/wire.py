@@ -146,10 +146,14 @@ def serve(path: Path, handler: Handler, *, mode: int = 0o600, ready: Callable[[]
 
 def listen_fd() -> int | None:
     """The socket systemd passed this process (socket activation, sd_listen_fds), if any."""
-    if os.environ.get("LISTEN_PID") != str(os.getpid()) or os.environ.get("LISTEN_FDS") != "1":
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
         return None
+    count = os.environ.get("LISTEN_FDS")
     for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         os.environ.pop(name, None)  # not for the programs this one runs
+    if count != "1":  # binding the path instead would take it from the socket unit's callers
+        raise OSError(f"systemd passed {count} sockets: one is served")
+    os.set_inheritable(SD_LISTEN_FDS_START, False)  # nor is the socket
     return SD_LISTEN_FDS_START
 
 

@@ -117,16 +117,16 @@ def test_cb_executor_takes_the_socket_systemd_made_for_it(tmp_path: Path) -> Non
     import sys
 
     listening, own = tmp_path / "activated.sock", tmp_path / "own.sock"
-    server = ("import sys; from pathlib import Path; from cbios.node import wire; "
-              "wire.serve(Path(sys.argv[1]), lambda op, args: {'op': op, 'env': sorted(k for k in "
-              "__import__('os').environ if k.startswith('LISTEN_'))})")
+    server = ("import os, sys; from pathlib import Path; from cbios.node import wire; "
+              "wire.serve(Path(sys.argv[1]), lambda op, args: {'op': op, 'inherited': os.get_inheritable(3), "
+              "'env': sorted(k for k in os.environ if k.startswith('LISTEN_'))})")
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     proc = subprocess.Popen(["systemd-socket-activate", "-l", str(listening), sys.executable, "-c", server, str(own)],
                             env=env, stderr=subprocess.PIPE)
     try:
         assert wire.wait_for(listening, 10), proc.stderr
-        # The daemon's children do not see the socket as theirs.
-        assert wire.call(listening, "container.list") == {"op": "container.list", "env": []}
+        # The daemon's children neither see the socket as theirs nor inherit it.
+        assert wire.call(listening, "container.list") == {"op": "container.list", "inherited": False, "env": []}
         assert not own.exists()
     finally:
         proc.terminate()
