@@ -29,6 +29,7 @@ log = logging.getLogger("cbios")
 CONSOLE_TAIL = 25
 SHELL_CONNECT_TIMEOUT = 10.0
 MARK = "__CBIOS__"
+POWER_BUTTON_REPEAT = 15.0
 
 
 class VmError(CbiosError):
@@ -121,13 +122,22 @@ class Machine:
         return time.monotonic() - self.started_at
 
     def shutdown(self, timeout: float = 120) -> None:
-        """ACPI power-off, and wait (bounded) for QEMU to exit."""
-        if not self.running():
-            return
-        self._qmp("system_powerdown")
-        if not self.wait_exit(timeout):
-            self.kill()
-            raise self.error(f"did not power off within {timeout:.0f} s")
+        """ACPI power-off, and wait (bounded) for QEMU to exit. The button is pressed again
+        every POWER_BUTTON_REPEAT seconds: a press before the guest has loaded its ACPI button
+        driver (udev loads it, late in a fast boot under TCG) is lost."""
+        deadline = time.monotonic() + timeout
+        while self.running():
+            try:
+                self._qmp("system_powerdown")
+            except OSError:
+                if not self.running():
+                    break  # it went off between the check and the press
+                raise
+            if self.wait_exit(max(0.0, min(POWER_BUTTON_REPEAT, deadline - time.monotonic()))):
+                break
+            if time.monotonic() >= deadline:
+                self.kill()
+                raise self.error(f"did not power off within {timeout:.0f} s")
 
     def wait_exit(self, timeout: float) -> bool:
         assert self.proc is not None

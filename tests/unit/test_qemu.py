@@ -112,3 +112,33 @@ def test_machine_reads_its_console_from_a_point_and_waits_for_a_line(fake_qemu: 
         m.wait_console("committed copy", 10, offset)
         with pytest.raises(VmError, match="no 'console line 5' on the console within 1 s"):
             m.wait_console("console line 5", 1, offset)  # printed, but before OFFSET
+
+
+def test_shutdown_presses_the_power_button_again_until_the_guest_goes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A guest that missed the first press (its ACPI button driver not yet loaded) goes off
+    at a later one; one that never goes is killed at the bound, with its console shown."""
+    import subprocess
+
+    monkeypatch.setattr(machine, "POWER_BUTTON_REPEAT", 0.2)
+    presses: list[str] = []
+
+    def booted(goes_off_at: int | None) -> Machine:
+        m = Machine(spec(), tmp_path / "logs", name="fake")
+        m.proc = subprocess.Popen(["sleep", "60"])
+
+        def press(command: str) -> None:
+            presses.append(command)
+            if len(presses) == goes_off_at:
+                assert m.proc is not None
+                m.proc.terminate()
+        monkeypatch.setattr(m, "_qmp", press)
+        return m
+
+    booted(goes_off_at=3).shutdown(timeout=30)
+    assert presses == ["system_powerdown"] * 3
+    presses.clear()
+    m = booted(goes_off_at=None)
+    with pytest.raises(VmError, match="did not power off within 1 s"):
+        m.shutdown(timeout=1)
+    assert not m.running() and len(presses) >= 4
