@@ -57,9 +57,9 @@ def unchecked_bytecode(tree: Path) -> int:
     """Compile again, with unchecked hashes, every module of the tree's Python that Debian
     compiled; return how many. Its bytecode has checked hashes (py_compile's default when
     SOURCE_DATE_EPOCH is set, as in this build), so each import read the module's source as
-    well, to hash it: cold
-    reads of the squashfs at every boot, for a source that cannot change under its bytecode
-    on a read-only root. Bytecode of another Python than this one is left as it is."""
+    well, to hash it: cold reads of the squashfs at every boot, for a source that cannot
+    change under its bytecode on a read-only root. Bytecode of another Python than this one
+    is left as it is."""
     compiled = sorted(tree.glob(f"{PYTHON_LIB}/**/__pycache__/*.{sys.implementation.cache_tag}.pyc"))
     if not compiled:
         return 0

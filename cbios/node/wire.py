@@ -129,16 +129,17 @@ def serve(path: Path, handler: Handler, *, mode: int = 0o600, ready: Callable[[]
             except OSError:
                 pass
 
-    listening = listen_fd()
-    if listening is None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.unlink(missing_ok=True)
-    with _Server(str(path), _Request, bind_and_activate=listening is None) as server:
-        if listening is None:
-            os.chmod(path, mode)
-        else:  # systemd made the socket (its .socket unit) and has been queueing callers on it
+    with _Server(str(path), _Request, bind_and_activate=False) as server:
+        if (listening := listen_fd()) is not None:
+            # systemd made the socket (its .socket unit) and has been queueing callers on it
             server.socket.close()
             server.socket = socket.socket(fileno=listening)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.unlink(missing_ok=True)
+            server.server_bind()
+            server.server_activate()
+            os.chmod(path, mode)
         if ready:
             ready()
         server.serve_forever()
