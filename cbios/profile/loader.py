@@ -10,6 +10,7 @@ import hashlib
 import json
 import types
 import typing
+from pathlib import Path
 from typing import Any
 
 import pydantic
@@ -34,12 +35,23 @@ def available(project: Project) -> list[str]:
     return sorted(p.stem for p in project.profiles.glob("*.yaml"))
 
 
-def load_profile(project: Project, name: str) -> Profile:
-    """Resolve and validate profile NAME; raise ProfileError listing every problem."""
+def profile_file(project: Project, name: str) -> Path:
+    """profiles/NAME.yaml; ProfileError if it is not there, or leads out of profiles/ (a
+    symbolic link, or a NAME with a '/'): nothing outside the project's profiles is read."""
     path = project.profiles / f"{name}.yaml"
     if not path.is_file():
         known = ", ".join(available(project)) or "none"
         raise ProfileError([f"{project.display(path)}: no such profile '{name}' (known: {known})"])
+    if not path.resolve().is_relative_to(project.profiles.resolve()) or "/" in name:
+        where = project.display(project.profiles)
+        raise ProfileError([f"{where}/{name}.yaml: leads out of {where}/ (a profile is a file there, "
+                            "not a link elsewhere)"])
+    return path
+
+
+def load_profile(project: Project, name: str) -> Profile:
+    """Resolve and validate profile NAME; raise ProfileError listing every problem."""
+    path = profile_file(project, name)
     try:
         data, origins = _resolve(project, name, [], None)
     except YamlError as e:
@@ -82,6 +94,10 @@ def semantic_problems(project: Project, profile: Profile) -> list[tuple[KeyPath,
     for i, nic in enumerate(nics):
         if nic in nics[:i]:
             out.append((("network", "nics", i, "name"), f"NIC '{nic}' is declared twice"))
+    macs = [n.mac for n in profile.network.nics]
+    for i, mac in enumerate(macs):
+        if mac in macs[:i]:
+            out.append((("network", "nics", i, "mac"), f"{mac} is already nics[{macs.index(mac)}]'s"))
     for i, user in enumerate(profile.users):
         if user.password_hash is not None and user.name != "root":
             out.append((("users", i, "password_hash"), "a password can be set for root only"))
@@ -152,7 +168,7 @@ def _slot_problems(project: Project, profile: Profile) -> list[tuple[KeyPath, st
 
 def _resolve(project: Project, name: str, chain: list[str],
              referrer: tuple[str, int] | None) -> tuple[dict[str, Any], dict[KeyPath, Origin]]:
-    path = project.profiles / f"{name}.yaml"
+    path = profile_file(project, name)
     doc = load_yaml(path, project.display(path))
     if not isinstance(doc.data, dict):
         raise _Problems([f"{doc.file}:1: (top level): a profile is a mapping of keys"])
@@ -165,7 +181,7 @@ def _resolve(project: Project, name: str, chain: list[str],
     if parent in chain or parent == name:
         cycle = " -> ".join([*chain, name, parent])
         raise _Problems([f"{doc.file}:{line}: extends: cycle of extends: {cycle}"])
-    if not (project.profiles / f"{parent}.yaml").is_file():
+    if "/" not in parent and not (project.profiles / f"{parent}.yaml").is_file():
         known = available(project)
         raise _Problems([f"{doc.file}:{line}: extends: no profile '{parent}'{_suggest(parent, known)}"])
     base, origins = _resolve(project, parent, [*chain, name], (doc.file, line))

@@ -128,6 +128,11 @@ BAD = [
     ("nic-twice", 'extends: base\nnetwork:\n  nics:\n    - {name: ctl, mac: "52:54:00:00:00:01"}\n'
      '    - {name: ctl, mac: "52:54:00:00:00:02"}\n',
      "profiles/nic-twice.yaml:5: network.nics[1].name: NIC 'ctl' is declared twice"),
+    ("mac-twice", 'extends: base\nnetwork:\n  nics:\n    - {name: ctl, mac: "52:54:00:00:00:01"}\n'
+     '    - {name: mgt, mac: "52:54:00:00:00:01"}\n',
+     "profiles/mac-twice.yaml:5: network.nics[1].mac: 52:54:00:00:00:01 is already nics[0]'s"),
+    ("key-mapping", 'extends: base\n? {a: 1}\n: x\n',
+     "profiles/key-mapping.yaml:2: (top level): a key is not a string"),
     ("no-key", 'extends: base\nupdate:\n  signing_key: keys/none.pem\n',
      "profiles/no-key.yaml:3: update.signing_key: no such file: keys/none.pem (from .)"),
     ("cluster-no-key", f'extends: base\n{MANAGER_ON_NET}cluster:\n  nodes:\n{PEER_NODE}',
@@ -192,6 +197,51 @@ def _cli(tmp_project: Project, *argv: str) -> subprocess.CompletedProcess[str]:
            "CBIOS_BUILD_DIR": str(tmp_project.root / "build")}
     return subprocess.run([sys.executable, "-m", "cbios.cli", *argv], capture_output=True, text=True,
                           env=env, cwd=tmp_project.root, check=False)
+
+
+# Bytes YAML refuses, and aliases that expand without bound: one line, before any work.
+LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi", strict=True))
+BAD_BYTES = [
+    ("nul", b'extends: base\nversion: "1\x00"\n', "profiles/nul.yaml:2: a NUL byte: a profile is UTF-8 text"),
+    ("latin1", b'extends: base\n\nnode:\n  hostname: caf\xe9\n',
+     "profiles/latin1.yaml:4: byte 0xe9 is not UTF-8: a profile is UTF-8 text"),
+    ("control", b'extends: base\nversion: "1\x07"\n',
+     "profiles/control.yaml:2: character U+0007 is not allowed in YAML"),
+    ("laughs", f"extends: base\n{LAUGHS}".encode(),
+     "profiles/laughs.yaml:5: d[0]: aliases expand to more than 1000 nodes"),
+]
+
+
+@pytest.mark.parametrize(("name", "raw", "expected"), BAD_BYTES, ids=[b[0] for b in BAD_BYTES])
+def test_profile_yaml_refuses_gives_one_line(tmp_project: Project, name: str, raw: bytes, expected: str) -> None:
+    (tmp_project.profiles / f"{name}.yaml").write_bytes(raw)
+    proc = _cli(tmp_project, "profile", "show", name)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [expected]
+
+
+def test_a_few_aliases_are_a_profile(tmp_project: Project, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_project.root)
+    (tmp_project.profiles / "anchored.yaml").write_text(
+        "extends: base\npackages: &p [vim, less]\nkernel: {cmdline: *p}\n")
+    assert "less" in load_profile(tmp_project, "anchored").kernel.cmdline
+
+
+@pytest.mark.parametrize("target", ["outside.yaml", "../outside.yaml"])
+def test_profile_leading_out_of_profiles_is_not_read(tmp_project: Project, target: str) -> None:
+    secret = tmp_project.root / "outside.yaml"
+    secret.write_text("root-password: hunter2\n")
+    (tmp_project.profiles / "link.yaml").symlink_to(target if target.startswith("..") else secret)
+    for argv in (("profile", "show", "link"), ("build", "link")):
+        proc = _cli(tmp_project, *argv)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.splitlines() == ["profiles/link.yaml: leads out of profiles/ (a profile is a file there, "
+                                            "not a link elsewhere)"]
+        assert "hunter2" not in proc.stderr + proc.stdout
+    (tmp_project.profiles / "child.yaml").write_text("extends: link\n")
+    proc = _cli(tmp_project, "profile", "show", "child")
+    assert proc.returncode == 2 and "leads out of profiles/" in proc.stderr and "hunter2" not in proc.stderr
 
 
 def _snapshot(path: Path) -> list[tuple[str, int, float]]:
