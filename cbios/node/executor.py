@@ -8,10 +8,12 @@ done, and logged to the journal."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -165,7 +167,10 @@ class Executor:
 
     def op_volume_put(self, volume: str, path: str, content: str) -> None:
         """Write one file inside a volume. Every directory on the way is opened without
-        following symbolic links, so a link planted in the volume cannot lead out of it."""
+        following symbolic links, so a link planted in the volume cannot lead out of it; what
+        is already at PATH must be a regular file (a FIFO planted there would block the
+        write, and with it every request after it). The file is replaced whole: a new one,
+        written and synced, renamed over it."""
         self._need(volume)
         self._stopped(int(volume[4]), f"writing into {volume}")
         with self._mounted(volume) as root:
@@ -183,14 +188,7 @@ class Executor:
                         raise Invalid(f"{volume}: {path}: '{part}' is not a directory of the volume") from None
                     os.close(fd)
                     fd = nfd
-                try:
-                    out = os.open(parts[-1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644, dir_fd=fd)
-                except OSError:
-                    raise Invalid(f"{volume}: {path}: not a plain file of the volume") from None
-                with os.fdopen(out, "w") as f:
-                    f.write(content)
-                    f.flush()
-                    os.fsync(f.fileno())
+                _replace(fd, parts[-1], content.encode(), f"{volume}: {path}")
             finally:
                 os.close(fd)
 
@@ -207,6 +205,10 @@ class Executor:
     def op_container_define(self, eid: int, template: str, volumes: list[int], hostname: str | None = None,
                             address: str | None = None) -> None:
         tpl = self._template(template)
+        if (template == slotdefs.MANAGER_TEMPLATE) != (eid == slotdefs.MANAGER_EID):
+            # CB-Manager's container holds this executor's socket: one, at its own place.
+            manager, place = slotdefs.MANAGER_TEMPLATE, slotdefs.MANAGER_EID
+            raise Invalid(f"slot {place} is {manager}, and {manager} only slot {place} (asked: {template} at {eid})")
         self._stopped(eid, "redefining it")
         for iid in volumes:
             self._need(slotdefs.volume_name(eid, iid))
@@ -347,6 +349,31 @@ class Executor:
 
 def _console_log(eid: int) -> str:
     return f"{lxcconf.LOG_DIR}/{slotdefs.container_name(eid)}.console.log"
+
+
+def _replace(dir_fd: int, name: str, data: bytes, where: str) -> None:
+    """NAME in the directory DIR_FD holds DATA: refused (Invalid) unless NAME is absent or a
+    regular file; written to a new file, synced, and renamed over NAME, never opening it."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISREG(st.st_mode):
+            raise Invalid(f"{where}: not a plain file of the volume")
+    temp = f".{name}.cbios-new"
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp, dir_fd=dir_fd)
+        out = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=dir_fd)
+    except OSError:
+        raise Invalid(f"{where}: cannot write beside it ({temp})") from None
+    with os.fdopen(out, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    os.fsync(dir_fd)
 
 
 def _write_files(cdir: Path, files: dict[str, str]) -> None:

@@ -105,9 +105,9 @@ def copy_boot(disk: Path, dest: Path) -> str:
     """boot/{vmlinuz,initrd.img,cmdline} of the mounted system disk DISK into DEST; the
     command line. The guest writes that disk: nothing is followed out of it (a symbolic
     link is refused), only regular files of bounded size are read, the command line is
-    one line of printable ASCII."""
+    one line of printable ASCII. Opening never blocks (a FIFO planted there is refused)."""
     dest.mkdir(parents=True, exist_ok=True)
-    flags = os.O_RDONLY | os.O_NOFOLLOW
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
     try:
         root = os.open(disk, flags | os.O_DIRECTORY)
         try:

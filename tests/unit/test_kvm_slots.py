@@ -4,6 +4,7 @@ That the VM boots, answers and powers off is shown in tests/vm/test_slots.py."""
 
 from __future__ import annotations
 
+import os
 import re
 import struct
 from pathlib import Path
@@ -149,3 +150,11 @@ def test_the_guest_cannot_lead_the_executor_out_of_its_disk(tmp_path: Path) -> N
 def test_a_cmdline_that_is_not_one_printable_line_is_refused(tmp_path: Path) -> None:
     with pytest.raises(Failed, match="printable ASCII"):
         kvm.copy_boot(_disk(tmp_path, b"console=ttyS0\ninit=/bin/sh\xff\n"), tmp_path / "run")
+
+
+def test_a_fifo_for_a_boot_file_is_refused_without_blocking(tmp_path: Path) -> None:
+    disk = _disk(tmp_path)
+    (disk / "boot" / "vmlinuz").unlink()
+    os.mkfifo(disk / "boot" / "vmlinuz")
+    with pytest.raises(Failed, match=r"boot/vmlinuz on its system disk is not a file"):
+        kvm.copy_boot(disk, tmp_path / "run")
