@@ -22,8 +22,9 @@ def tmp_project(tmp_path: Path) -> Project:
     for name in ("cb-manager", "dhcp", "dns_master"):
         template = tmp_path / "slot-templates" / name
         template.mkdir(parents=True)
+        dhcp = 'address: required\nparams: {range: {type: ipv4-range, default: ""}}\n'
         (template / "slot.yaml").write_text(f'type: lxc-service\nversion: "1.0"\ndescription: {name}\n'
-                                            + ('address: required\nparams: {range: ""}\n' if name == "dhcp" else ""))
+                                            + (dhcp if name == "dhcp" else ""))
         (template / "run").write_text("#!/bin/sh\n")
         (template / "health").write_text("true\n")
     (tmp_path / "profiles" / "base.yaml").write_text(

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from cbios.node import cluster, registry, slotdefs, wire
+from cbios.node import cluster, registry, slotdefs, slotparams, wire
 from cbios.node.wire import Failed, Invalid, RemoteError
 
 log = logging.getLogger("cbios")
@@ -62,6 +62,22 @@ def slot_env(entry: dict[str, Any], config: dict[str, Any]) -> str:
         **{f"SLOT_PARAM_{k.upper()}": v for k, v in sorted(entry.get("params", {}).items())},
     }
     return "".join(f"{k}={shlex.quote(v)}\n" for k, v in values.items())
+
+
+def _checked_params(template: str, declared: dict[str, dict[str, str]], given: dict[str, str]) -> dict[str, str]:
+    """The slot's parameters: the template's defaults, and GIVEN checked against the types it
+    declares (slotparams.py); Invalid naming the first one that is not."""
+    unknown = sorted(set(given) - set(declared))
+    if unknown:
+        raise Invalid(f"{template} has no parameter {', '.join(unknown)} (has: "
+                      f"{', '.join(sorted(declared)) or 'none'})")
+    values = {k: p["default"] for k, p in declared.items()}
+    for key, value in given.items():
+        try:
+            values[key] = slotparams.check(declared[key]["type"], declared[key]["default"], value)
+        except ValueError as e:
+            raise Invalid(f"--param {key}: '{value}' is not {e}") from None
+    return values
 
 
 def env_path(kind: str) -> str:
@@ -317,6 +333,8 @@ class Manager:
                    hostname: str | None = None, params: dict[str, str] | None = None,
                    autostart: bool = True, start: bool = True) -> dict[str, Any]:
         tpl = self._template(template)
+        if template == slotdefs.MANAGER_TEMPLATE:
+            raise Invalid(f"{template} is slot {slotdefs.MANAGER_EID} of the firmware, and there is one only")
         with self.lock:
             if object_id is None:
                 free = [e for e in range(1, 10) if e not in self.slots]
@@ -340,12 +358,9 @@ class Manager:
                     raise Invalid("--address: an IPv4 address with prefix, e.g. 10.0.249.52/24")
             if hostname is not None and not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", hostname):
                 raise Invalid(f"--hostname: '{hostname}' is not a host name")
-            unknown = sorted(set(params or {}) - set(tpl["params"]))
-            if unknown:
-                raise Invalid(f"{template} has no parameter {', '.join(unknown)} (has: "
-                              f"{', '.join(sorted(tpl['params'])) or 'none'})")
+            values = _checked_params(template, tpl["params"], params or {})
             entry = self.entry_for({"eid": eid, "template": template, "address": address, "hostname": hostname,
-                                 "autostart": autostart, "params": {**tpl["params"], **(params or {})},
+                                 "autostart": autostart, "params": values,
                                  "volumes": tpl["volumes"]})
             log.info("install %s as %s", template, entry["object_id"])
             self.provision(entry)

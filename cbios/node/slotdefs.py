@@ -22,6 +22,7 @@ MANAGER_SOCKET = Path("/run/cbios/manager/manager.sock")
 SECRETS = Path("/usr/lib/cbios/secrets")  # hidden from every slot but CB-Manager (lxcconf.py)
 CLUSTER_KEY = SECRETS / "cluster.key"
 MANAGER_EID = 0
+MANAGER_TEMPLATE = "cb-manager"  # slot 0, and only slot 0: it holds CB-Executor's socket
 VOLUME_NAME = re.compile(r"^slot([0-9])-([0-9])$")
 
 

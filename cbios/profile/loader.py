@@ -16,6 +16,7 @@ from typing import Any
 import pydantic
 
 from cbios.errors import ProfileError
+from cbios.node import slotparams
 from cbios.profile import template as slot_template
 from cbios.profile.model import Profile
 from cbios.profile.yamlload import KeyPath, Located, YamlError, format_path, load_yaml
@@ -154,10 +155,16 @@ def _slot_problems(project: Project, profile: Profile) -> list[tuple[KeyPath, st
             out.append((("slots", i, "volumes"), "a slot needs volume iid 0"))
         if template.address == "required" and slot.address is None:
             out.append((("slots", i), f"a {slot.template} slot needs an address"))
-        for key in slot.params:
+        for key, value in slot.params.items():
             if key not in template.params:
                 out.append((("slots", i, "params", key), f"{slot.template} has no parameter '{key}'"
                             f"{_suggest(key, sorted(template.params))}"))
+                continue
+            declared = template.params[key]
+            try:
+                slotparams.check(declared.type, declared.default, value)
+            except ValueError as e:
+                out.append((("slots", i, "params", key), f"'{value}' is not {e} ({declared.type})"))
     if profile.slots and slot_template.MANAGER_EID not in eids:
         out.append((("slots",), f"a node with slots needs CB-Manager: {{template: {slot_template.MANAGER}, "
                     f"eid: {slot_template.MANAGER_EID}}}"))

@@ -25,13 +25,13 @@ import pydantic
 from pydantic import Field
 
 from cbios.errors import ProfileError
-from cbios.node import slotdefs
+from cbios.node import slotdefs, slotparams
 from cbios.profile.model import Name, Profile, Size, SlotVolume, Strict, parse_size
 from cbios.profile.yamlload import YamlError, format_path, load_yaml
 from cbios.project import Project
 
 SLOT_TYPES = ("lxc-service", "lxc-system", "kvm-system")
-MANAGER = "cb-manager"
+MANAGER = slotdefs.MANAGER_TEMPLATE
 MANAGER_EID = slotdefs.MANAGER_EID
 # Where the node finds them (cbios/node/slotdefs.py), relative to the root being built.
 NODE_TEMPLATES = str(slotdefs.TEMPLATES).lstrip("/")
@@ -42,6 +42,20 @@ NODE_IMAGES = str(slotdefs.IMAGES).lstrip("/")
 class TemplateVolume(Strict):
     iid: Annotated[int, Field(ge=0, le=9)]
     size: Size
+
+
+class TemplateParam(Strict):
+    """A parameter: its type (cbios/node/slotparams.py) and its default."""
+
+    type: str = Field(json_schema_extra={"enum": list(slotparams.TYPES)})
+    default: str = Field(default="", description="empty: the template chooses")
+
+    @pydantic.model_validator(mode="after")
+    def _default_has_the_type(self) -> TemplateParam:
+        if self.type not in slotparams.TYPES:
+            raise ValueError(f"type '{self.type}' is none of {', '.join(slotparams.TYPES)}")
+        slotparams.check(self.type, self.default, self.default)
+        return self
 
 
 class VmSettings(Strict):
@@ -66,8 +80,11 @@ class SlotTemplate(Strict):
                                  "runs from the root it shares, what the node needs to run a kvm-system slot")
     volumes: list[TemplateVolume] = Field(default_factory=lambda: [TemplateVolume(iid=0, size="16M")])
     address: Literal["required", "optional"] = "optional"
-    params: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")], str] = Field(
-        default={}, description="parameters a profile may set, with their defaults")
+    params: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")], TemplateParam] = Field(
+        default={}, description="parameters a profile or `slot install` may set: their types and defaults")
+
+    def param_defaults(self) -> dict[str, str]:
+        return {k: p.default for k, p in self.params.items()}
     start_timeout: Annotated[int, Field(ge=1, le=600)] = 60
     stop_timeout: Annotated[int, Field(ge=1, le=300, description="s from the halt signal (the power button "
                                        "of a VM) to a kill")] = 30
@@ -149,7 +166,7 @@ def node_slots(profile: Profile, templates: dict[str, SlotTemplate]) -> dict[str
                 "hostname": s.hostname,
                 "autostart": s.autostart,
                 "volumes": slot_volumes(s.volumes, templates[s.template]),
-                "params": {**templates[s.template].params, **s.params},
+                "params": {**templates[s.template].param_defaults(), **s.params},
             }
             for s in sorted(profile.slots, key=lambda s: s.eid)
         ],

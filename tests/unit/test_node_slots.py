@@ -5,6 +5,7 @@ and the baked slots.json."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,48 @@ def test_good_requests_are_normalised() -> None:
                                                "address": "10.0.249.52/24"})
     assert args == {"eid": 2, "template": "dhcp", "volumes": [0, 1], "address": "10.0.249.52/24"}
     assert requests.check("volume.put", {"volume": "slot2-0", "path": "etc/cbios/slot.env", "content": "x"})
+
+
+def test_executor_keeps_slot_0_for_cb_manager_alone(tmp_path: Path) -> None:
+    from cbios.node.executor import Executor
+
+    ex = Executor({"vg": "lvm", "bridge": "br0", "node": {"object_id": NODE}},
+                  {"dhcp": {"type": "lxc-service"}, "cb-manager": {"type": "lxc-service"}}, templates=tmp_path)
+    for eid, template in ((3, "cb-manager"), (0, "dhcp")):
+        with pytest.raises(Invalid, match=rf"slot 0 is cb-manager, and cb-manager only slot 0 \(asked: {template}"):
+            ex.handle("container.define", {"eid": eid, "template": template, "volumes": [0]})
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(("kind", "default", "value", "expected"), [
+    ("ipv4-range", "", "10.0.0.100,10.0.0.200", "10.0.0.100,10.0.0.200"),
+    ("ipv4-range", "", "", ""),
+    ("ipv4-list", "10.0.0.1", "10.0.0.1,10.0.0.2", "10.0.0.1,10.0.0.2"),
+    ("ipv4-network", "", "10.0.249.0/24", "10.0.249.0/24"),
+    ("ipv4-network", "", "10.0.249.52", "10.0.249.52/32"),
+    ("port", "9100", "8080", "8080"),
+    ("domain", "", "cluster.local", "cluster.local"),
+])
+def test_slot_parameters_of_their_type_pass(kind: str, default: str, value: str, expected: str) -> None:
+    from cbios.node import slotparams
+    assert slotparams.check(kind, default, value) == expected
+
+
+@pytest.mark.parametrize(("kind", "default", "value"), [
+    ("ipv4-range", "", "10.0.0.200,10.0.0.100"),
+    ("ipv4-list", "10.0.0.1", "10.0.0.1 -a eth1"),
+    ("ipv4-list", "10.0.0.1", ""),
+    ("ipv4-network", "", "*"),
+    ("ipv4-network", "", "10.0.249.1/24"),
+    ("port", "9100", "0"),
+    ("port", "9100", "65536"),
+    ("domain", "", "a..b"),
+    ("domain", "", "x; rm -rf /"),
+])
+def test_slot_parameters_of_another_shape_are_refused(kind: str, default: str, value: str) -> None:
+    from cbios.node import slotparams
+    with pytest.raises(ValueError):
+        slotparams.check(kind, default, value)
 
 
 def test_executor_refuses_unknown_templates(tmp_path: Path) -> None:
@@ -296,6 +339,13 @@ def test_unknown_object_ids_and_types_are_refused(
         (lambda: m.op_install("dhcp", "31000040275", address="10.0.249.9/24"), "already a dhcp slot"),
         (lambda: m.op_install("sysmon", address="10.0.249.9"), "with prefix"),
         (lambda: m.op_install("sysmon", address="10.0.249.9/24", params={"prot": "1"}), "no parameter prot"),
+        (lambda: m.op_install("sysmon", address="10.0.249.9/24", params={"port": "9100 --x"}),
+         "--param port: '9100 --x' is not a TCP or UDP port, 1 to 65535"),
+        (lambda: m.op_install("sysmon", address="10.0.249.9/24", params={"port": ""}), "is not a TCP or UDP port"),
+        (lambda: m.op_install("dhcp", address="10.0.249.9/24", params={"range": "10.0.249.9,* -x"}),
+         "is not the first and last IPv4 address"),
+        (lambda: m.op_install("cb-manager"), "cb-manager is slot 0 of the firmware, and there is one only"),
+        (lambda: m.op_install("cb-manager", "31000040375"), "there is one only"),
         (lambda: m.op_stop("31000040075"), "is CB-Manager"),
         (lambda: m.op_remove("31000040075"), "is CB-Manager"),
         (lambda: m.handle("reboot", {}), "unknown request 'reboot'"),
@@ -398,3 +448,37 @@ def test_baked_slots_json_resolves_templates(project: Project, tmp_path: Path) -
     assert cat["ldap"]["type"] == "lxc-system" and (tmp_path / slot_template.NODE_TEMPLATES / "dhcp" / "run").is_file()
     assert slot_template.packages(slot_template.templates_of(project, profile)) == [
         "dnsmasq-base", "isc-dhcp-relay", "nfs-kernel-server", "nsd"]
+
+
+# -- CB-Executor's writes into a slot's volume: the slot wrote that volume -----------------
+
+def test_volume_put_replaces_a_file_whole(tmp_path: Path) -> None:
+    from cbios.node.executor import _replace
+    (tmp_path / "slot.env").write_text("OLD=1\n")
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        _replace(fd, "slot.env", b"NEW=1\n", "slot2-0: slot.env")
+        _replace(fd, "fresh.env", b"A=1\n", "slot2-0: fresh.env")
+    finally:
+        os.close(fd)
+    assert (tmp_path / "slot.env").read_text() == "NEW=1\n"
+    assert (tmp_path / "fresh.env").read_text() == "A=1\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh.env", "slot.env"]
+
+
+@pytest.mark.parametrize("plant", ["fifo", "symlink", "directory"])
+def test_volume_put_refuses_what_is_not_a_plain_file_without_blocking(tmp_path: Path, plant: str) -> None:
+    from cbios.node.executor import _replace
+    target = tmp_path / "slot.env"
+    elsewhere = tmp_path / "shadow"
+    elsewhere.write_text("root:x\n")
+    {"fifo": lambda: os.mkfifo(target), "symlink": lambda: target.symlink_to(elsewhere),
+     "directory": target.mkdir}[plant]()
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(Invalid, match=r"slot2-0: slot\.env: not a plain file of the volume"):
+            _replace(fd, "slot.env", b"X=1\n", "slot2-0: slot.env")
+    finally:
+        os.close(fd)
+    assert elsewhere.read_text() == "root:x\n"
+    assert not (tmp_path / ".slot.env.cbios-new").exists()

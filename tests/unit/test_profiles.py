@@ -95,6 +95,10 @@ BAD = [
     ("slot-param", 'extends: base\nslots:\n  - {template: cb-manager, eid: 0}\n'
      '  - {template: dhcp, eid: 2, address: 10.0.0.2/24, params: {rnage: x}}\n',
      "profiles/slot-param.yaml:4: slots[1].params.rnage: dhcp has no parameter 'rnage' (did you mean 'range'?)"),
+    ("slot-param-type", 'extends: base\nslots:\n  - {template: cb-manager, eid: 0}\n'
+     '  - {template: dhcp, eid: 2, address: 10.0.0.2/24, params: {range: "10.0.0.9,10.0.0"}}\n',
+     "profiles/slot-param-type.yaml:4: slots[1].params.range: '10.0.0.9,10.0.0' is not the first and last IPv4 "
+     "address, e.g. 10.0.249.100,10.0.249.200 (ipv4-range)"),
     ("eid-range", 'extends: base\nslots:\n  - template: dhcp\n    eid: 12\n',
      "profiles/eid-range.yaml:4: slots[0].eid: Input should be less than or equal to 9 (got 12)"),
     ("template", 'extends: base\nslots:\n  - {template: cb-manager, eid: 0}\n  - {template: dchp, eid: 1}\n',
