@@ -18,7 +18,6 @@ from pathlib import Path
 
 from cbios import __version__, image, manifest, mkosi, signing, vmimage
 from cbios.errors import StepError
-from cbios.node import slotdefs
 from cbios.profile import Profile, parse_size, profile_hash
 from cbios.profile import template as slot_template
 from cbios.project import Project
@@ -83,7 +82,6 @@ def build(project: Project, profile: Profile, *, force: bool = False) -> Path:
     for tree in (overlay, initrd_extra):
         (tree / signing.NODE_KEY).parent.mkdir(parents=True, exist_ok=True)
         (tree / signing.NODE_KEY).write_bytes(public)
-    _bake_secrets(project, profile, overlay)
     inputs = _inputs_digest(project, profile, configs, overlay)
     if not force and _up_to_date(dirs.out, inputs):
         log.info("‣ %s %s is up to date (%s)", profile.name, profile.version, project.display(dirs.out))
@@ -181,17 +179,6 @@ def cache_dir(project: Project, name: str, files: dict[str, str]) -> Path:
         kept = [line for line in text.splitlines() if not line.startswith(("#", "Hostname="))]
         h.update(f"{path}\0{chr(10).join(kept)}\0".encode())
     return project.cache / "mkosi" / f"{name}-{h.hexdigest()[:16]}"
-
-
-def _bake_secrets(project: Project, profile: Profile, overlay: Path) -> None:
-    """usr/lib/cbios/secrets (0700; the slots' containers see an empty one): the cluster key."""
-    secrets = overlay / str(slotdefs.SECRETS).lstrip("/")
-    secrets.mkdir(parents=True, exist_ok=True)
-    secrets.chmod(0o700)
-    if profile.cluster.key and profile.cluster.nodes:
-        key = secrets / slotdefs.CLUSTER_KEY.name
-        key.touch(mode=0o600)
-        key.write_bytes((project.root / profile.cluster.key).read_bytes().strip())
 
 
 def _slot_images(project: Project, profile: Profile, dirs: BuildDirs,

@@ -163,6 +163,40 @@ def cmd_bootenv(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cluster(args: argparse.Namespace) -> int:
+    """The cluster key on this node: set it, show its fingerprint, rotate it on every member."""
+    from cbios.node import keyring
+
+    ring = keyring.Keyring()
+    if args.action == "set-key":
+        if args.file is None:
+            print("cbios: cluster set-key FILE (- for stdin)", file=sys.stderr)
+            return 2
+        data = sys.stdin.buffer.read(keyring.MAX_BYTES + 1) if args.file == "-" else Path(args.file).read_bytes()
+        try:
+            ring.install(data)
+        except keyring.BadKey as e:
+            print(f"cbios: cluster set-key: {e}", file=sys.stderr)
+            return 2
+        print(f"cbios: cluster key {keyring.fingerprint(keyring.check(data, ''))} set in {ring.path}: "
+              "every management node of the cluster needs the same")
+        return 0
+    if args.action == "key":
+        current, keys = ring.current(), ring.keys()
+        if current is None:
+            print(f"no cluster key ({ring.path}): this node's slots run, the other nodes are not asked; "
+                  "set one with `cbios cluster set-key FILE`")
+            return 1
+        print(f"current:  {keyring.fingerprint(current)}")
+        for previous in keys[1:]:
+            print(f"previous: {keyring.fingerprint(previous)}")
+        return 0
+    rows = wire.call(slotdefs.MANAGER_SOCKET, "rotate_key", {}, timeout=120)
+    for row in rows:
+        print(f"{row['node']}  {row['status']}  {row.get('fingerprint') or row.get('error')}")
+    return 0 if all(r["status"] == "ROTATED" for r in rows) else 1
+
+
 def cmd_slots_up(args: argparse.Namespace) -> int:
     from cbios.node import bootstrap
 
@@ -209,6 +243,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     b = sub.add_parser("bootenv", help="show, or set with KEY=VALUE (empty VALUE unsets), the boot state")
     b.add_argument("set", nargs="*", metavar="KEY=VALUE")
     b.set_defaults(func=cmd_bootenv)
+    k = sub.add_parser("cluster", help="the cluster key: set-key FILE|-, key (its fingerprint), rotate-key")
+    k.add_argument("action", choices=["set-key", "key", "rotate-key"])
+    k.add_argument("file", nargs="?", metavar="FILE", help="set-key: a file of 32 to 4096 bytes, - for stdin")
+    k.set_defaults(func=cmd_cluster)
     sub.add_parser("slots-up", help="start CB-Manager (cbios-slots.service)").set_defaults(func=cmd_slots_up)
     sub.add_parser("slots-down", help="stop every slot, CB-Manager last (cbios-slots.service)").set_defaults(
         func=cmd_slots_down)

@@ -1,14 +1,25 @@
 """The cluster: the CB-Managers of the management nodes asking each other over TCP on the
 management network, every request and every answer authenticated with the cluster key.
 
-A request is wire.py's request with two more fields: "auth" {from, to, time, nonce} and
-"mac", HMAC-SHA256 with the cluster key over the canonical JSON of the rest. The answer
-carries a "mac" too, over the answer and the request's nonce, so a caller believes only
-answers from a holder of the key. A request that is not authenticated (no MAC, another
-key, meant for another node, from a node not in the inventory, more than MAX_SKEW
-seconds off, sent before this listener started, or replayed) is refused with one word and
-nothing else; a connection from an address that is no member's is closed unanswered.
-Connections are few (MAX_CLIENTS) and short (a whole request within wire.READ_TIMEOUT)."""
+Challenge and response, so that nothing depends on the nodes' clocks (they run no time
+sync) and nothing can be replayed: the answering node opens every connection with a
+fresh random challenge; the request is wire.py's request with two more fields, "auth"
+{from, to, challenge} and "mac", HMAC-SHA256 with the cluster key over the canonical JSON
+of the rest; the answer carries a "mac" over the answer and the challenge, so a caller
+believes only answers from a holder of the key. A request that is not authenticated (no
+MAC, another key, meant for another node, from a node not in the inventory, or for
+another connection's challenge) is refused with one word and nothing else; a connection
+from an address that is no member's is closed unanswered. Connections are few
+(MAX_CLIENTS) and short (a whole request within wire.READ_TIMEOUT).
+
+A node accepts its current key and the one it replaced (keyring.py). REKEY hands a member
+a new key: sealed with a key stream from the key the request is signed with and the
+connection's challenge, so the management network never carries it in the clear.
+
+Why HMAC and not mutual TLS: the nodes share one secret that the operator sets, the node
+side is the standard library only, and there is no certificate authority to run, no
+certificate to expire and no clock to trust; what TLS would add, secrecy of slot
+listings, is not a secret on the management network."""
 
 from __future__ import annotations
 
@@ -30,12 +41,13 @@ from cbios.node import wire
 
 log = logging.getLogger("cbios")
 
-MAX_SKEW = 60  # seconds between two nodes' clocks, and how long a nonce is remembered for
 MAX_ANSWER = 16 << 20
 MAX_CLIENTS = 16  # connections being read or answered at once; more are closed at once
 LOGGED_REFUSALS = 10  # a minute: a flood of strangers does not fill the log
 DENIED = {"ok": False, "code": "denied", "error": "not authenticated"}
 HEX_MAC = re.compile(r"[0-9a-f]{64}")
+CHALLENGE = re.compile(r"[0-9a-f]{32}")
+REKEY = "rekey"  # answered by this module: the argument is sealed to the connection
 
 
 @dataclass(frozen=True)
@@ -67,52 +79,53 @@ def sign(key: bytes, obj: Any) -> str:
     return hmac.new(key, canonical(obj), hashlib.sha256).hexdigest()
 
 
-def request(key: bytes, sender: str, peer: str, op: str, args: dict[str, Any],
-            now: Callable[[], float] = time.time) -> dict[str, Any]:
-    auth = {"from": sender, "to": peer, "time": int(now()), "nonce": secrets.token_hex(16)}
+def request(key: bytes, sender: str, peer: str, challenge: str, op: str, args: dict[str, Any]) -> dict[str, Any]:
+    auth = {"from": sender, "to": peer, "challenge": challenge}
     body = {"v": wire.PROTOCOL, "op": op, "args": args, "auth": auth}
     return {**body, "mac": sign(key, body)}
 
 
-class Verifier:
-    """Decides whether a request comes from a member of the cluster, and is fresh."""
+def seal(key: bytes, challenge: str, data: bytes) -> str:
+    """DATA (at most 4096 bytes) XOR a key stream of HMAC(KEY, challenge, block number), hex."""
+    stream = b"".join(hmac.new(key, f"cbios rekey {challenge} {i}".encode(), hashlib.sha256).digest()
+                      for i in range(-(-len(data) // 32)))
+    return bytes(a ^ b for a, b in zip(data, stream, strict=False)).hex()
 
-    def __init__(self, key: bytes, node_id: str, members: set[str], clock: Callable[[], float] = time.time) -> None:
-        self.key = key
+
+def unseal(key: bytes, challenge: str, text: str) -> bytes:
+    return bytes.fromhex(seal(key, challenge, bytes.fromhex(text)))
+
+
+class Verifier:
+    """Decides whether a request comes from a member of the cluster, for this connection."""
+
+    def __init__(self, keys: Callable[[], list[bytes]], node_id: str, members: set[str]) -> None:
+        self.keys = keys
         self.node_id = node_id
         self.members = members
-        self.clock = clock
-        self.started = int(clock())  # the nonces seen before a restart are forgotten: so are their requests
-        self.seen: dict[str, float] = {}
-        self.lock = threading.Lock()
 
-    def check(self, msg: Any) -> tuple[bytes, str]:
-        """The request without its credentials (a wire.py line), and its nonce; or Denied."""
+    def check(self, msg: Any, challenge: str) -> tuple[bytes, bytes]:
+        """The request without its credentials (a wire.py line), and the key it was signed
+        with; or Denied."""
         if not isinstance(msg, dict) or not isinstance(msg.get("mac"), str) or not isinstance(msg.get("auth"), dict):
             raise Denied("no credentials")
         if not HEX_MAC.fullmatch(msg["mac"]):
             raise Denied("no MAC")
         body = {k: v for k, v in msg.items() if k != "mac"}
-        if not hmac.compare_digest(sign(self.key, body), msg["mac"]):
+        keys = self.keys()
+        if not keys:
+            raise Denied("this node has no cluster key")
+        key = next((k for k in keys if hmac.compare_digest(sign(k, body), msg["mac"])), None)
+        if key is None:
             raise Denied("wrong MAC: not made with this cluster's key")
         auth = body.pop("auth")
         if auth.get("to") != self.node_id:
             raise Denied(f"meant for {auth.get('to')!r}, this is {self.node_id}")
         if auth.get("from") not in self.members:
             raise Denied(f"from {auth.get('from')!r}, not a node of this cluster")
-        sent, nonce, now = auth.get("time"), auth.get("nonce"), self.clock()
-        if not isinstance(sent, int) or abs(now - sent) > MAX_SKEW:
-            raise Denied(f"sent at {sent!r}, more than {MAX_SKEW} s from this node's clock ({int(now)})")
-        if sent < self.started:
-            raise Denied(f"sent at {sent}, before this CB-Manager started ({self.started})")
-        if not isinstance(nonce, str) or not re.fullmatch(r"[0-9a-f]{32}", nonce):
-            raise Denied("no nonce")
-        with self.lock:
-            self.seen = {n: t for n, t in self.seen.items() if now - t <= 2 * MAX_SKEW}
-            if nonce in self.seen:
-                raise Denied("replayed")
-            self.seen[nonce] = now
-        return canonical(body) + b"\n", nonce
+        if auth.get("challenge") != challenge:
+            raise Denied("not for this connection's challenge (replayed?)")
+        return canonical(body) + b"\n", key
 
 
 class _Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
@@ -137,9 +150,10 @@ class _Refusals:
                 log.warning("cluster: more refusals this minute, not logged")
 
 
-def serve(port: int, key: bytes, verifier: Verifier, handler: wire.Handler, members: set[str],
-          host: str = "0.0.0.0") -> None:
-    """Answer authenticated requests from the addresses MEMBERS on HOST:PORT until the process ends."""
+def serve(port: int, verifier: Verifier, handler: wire.Handler, members: set[str], host: str = "0.0.0.0",
+          rekey: Callable[[bytes], str] | None = None) -> None:
+    """Answer authenticated requests from the addresses MEMBERS on HOST:PORT until the process
+    ends. REKEY installs a new key handed over by a member and returns its fingerprint."""
     slots = threading.BoundedSemaphore(MAX_CLIENTS)
     refusals = _Refusals()
 
@@ -158,11 +172,14 @@ def serve(port: int, key: bytes, verifier: Verifier, handler: wire.Handler, memb
                 slots.release()
 
         def _answer(self, address: str) -> None:
+            challenge = secrets.token_hex(16)
+            if not self._send({"challenge": challenge}):
+                return
             line = wire.read_line(self.request)
             if line is None:
                 return
             try:
-                inner, nonce = verifier.check(json.loads(line))
+                inner, key = verifier.check(json.loads(line), challenge)
             except Exception as e:  # a stranger's bytes: anything is a refusal (RecursionError too)
                 refusals.log(address, e if isinstance(e, Denied) else f"unreadable ({type(e).__name__})")
                 self._send(DENIED)
@@ -173,38 +190,69 @@ def serve(port: int, key: bytes, verifier: Verifier, handler: wire.Handler, memb
                 reply = {"ok": False, "code": "invalid", "error": str(e)}
             else:
                 log.info("cluster: %s from %s", op, address)
-                reply = wire.answer(handler, op, args)
-            self._send({**reply, "mac": sign(key, {"nonce": nonce, "answer": reply})})
+                if op == REKEY:
+                    reply = wire.answer(lambda _op, a: _rekey(rekey, key, challenge, a), op, args)
+                else:
+                    reply = wire.answer(handler, op, args)
+            self._send({**reply, "mac": sign(key, {"nonce": challenge, "answer": reply})})
 
-        def _send(self, reply: dict[str, Any]) -> None:
+        def _send(self, reply: dict[str, Any]) -> bool:
             try:
                 self.request.settimeout(wire.READ_TIMEOUT)
                 self.request.sendall(json.dumps(reply).encode() + b"\n")
+                return True
             except OSError:
-                pass
+                return False
 
     with _Server((host, port), _Request) as server:
         server.serve_forever()
 
 
-def call(peer: Peer, key: bytes, sender: str, op: str, args: dict[str, Any], *,
-         timeout: float, answer_timeout: float | None = None) -> Any:
-    """Ask PEER; its result, or wire.RemoteError (it said no), or Unreachable. The connection
-    has TIMEOUT; the answer ANSWER_TIMEOUT (TIMEOUT if not given), counted from the start."""
+def _rekey(install: Callable[[bytes], str] | None, key: bytes, challenge: str, args: dict[str, Any]) -> Any:
+    if install is None:
+        raise wire.Failed("this node does not take keys over the cluster")
+    if set(args) != {"key"} or not isinstance(args["key"], str) or not re.fullmatch(r"(?:[0-9a-f]{2}){32,4096}",
+                                                                                     args["key"]):
+        raise wire.Invalid("rekey: {key: sealed hex}")
+    return {"fingerprint": install(unseal(key, challenge, args["key"]))}
+
+
+def call(peer: Peer, keys: list[bytes], sender: str, op: str, args: dict[str, Any], *,
+         timeout: float, answer_timeout: float | None = None, new_key: bytes | None = None) -> Any:
+    """Ask PEER with the first of KEYS it takes (a member that missed a rotation still has
+    the previous key); its result, or wire.RemoteError (it said no), or Unreachable. The
+    connection has TIMEOUT; the answer ANSWER_TIMEOUT (TIMEOUT if not given), counted from
+    the start. NEW_KEY: the REKEY request, with the new key sealed to the connection."""
+    if not keys:
+        raise ValueError("no key")
+    for i, key in enumerate(keys):
+        try:
+            return _call(peer, key, sender, op, args, timeout=timeout, answer_timeout=answer_timeout,
+                         new_key=new_key)
+        except wire.RemoteError as e:
+            if e.code != "denied" or i == len(keys) - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _call(peer: Peer, key: bytes, sender: str, op: str, args: dict[str, Any], *,
+          timeout: float, answer_timeout: float | None, new_key: bytes | None) -> Any:
     started = time.monotonic()
     deadline = started + (answer_timeout or timeout)
-    req = request(key, sender, peer.object_id, op, args)
     where = f"node {peer.object_id} at {peer.address}:{peer.port}"
-    data = b""
     try:
         with socket.create_connection((peer.address, peer.port), timeout=timeout) as s:
-            s.sendall(canonical(req) + b"\n")
-            while not data.endswith(b"\n") and len(data) <= MAX_ANSWER:
-                s.settimeout(max(deadline - time.monotonic(), 0.001))
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
+            opening = _read_line(s, started + timeout, 1024)
+            try:
+                challenge = json.loads(opening)["challenge"]
+                if not isinstance(challenge, str) or not CHALLENGE.fullmatch(challenge):
+                    raise ValueError(challenge)
+            except Exception:  # whatever came, it is not a challenge
+                raise Unreachable(f"{where}: no challenge: not a CB-Manager of the cluster?") from None
+            if new_key is not None:
+                args = {"key": seal(key, challenge, new_key)}
+            s.sendall(canonical(request(key, sender, peer.object_id, challenge, op, args)) + b"\n")
+            data = _read_line(s, deadline, MAX_ANSWER)
     except TimeoutError:
         raise Unreachable(f"{where}: no answer within {deadline - started:g} s") from None
     except OSError as e:
@@ -219,8 +267,20 @@ def call(peer: Peer, key: bytes, sender: str, op: str, args: dict[str, Any], *,
         raise wire.RemoteError("denied", f"{where} does not take our credentials: is its cluster key ours?")
     mac = answer.pop("mac", None)
     if not isinstance(mac, str) or not HEX_MAC.fullmatch(mac) or not hmac.compare_digest(
-            sign(key, {"nonce": req["auth"]["nonce"], "answer": answer}), mac):
+            sign(key, {"nonce": challenge, "answer": answer}), mac):
         raise Unreachable(f"{where}: an answer not made with the cluster's key")
     if not answer.get("ok"):
         raise wire.RemoteError(str(answer.get("code", "failed")), f"{peer.object_id}: {answer.get('error')}")
     return answer.get("result")
+
+
+def _read_line(s: socket.socket, deadline: float, limit: int) -> bytes:
+    """One line (or what came before the connection closed), by DEADLINE; TimeoutError."""
+    data = b""
+    while not data.endswith(b"\n") and len(data) <= limit:
+        s.settimeout(max(deadline - time.monotonic(), 0.001))
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data

@@ -2,9 +2,9 @@
 
 lxc-service: the CBIOS root, read-only, shared as the container's root; its own pid, uts,
 ipc, mount and net namespaces; volume 0 is its /var (writable, its own); /run and /tmp
-are tmpfs; the template's `run` is PID 1. No CAP_SYS_ADMIN: it cannot undo its mounts (the
-tmpfs over the node's secrets among them); a template that mounts (nfs) gives it back in
-its lxc.conf.
+are tmpfs; the template's `run` is PID 1. No CAP_SYS_ADMIN: it cannot undo its mounts; a
+template that mounts (nfs) gives it back in its lxc.conf. No CAP_DAC_READ_SEARCH: no
+open_by_handle_at into what its mounts cover, the node's /var among them.
 lxc-system: volume 0 is the container's own root file system, with its own init.
 Either way further volumes appear at /srv/volume<iid>, and eth0 is one end of a veth
 whose other end, veth<eid>, is on the node's bridge."""
@@ -15,10 +15,10 @@ import hashlib
 import string
 from dataclasses import dataclass
 
-from cbios.node.slotdefs import SECRETS, TEMPLATES, container_name, volume_name
+from cbios.node.slotdefs import TEMPLATES, container_name, volume_name
 
 LOG_DIR = "/var/log/cbios/slots"
-CAP_DROP = "sys_module sys_time sys_boot sys_rawio mac_admin mac_override"
+CAP_DROP = "sys_module sys_time sys_boot sys_rawio mac_admin mac_override dac_read_search"
 
 
 @dataclass(frozen=True)
@@ -71,8 +71,6 @@ def render(d: Definition) -> str:
             "lxc.rootfs.path = dir:/",
             "lxc.mount.entry = tmpfs run tmpfs rw,nosuid,nodev,mode=0755 0 0",
             "lxc.mount.entry = tmpfs tmp tmpfs rw,nosuid,nodev 0 0",
-            # The node's secrets stay the node's: CB-Manager's template binds them back.
-            f"lxc.mount.entry = tmpfs {str(SECRETS).lstrip('/')} tmpfs ro,nosuid,nodev,noexec,mode=0700 0 0",
             # The shared root is read-only: further volumes need mount points made on a tmpfs.
             *(["lxc.mount.entry = tmpfs srv tmpfs rw,nosuid,nodev,mode=0755 0 0"] if len(d.volumes) > 1 else []),
             f"lxc.init.cmd = {TEMPLATES}/{d.template}/run",

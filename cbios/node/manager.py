@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from cbios.node import cluster, registry, slotdefs, slotparams, wire
+from cbios.node import cluster, keyring, registry, slotdefs, slotparams, wire
 from cbios.node.wire import Failed, Invalid, RemoteError
 
 log = logging.getLogger("cbios")
@@ -106,12 +106,7 @@ class Manager:
         self.peers = [cluster.Peer(n["object_id"], n["address"], inventory["port"]) for n in inventory.get("nodes", [])]
         self.cluster_port: int = inventory.get("port", 0)
         self.cluster_timeout: float = inventory.get("timeout", 5)
-        self.key: bytes | None = None
-        if self.peers:
-            try:
-                self.key = cluster_key.read_bytes()
-            except OSError as e:
-                log.error("cluster: no key (%s): the other nodes are not asked and not answered", e)
+        self.keys = keyring.Keyring(cluster_key)
 
     # -- startup -------------------------------------------------------------------
 
@@ -188,7 +183,7 @@ class Manager:
             "runtime": self.op_runtime, "start": self.op_start, "stop": self.op_stop,
             "restart": self.op_restart, "startall": self.op_startall, "stopall": self.op_stopall,
             "install": self.op_install, "remove": self.op_remove, "ready": self.op_ready,
-            "update": self.op_update,
+            "update": self.op_update, "rotate_key": self.op_rotate_key,
         }
         if op not in handlers:
             raise Invalid(f"unknown request '{op}' (known: {', '.join(sorted(handlers))})")
@@ -206,13 +201,14 @@ class Manager:
             return None
         return next((p for p in self.peers if p.owns(object_id)), None)
 
-    def ask_peer(self, peer: cluster.Peer, op: str, args: dict[str, Any]) -> Any:
-        if self.key is None:
-            raise Failed(f"no cluster key in this firmware ({slotdefs.CLUSTER_KEY}): cannot ask {peer.object_id}")
+    def ask_peer(self, peer: cluster.Peer, op: str, args: dict[str, Any], new_key: bytes | None = None) -> Any:
+        keys = self.keys.keys()
+        if not keys:
+            raise Failed(f"no cluster key on this node ({self.keys.path}): set one with `cbios cluster set-key`")
         answer_timeout = self.cluster_timeout if op in PEER_QUERIES else PEER_WORK_TIMEOUT
         try:
-            return cluster.call(peer, self.key, self.node_id, op, args, timeout=self.cluster_timeout,
-                                answer_timeout=answer_timeout)
+            return cluster.call(peer, keys, self.node_id, op, args, timeout=self.cluster_timeout,
+                                answer_timeout=answer_timeout, new_key=new_key)
         except cluster.Unreachable as e:
             raise Failed(f"unreachable: {e}") from None
         except RemoteError as e:
@@ -247,20 +243,49 @@ class Manager:
                 "description": str(why).removeprefix("unreachable: ")}
 
     def serve_cluster(self) -> None:
-        """Answer the other nodes' CB-Managers, if this node is in a cluster and has its key."""
+        """Answer the other nodes' CB-Managers, if this node is in a cluster: with no key
+        (yet), every request is refused until one is set."""
         if not self.peers:
             return
-        if self.key is None:
-            log.error("cluster of %d nodes but no key at %s: not answering them", len(self.peers) + 1,
-                      slotdefs.CLUSTER_KEY)
-            return
+        if not self.keys.keys():
+            log.error("cluster of %d nodes but no key at %s: refusing them until `cbios cluster set-key`",
+                      len(self.peers) + 1, self.keys.path)
         members = {p.object_id for p in self.peers}
         log.info("cluster: answering %s on port %d", ", ".join(sorted(members)), self.cluster_port)
         try:
-            cluster.serve(self.cluster_port, self.key, cluster.Verifier(self.key, self.node_id, members),
-                          self.handle_peer, {p.address for p in self.peers})
+            cluster.serve(self.cluster_port, cluster.Verifier(self.keys.keys, self.node_id, members),
+                          self.handle_peer, {p.address for p in self.peers}, rekey=self._install_key)
         except OSError as e:
             log.error("cluster: cannot listen on port %d: %s", self.cluster_port, e)
+
+    def _install_key(self, key: bytes) -> str:
+        try:
+            self.keys.install(key)
+        except keyring.BadKey as e:
+            raise Invalid(str(e)) from None
+        log.info("cluster: new key %s", keyring.fingerprint(key))
+        return keyring.fingerprint(key)
+
+    def op_rotate_key(self) -> list[dict[str, Any]]:
+        """A new cluster key: to every member first (signed with the key it holds), then to
+        this node. A member that does not take it keeps the old key, which every node that
+        did keeps as its previous one: the next rotation reaches it."""
+        if not self.peers:
+            raise Invalid("this node is in no cluster: no key to rotate")
+        if not self.keys.keys():
+            raise Failed(f"no cluster key on this node ({self.keys.path}): set one with `cbios cluster set-key`")
+        new = keyring.new_key()
+        rows = []
+        with ThreadPoolExecutor(max_workers=min(len(self.peers), 16)) as pool:
+            asked = [(p, pool.submit(self.ask_peer, p, cluster.REKEY, {}, new)) for p in self.peers]
+            for peer, future in asked:
+                try:
+                    rows.append({"node": peer.object_id, "status": "ROTATED",
+                                 "fingerprint": future.result()["fingerprint"]})
+                except (Failed, Invalid) as e:
+                    rows.append({"node": peer.object_id, "status": "KEPT", "error": str(e)})
+        rows.insert(0, {"node": self.node_id, "status": "ROTATED", "fingerprint": self._install_key(new)})
+        return rows
 
     def op_update(self, source: str, allow_downgrade: bool = False, reboot: bool = True) -> dict[str, Any]:
         """The node's firmware update (CB-Executor writes it: the disk is the host's)."""
@@ -394,7 +419,11 @@ class Manager:
         rows = self.rows()
         waiting = [f"{r['location']} {r['type']} {r['status']}" for r in rows
                    if self.slots[int(r["location"][-3])]["autostart"] and r["status"] != "ON"]
-        return {"ready": self.reconciled and not waiting, "reconciled": self.reconciled, "waiting": waiting}
+        # Once the slots are reconciled, FAILED stays until someone starts the slot again.
+        failed = [f"{r['location']} {r['type']}: {self.failed.get(int(r['location'][-3])) or 'not healthy'}"
+                  for r in rows if self.slots[int(r["location"][-3])]["autostart"] and r["status"] == "FAILED"]
+        return {"ready": self.reconciled and not waiting, "reconciled": self.reconciled, "waiting": waiting,
+                "failed": failed if self.reconciled else []}
 
     # -- slots ---------------------------------------------------------------------
 

@@ -195,6 +195,9 @@ def _wait_ready(timeout: int) -> int:
             if state["ready"]:
                 print("slots ready")
                 return 0
+            if state.get("failed"):  # final: no use waiting out the bound
+                print(f"slots failed: {'; '.join(state['failed'])}", file=sys.stderr)
+                return 1
             last = "waiting for " + ", ".join(state["waiting"]) if state["waiting"] else "CB-Manager starting"
         except (OSError, wire.RemoteError) as e:
             last = f"CB-Manager does not answer ({e})"

@@ -19,7 +19,9 @@ SLOTS = Path("/usr/lib/cbios/slots.json")
 IMAGES = Path("/usr/lib/cbios/slot-images")
 EXECUTOR_SOCKET = Path("/run/cbios/executor/executor.sock")
 MANAGER_SOCKET = Path("/run/cbios/manager/manager.sock")
-SECRETS = Path("/usr/lib/cbios/secrets")  # hidden from every slot but CB-Manager (lxcconf.py)
+# On the node's /var: never in the firmware, kept by updates and rollbacks (keyring.py).
+# CB-Manager's container binds it; an lxc-service slot's /var is its own volume.
+SECRETS = Path("/var/lib/cbios/secrets")
 CLUSTER_KEY = SECRETS / "cluster.key"
 MANAGER_EID = 0
 MANAGER_TEMPLATE = "cb-manager"  # slot 0, and only slot 0: it holds CB-Executor's socket

@@ -105,20 +105,11 @@ def semantic_problems(project: Project, profile: Profile) -> list[tuple[KeyPath,
     return out
 
 
-CLUSTER_KEY_MIN = 32
-
-
 def _cluster_problems(project: Project, profile: Profile) -> list[tuple[KeyPath, str]]:
     cluster = profile.cluster
     if not cluster.nodes:
         return []
     out: list[tuple[KeyPath, str]] = []
-    if cluster.key is None:
-        out.append((("cluster",), "a cluster needs a key (cluster.key: a file of at least 32 random bytes)"))
-    elif not (project.root / cluster.key).is_file():
-        out.append((("cluster", "key"), f"no such file: {cluster.key} (from {project.display(project.root)})"))
-    elif len((project.root / cluster.key).read_bytes().strip()) < CLUSTER_KEY_MIN:
-        out.append((("cluster", "key"), f"{cluster.key}: shorter than {CLUSTER_KEY_MIN} bytes"))
     seen: dict[str, int] = {}
     for i, node in enumerate(cluster.nodes):
         if node.object_id in seen:
@@ -237,7 +228,10 @@ def _at(origins: dict[KeyPath, Origin], leaf: str, path: KeyPath, message: str) 
 def _describe(err: Any, origins: dict[KeyPath, Origin], leaf: str) -> str:
     loc: KeyPath = tuple(err["loc"])
     kind = err["type"]
-    if kind == "extra_forbidden":
+    if kind == "extra_forbidden" and loc == ("cluster", "key"):
+        message = ("the cluster key is no part of a profile: no firmware may hold it (set it on each node "
+                   "with `cbios cluster set-key`)")
+    elif kind == "extra_forbidden":
         known = _fields_at(loc[:-1])
         message = f"unknown key{_suggest(str(loc[-1]), known)}"
     elif kind == "missing":

@@ -197,13 +197,9 @@ class ClusterNode(Strict):
 
 
 class Cluster(Strict):
-    """The management nodes whose slots `slot list` and `slot show` cover, and how their
-    CB-Managers prove themselves to each other."""
+    """The management nodes whose slots `slot list` and `slot show` cover. Their shared key
+    is no part of the firmware: the operator sets it on each node (`cbios cluster set-key`)."""
 
-    key: str | None = Field(
-        default=None,
-        description="the cluster's shared secret (a file of at least 32 bytes, a path from the project's root): "
-                    "every request between CB-Managers carries an HMAC-SHA256 made with it")
     port: Annotated[int, Field(ge=1, le=65535)] = 7475
     timeout: Annotated[int, Field(ge=1, le=60, description="seconds a node has to answer a query")] = 5
     nodes: list[ClusterNode] = Field(default=[], description="every management node, this one included or not")

@@ -72,10 +72,16 @@ def pair(project: Project, catalogue: dict[str, dict[str, Any]],
     (tmp_path / "b").mkdir()
     a, _ = started(node_config(project, "qemu-test", port), catalogue, tmp_path / "a")
     b, ex_b = started(node_config(project, "qemu-test-peer", port), catalogue, tmp_path / "b")
-    threading.Thread(target=cluster.serve, args=(port, KEY, cluster.Verifier(KEY, PEER, {NODE}), b.handle_peer,
-                                                 {"127.0.0.1"}, "127.0.0.1"), daemon=True).start()
-    wait_listening(port)
+    serving(b, port)
     yield a, b, ex_b
+
+
+def serving(m: manager.Manager, port: int, addresses: frozenset[str] = frozenset({"127.0.0.1"})) -> None:
+    """M's cluster listener on 127.0.0.1:PORT, as serve_cluster starts it, taking ADDRESSES."""
+    verifier = cluster.Verifier(m.keys.keys, m.node_id, {p.object_id for p in m.peers})
+    threading.Thread(target=cluster.serve, args=(port, verifier, m.handle_peer, set(addresses), "127.0.0.1"),
+                     kwargs={"rekey": m._install_key}, daemon=True).start()
+    wait_listening(port)
 
 
 def wait_listening(port: int) -> None:
@@ -144,10 +150,8 @@ def test_a_peer_with_another_key_is_not_believed_either_way(
     port = free_port()
     (tmp_path / "b").mkdir()
     b, ex_b = started(node_config(project, "qemu-test-peer", port), catalogue, tmp_path / "b")
-    other = b"o" * 40
-    threading.Thread(target=cluster.serve, args=(port, other, cluster.Verifier(other, PEER, {NODE}), b.handle_peer,
-                                                 {"127.0.0.1"}, "127.0.0.1"), daemon=True).start()
-    wait_listening(port)
+    (tmp_path / "b" / "key").write_bytes(b"o" * 40)
+    serving(b, port)
     a, _ = started(node_config(project, "qemu-test", port), catalogue, tmp_path)
     with pytest.raises(Failed, match="does not take our credentials"):
         a.handle("stop", {"object_id": PEER_DNS})
@@ -166,6 +170,7 @@ def answering(reply: bytes) -> Iterator[cluster.Peer]:
         def answer() -> None:
             conn, _ = server.accept()
             with conn:
+                conn.sendall(json.dumps({"challenge": "c" * 32}).encode() + b"\n")
                 conn.recv(65536)
                 conn.sendall(reply)
 
@@ -180,13 +185,26 @@ def answering(reply: bytes) -> Iterator[cluster.Peer]:
 ], ids=["forged-mac", "not-hex", "not-an-object"])
 def test_an_answer_without_the_clusters_mac_is_not_believed(reply: bytes, reason: str) -> None:
     with answering(reply) as peer, pytest.raises(cluster.Unreachable, match=reason):
-        cluster.call(peer, KEY, NODE, "slots", {}, timeout=2)
+        cluster.call(peer, [KEY], NODE, "slots", {}, timeout=2)
+
+
+def test_a_listener_that_sends_no_challenge_is_no_member() -> None:
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        threading.Thread(target=lambda: server.accept()[0].sendall(b"HTTP/1.0 200 OK\n"), daemon=True).start()
+        peer = cluster.Peer(PEER, "127.0.0.1", server.getsockname()[1])
+        with pytest.raises(cluster.Unreachable, match="no challenge"):
+            cluster.call(peer, [KEY], NODE, "slots", {}, timeout=2)
+
+
+CHALLENGE = "ab" * 16
 
 
 def signed(**change: Any) -> dict[str, Any]:
     key = change.pop("key", KEY)
-    msg = cluster.request(key, change.pop("sender", NODE), change.pop("to", PEER), "stop",
-                          {"object_id": PEER_DNS}, now=change.pop("now", time.time))
+    msg = cluster.request(key, change.pop("sender", NODE), change.pop("to", PEER),
+                          change.pop("challenge", CHALLENGE), "stop", {"object_id": PEER_DNS})
     return {**msg, **change}
 
 
@@ -196,29 +214,38 @@ def signed(**change: Any) -> dict[str, Any]:
     (signed(op="stopall"), "wrong MAC"),  # the MAC covers the request
     (signed(sender="31000099010"), "not a node of this cluster"),
     (signed(to=NODE), "meant for '31000040010'"),
-    (signed(now=lambda: time.time() - 61), "more than 60 s"),
+    (signed(challenge="cd" * 16), "not for this connection's challenge"),
     ("stop", "no credentials"),
-], ids=["bare", "other-key", "changed", "stranger", "other-node", "stale", "not-an-object"])
+], ids=["bare", "other-key", "changed", "stranger", "other-node", "other-connection", "not-an-object"])
 def test_requests_without_the_clusters_credentials_are_denied(msg: Any, reason: str) -> None:
-    verifier = cluster.Verifier(KEY, PEER, {NODE})
+    verifier = cluster.Verifier(lambda: [KEY], PEER, {NODE})
     with pytest.raises(cluster.Denied, match=reason):
-        verifier.check(msg)
+        verifier.check(msg, CHALLENGE)
 
 
-def test_a_signed_request_passes_once() -> None:
-    verifier = cluster.Verifier(KEY, PEER, {NODE})
-    msg = signed()
-    line, nonce = verifier.check(msg)
-    assert wire.decode(line) == ("stop", {"object_id": PEER_DNS}) and nonce == msg["auth"]["nonce"]
-    with pytest.raises(cluster.Denied, match="replayed"):
-        verifier.check(msg)
+def test_a_signed_request_passes_with_the_current_or_the_previous_key_and_no_clock() -> None:
+    older = b"p" * 40
+    verifier = cluster.Verifier(lambda: [KEY, older], PEER, {NODE})
+    for key in (KEY, older):
+        line, used = verifier.check(signed(key=key), CHALLENGE)
+        assert wire.decode(line) == ("stop", {"object_id": PEER_DNS}) and used == key
+    with pytest.raises(cluster.Denied, match="no cluster key"):
+        cluster.Verifier(lambda: [], PEER, {NODE}).check(signed(), CHALLENGE)
 
 
-def test_the_key_is_kept_from_every_slot_but_cb_manager(project: Project) -> None:
+def test_a_sealed_key_opens_with_the_same_key_and_challenge_only() -> None:
+    new = b"n" * 64
+    sealed = cluster.seal(KEY, CHALLENGE, new)
+    assert new.hex() not in sealed and bytes.fromhex(sealed) != new
+    assert cluster.unseal(KEY, CHALLENGE, sealed) == new
+    assert cluster.unseal(KEY, "cd" * 16, sealed) != new and cluster.unseal(b"o" * 40, CHALLENGE, sealed) != new
+
+
+def test_the_key_is_on_var_and_bound_into_cb_manager_alone(project: Project) -> None:
     conf = lxcconf.render(definition())
-    assert "lxc.mount.entry = tmpfs usr/lib/cbios/secrets tmpfs ro,nosuid,nodev,noexec,mode=0700 0 0" in conf
+    assert "secrets" not in conf and "dac_read_search" in conf
     template_conf = (project.slot_templates / "cb-manager" / "lxc.conf").read_text()
-    assert "lxc.mount.entry = /usr/lib/cbios/secrets usr/lib/cbios/secrets none bind,ro 0 0" in template_conf
+    assert "lxc.mount.entry = /var/lib/cbios/secrets var/lib/cbios/secrets none bind,create=dir 0 0" in template_conf
 
 
 def test_profiles_with_the_same_packages_share_mkosis_cache(project: Project) -> None:
@@ -238,27 +265,19 @@ def test_strangers_get_nothing_and_garbage_does_not_stop_the_listener(
 
     def exchange(data: bytes) -> bytes:
         with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            answers = s.makefile("rb")
+            assert cluster.CHALLENGE.fullmatch(json.loads(answers.readline())["challenge"])
             s.sendall(data)
-            return s.makefile("rb").readline()
+            return answers.readline()
 
     for garbage in (b"[" * 100_000 + b"\n", b'{"v": 1, "mac": "\xc3\xa9", "auth": {}}\n', b"\xff\n"):
         assert json.loads(exchange(garbage)) == cluster.DENIED
     assert a.handle("slots", {"object_id": PEER})[0]["parent"] == PEER  # still answering
     # A listener that takes only another address closes the connection unanswered.
     other = free_port()
-    verifier = cluster.Verifier(KEY, PEER, {NODE})
-    threading.Thread(target=cluster.serve, args=(other, KEY, verifier, a.handle_peer, {"127.0.0.2"}, "127.0.0.1"),
-                     daemon=True).start()
-    wait_listening(other)
+    serving(a, other, frozenset({"127.0.0.2"}))
     with socket.create_connection(("127.0.0.1", other), timeout=5) as s:
-        s.sendall(json.dumps(cluster.request(KEY, NODE, PEER, "slots", {})).encode() + b"\n")
         assert s.makefile("rb").read() == b""
-
-
-def test_a_request_sent_before_the_listener_started_is_denied() -> None:
-    verifier = cluster.Verifier(KEY, PEER, {NODE}, clock=lambda: 1_000_000.0)
-    with pytest.raises(cluster.Denied, match="before this CB-Manager started"):
-        verifier.check(signed(now=lambda: 999_990.0))  # 10 s: within the skew, but older than the listener
 
 
 def test_slot_lists_the_rest_and_exits_1_when_a_node_does_not_answer(
@@ -277,8 +296,42 @@ def test_slot_lists_the_rest_and_exits_1_when_a_node_does_not_answer(
     assert slotcli.main(["show"]) == 0
 
 
+def test_rotation_reaches_every_member_and_one_that_missed_it_is_still_understood(
+        pair: tuple[manager.Manager, manager.Manager, FakeExecutor]) -> None:
+    a, b, _ = pair
+    rows = a.handle("rotate_key", {})
+    assert [(r["node"], r["status"]) for r in rows] == [(NODE, "ROTATED"), (PEER, "ROTATED")]
+    assert rows[0]["fingerprint"] == rows[1]["fingerprint"]
+    assert a.keys.current() == b.keys.current() != KEY and b.keys.keys()[1] == KEY
+    assert a.handle("slots", {"object_id": PEER})[0]["parent"] == PEER  # with the new key
+    # b misses the next rotation (its listener gone): it keeps the key it has; a asks it with
+    # its previous key, which is b's current one, and the rotation after reaches it.
+    good = a.peers[0]
+    a.peers = [cluster.Peer(PEER, "127.0.0.1", free_port())]
+    rows = a.handle("rotate_key", {})
+    assert [r["status"] for r in rows] == ["ROTATED", "KEPT"] and "unreachable" in rows[1]["error"]
+    a.peers = [good]
+    assert a.keys.current() != b.keys.current()
+    assert a.handle("slots", {"object_id": PEER})[0]["parent"] == PEER
+    assert [r["status"] for r in a.handle("rotate_key", {})] == ["ROTATED", "ROTATED"]
+    assert a.keys.current() == b.keys.current()
+    with pytest.raises(Invalid, match="'rotate_key' is not asked over the cluster"):
+        b.handle_peer("rotate_key", {})
+
+
+def test_a_node_with_no_key_runs_its_slots_and_says_why_the_others_are_missing(
+        project: Project, catalogue: dict[str, dict[str, Any]], tmp_path: Path) -> None:
+    a, _ = started(node_config(project, "qemu-test", free_port()), catalogue, tmp_path)
+    (tmp_path / "key").unlink()
+    rows = a.handle("slots", {})
+    assert [r["status"] for r in rows[:-1]] == ["ON", "ON", "OFF", "ON", "OFF"]
+    assert rows[-1]["status"] == "UNREACHABLE"
+    assert rows[-1]["description"].startswith("no cluster key on this node") and "cbios cluster set-key" in \
+        rows[-1]["description"]
+
+
 def test_service_slots_cannot_undo_their_mounts_system_slots_keep_theirs() -> None:
     service = lxcconf.render(definition())
-    assert "lxc.cap.drop = sys_module sys_time sys_boot sys_rawio mac_admin mac_override sys_admin" in service
+    assert f"lxc.cap.drop = {lxcconf.CAP_DROP} sys_admin" in service and "dac_read_search" in lxcconf.CAP_DROP
     system = lxcconf.render(definition(kind="lxc-system", template="service"))
     assert "sys_admin" not in system

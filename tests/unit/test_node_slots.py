@@ -389,6 +389,8 @@ def test_a_slot_that_never_gets_healthy_is_failed_with_its_reason(
     assert {r["status"] for r in m.op_slots() if r["type"] not in ("cb-manager", "service", "compute")} == {"FAILED"}
     ready = m.op_ready()
     assert not ready["ready"] and "31000040275 dhcp FAILED" in ready["waiting"]
+    assert "31000040275 dhcp: slot 31000040275 (dhcp) started but is not healthy 60 s after start: port 67 closed" \
+        in ready["failed"]
     with pytest.raises(Failed, match="not healthy 60 s after start: port 67 closed"):
         m.op_restart("31000040275")
 
@@ -401,6 +403,17 @@ def test_slot_env_is_shell_quoted(config: dict[str, Any]) -> None:
 
 
 # -- the slot CLI --------------------------------------------------------------------
+
+def test_wait_ready_ends_at_once_when_an_autostart_slot_has_failed(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    answers = iter([{"ready": False, "reconciled": False, "waiting": [], "failed": []},
+                    {"ready": False, "reconciled": True, "waiting": ["31000040275 dhcp FAILED"],
+                     "failed": ["31000040275 dhcp: not healthy"]}])
+    monkeypatch.setattr(slotcli, "_ask", lambda op, **args: next(answers))
+    monkeypatch.setattr(slotcli.time, "sleep", lambda _: None)
+    assert slotcli.main(["wait-ready", "--timeout", "600"]) == 1
+    assert capsys.readouterr().err == "slots failed: 31000040275 dhcp: not healthy\n"
+
 
 def test_tables_have_the_source_documents_columns() -> None:
     rows = [{"parent": NODE, "location": "31000040275", "type": "dhcp", "version": "0.901.25.28 2010-09-10",

@@ -51,6 +51,24 @@ def test_the_manifest_is_signed_and_root_and_initrd_hold_the_key_that_verifies_i
     assert (build_manifest["architecture"], build_manifest["boot"]["tries"]) == ("x86-64", profile.boot.tries)
 
 
+def test_no_artifact_holds_the_cluster_key(vm_project: Project, built: Path, tmp_path: Path) -> None:
+    """The key the VM tests set on their nodes is in no file of the build, the PXE bundle or
+    a release, nor inside root.img's file system or the initrd's archive."""
+    key = (vm_project.root / "profiles/keys/qemu-test-cluster.key").read_bytes().strip()
+    release = write_release(built, tmp_path / "r.cbios.tar")
+    files = [p for p in [*built.rglob("*"), release] if p.is_file() and not p.is_symlink() and p.name != "disk.qcow2"]
+    assert {"root.img", "initrd.img", "vmlinuz", "r.cbios.tar"} <= {p.name for p in files}
+    for path in files:
+        assert key not in path.read_bytes(), path
+    subprocess.run(["unsquashfs", "-q", "-no-progress", "-no-xattrs", "-d", str(tmp_path / "root"),
+                    str(built / "root.img")], check=True, stdout=subprocess.DEVNULL)
+    found = subprocess.run(["grep", "-rlF", key.decode(), str(tmp_path / "root")], capture_output=True, text=True)
+    assert found.returncode == 1 and found.stdout == "", found.stdout
+    assert (tmp_path / "root" / "usr/lib/cbios/slots.json").is_file()  # the tree is there to search
+    cpio = subprocess.run(["xz", "-dc", str(built / "initrd.img")], capture_output=True, check=True).stdout
+    assert len(cpio) > 10 << 20 and key not in cpio
+
+
 def test_root_img_is_squashfs_followed_by_its_verity_tree(built: Path, build_manifest: dict[str, Any]) -> None:
     image = built / "root.img"
     out = subprocess.run(["unsquashfs", "-s", str(image)], capture_output=True, text=True, check=True).stdout

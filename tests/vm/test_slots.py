@@ -1,6 +1,6 @@
 """Slots on a node booted from its disk: CB-Executor, CB-Manager in slot 0, the dhcp and
 dns_master slots serving for real on br0, the slot CLI, the cluster with a second node,
-and a reboot. One boot for the module (then one reboot at its end): the tests run in
+and reboots. One boot for the module (then two reboots at its end): the tests run in
 order on the same node. The second node (qemu-test-peer) boots beside it from the start,
 its ctl joined to this node's by a UDP socket pair, and is powered off by the last test
 of the cluster."""
@@ -308,6 +308,14 @@ MALFORMED = [
 ]
 
 
+# One request to CB-Executor, base64 in REQUEST; its answer within a bound: a request that
+# blocks it shows as a timeout here, not as a hung test.
+EXECUTOR_ASK = ("python3 -c 'import base64,socket; s=socket.socket(socket.AF_UNIX); s.settimeout(20); "
+                "s.connect(\"/run/cbios/executor/executor.sock\"); "
+                "s.sendall(base64.b64decode(\"{request}\") + b\"\\n\"); "
+                "print(s.makefile().readline())'")
+
+
 def test_executor_refuses_malformed_requests_and_changes_nothing(node: Machine) -> None:
     before = node.succeed("lvs --noheadings -o lv_name,lv_size lvm; ls /var/lib/lxc; sha256sum /etc/shadow")
     for raw, message in MALFORMED:
@@ -326,7 +334,19 @@ def test_executor_refuses_malformed_requests_and_changes_nothing(node: Machine) 
         "\"args\": {\"volume\": \"slot2-0\", \"path\": \"etc/shadow\", \"content\": \"x\"}}).encode() + b\"\\n\"); "
         "print(s.makefile().readline())'"))
     assert answer["ok"] is False and "not a directory of the volume" in answer["error"], answer
-    node.succeed(f"mount /dev/mapper/lvm-slot2-0 /mnt && rm /mnt/etc && umount /mnt && slot start {DHCP}")
+    node.succeed("mount /dev/mapper/lvm-slot2-0 /mnt && rm /mnt/etc && umount /mnt")
+    # A FIFO the slot left where CB-Executor writes its settings: refused, not waited on.
+    node.succeed(f"slot start {DHCP}")
+    node.succeed("lxc-attach -n slot2 -- sh -c 'mv /var/slot.env /var/slot.env.kept && mkfifo /var/slot.env'")
+    node.succeed(f"slot stop {DHCP}")
+    put = json.dumps({"v": 1, "op": "volume.put", "args": {"volume": "slot2-0", "path": "slot.env", "content": "x"}})
+    answer = json.loads(node.succeed(EXECUTOR_ASK.format(request=base64.b64encode(put.encode()).decode())))
+    assert answer["ok"] is False and answer["error"] == "slot2-0: slot.env: not a plain file of the volume", answer
+    listed = json.loads(node.succeed(EXECUTOR_ASK.format(request=base64.b64encode(
+        b'{"v": 1, "op": "volume.list", "args": {}}').decode())))
+    assert listed["ok"] and "slot2-0" in [v["volume"] for v in listed["result"]], listed
+    node.succeed("mount /dev/mapper/lvm-slot2-0 /mnt && rm /mnt/slot.env && mv /mnt/slot.env.kept /mnt/slot.env "
+                 f"&& umount /mnt && slot start {DHCP}")
     assert node.succeed("lvs --noheadings -o lv_name,lv_size lvm; ls /var/lib/lxc; sha256sum /etc/shadow") == before
     journal = node.succeed("journalctl -b -u cbios-executor --no-pager -o cat")
     assert "refused volume.remove: volume.remove: volume: 'root' is not a slot volume" in journal
@@ -344,9 +364,28 @@ def timed(m: Machine, command: str) -> tuple[int, str, str, float]:
     return int(rc), stdout.strip("\n"), stderr.strip("\n"), int(ms) / 1000
 
 
-def test_slot_show_lists_the_slots_of_every_node_of_the_cluster(node: Machine, peer: Machine,
-                                                                peer_profile: Profile) -> None:
+KEY_FILE = Path(__file__).resolve().parents[2] / "profiles/keys/qemu-test-cluster.key"
+
+
+def test_a_node_without_the_cluster_key_runs_its_slots_and_says_why_the_others_are_missing(
+        node: Machine, peer: Machine, peer_profile: Profile) -> None:
     ready_peer(peer, peer_profile)
+    rc, out, err, _ = timed(node, "slot show")
+    assert rc == 1, (out, err)
+    rows = {line.split()[1]: line.split() for line in out.splitlines()[1:]}
+    assert rows[DHCP][6] == "ON" and rows[PEER][:5] == [PEER, PEER, "-", "10.0.249.19", "UNREACHABLE"], rows
+    assert err == (f"slot: node {PEER} unreachable: no cluster key on this node (/var/lib/cbios/secrets/cluster.key): "
+                   "set one with `cbios cluster set-key`"), err
+    rc, out = node.execute("cbios cluster key")
+    assert rc == 1 and out.startswith("no cluster key"), out
+    # The operator sets it on each node: it is in no artifact of the build (test_build_and_check).
+    data = base64.b64encode(KEY_FILE.read_bytes()).decode()
+    for m in (node, peer):
+        assert "cluster key" in m.succeed(f"echo {data} | base64 -d | cbios cluster set-key -")
+    assert node.succeed("cbios cluster key") == peer.succeed("cbios cluster key")
+
+
+def test_slot_show_lists_the_slots_of_every_node_of_the_cluster(node: Machine, peer: Machine) -> None:
     rc, out, err, seconds = timed(node, "slot show")
     alone = [timed(node, f"slot show {n}")[3] for n in (NODE, PEER)]
     print(f"slot show across two nodes: {seconds:.2f} s; this node's alone {alone[0]:.2f} s, "
@@ -392,24 +431,32 @@ CREDENTIALS_PROBE = r"""lxc-attach -n slot0 -- python3 - <<'EOF'
 import json, socket, sys
 sys.path.insert(0, "/usr/lib/cbios/python")
 from cbios.node import cluster
-KEY = open("/usr/lib/cbios/secrets/cluster.key", "rb").read()
+KEY = open("/var/lib/cbios/secrets/cluster.key", "rb").read().strip()
+ME, PEER = "31000040010", "31000041010"
 
-def send(obj):
+def send(make):
     with socket.create_connection(("10.0.249.19", 7475), timeout=10) as s:
-        s.sendall(json.dumps(obj).encode() + b"\n")
-        return json.loads(s.makefile().readline())
+        answers = s.makefile("rb")
+        msg = make(json.loads(answers.readline())["challenge"])
+        s.sendall((msg if isinstance(msg, bytes) else json.dumps(msg).encode()) + b"\n")
+        return json.loads(answers.readline())
 
 stop = {"object_id": "31000041675"}
-signed = cluster.request(KEY, "31000040010", "31000041010", "slots", {"object_id": "31000041010"})
+kept = {}
+
+def signed(challenge):
+    kept["msg"] = cluster.request(KEY, ME, PEER, challenge, "slots", {"object_id": PEER})
+    return kept["msg"]
+
 print(json.dumps({
-    "bare": send({"v": 1, "op": "stop", "args": stop}),
-    "wrong key": send(cluster.request(b"k" * 32, "31000040010", "31000041010", "stop", stop)),
-    "not a member": send(cluster.request(KEY, "31000099010", "31000041010", "stop", stop)),
-    "for another node": send(cluster.request(KEY, "31000040010", "31000040010", "stop", stop)),
-    "stale": send(cluster.request(KEY, "31000040010", "31000041010", "stop", stop, now=lambda: 1e9)),
-    "not JSON": send("stop 31000041675"),
+    "bare": send(lambda c: {"v": 1, "op": "stop", "args": stop}),
+    "wrong key": send(lambda c: cluster.request(b"k" * 32, ME, PEER, c, "stop", stop)),
+    "not a member": send(lambda c: cluster.request(KEY, "31000099010", PEER, c, "stop", stop)),
+    "for another node": send(lambda c: cluster.request(KEY, ME, ME, c, "stop", stop)),
+    "another challenge": send(lambda c: cluster.request(KEY, ME, PEER, "0" * 32, "stop", stop)),
+    "not JSON": send(lambda c: b"stop 31000041675"),
     "signed": send(signed),
-    "replayed": send(signed),
+    "replayed": send(lambda c: kept["msg"]),
 }))
 EOF"""
 # From the node's own address, which is no member's: the connection is closed, unanswered.
@@ -431,14 +478,24 @@ def test_requests_without_the_clusters_credentials_are_refused(node: Machine, pe
     log = "/var/log/cbios/slots/slot0.console.log"
     peer.wait_until_succeeds(f"grep -c 'cluster: refused a request from 10.0.249.9: ' {log} | grep -qx 7", timeout=30)
     peer.succeed(f"grep -q 'cluster: refused a request from 10.0.249.10: not a member' {log}")
-    # The key: root's on the node, CB-Manager's in slot 0, no other slot's (nor can one unmount its way to it).
-    assert node.succeed("stat -c %a /usr/lib/cbios/secrets /usr/lib/cbios/secrets/cluster.key").split() == [
+    # The key: root's on the node's /var, CB-Manager's in slot 0, no other slot's; none in the firmware.
+    assert node.succeed("stat -c %a /var/lib/cbios/secrets /var/lib/cbios/secrets/cluster.key").split() == [
         "700", "600"]
-    node.succeed("lxc-attach -n slot0 -- test -s /usr/lib/cbios/secrets/cluster.key")
-    assert node.succeed("lxc-attach -n slot2 -- ls -A /usr/lib/cbios/secrets") == ""
-    node.fail("lxc-attach -n slot6 -- cat /usr/lib/cbios/secrets/cluster.key")
-    print("umount in slot 2:", node.fail("lxc-attach -n slot2 -- umount /usr/lib/cbios/secrets 2>&1"))
-    assert node.succeed("lxc-attach -n slot2 -- ls -A /usr/lib/cbios/secrets") == ""
+    node.succeed("lxc-attach -n slot0 -- test -s /var/lib/cbios/secrets/cluster.key")
+    for eid in (2, 6):
+        node.fail(f"lxc-attach -n slot{eid} -- cat /var/lib/cbios/secrets/cluster.key")
+    node.fail("ls -A /usr/lib/cbios/secrets")
+
+
+def test_the_key_rotates_on_both_nodes_with_no_reflash(node: Machine, peer: Machine) -> None:
+    before = node.succeed("cbios cluster key").split()[1]
+    rows = [line.split() for line in node.succeed("cbios cluster rotate-key").splitlines()]
+    assert [r[:2] for r in rows] == [[NODE, "ROTATED"], [PEER, "ROTATED"]] and rows[0][2] == rows[1][2] != before
+    for m in (node, peer):
+        assert m.succeed("cbios cluster key").splitlines() == [f"current:  {rows[0][2]}", f"previous: {before}"]
+    for m, other in ((node, PEER_DNS), (peer, DNS)):
+        rc, out, err, _ = timed(m, "slot show")
+        assert rc == 0 and other in out, (out, err)
 
 
 def test_with_the_other_node_off_slot_show_reports_it_unreachable_within_the_bound(
@@ -460,6 +517,7 @@ def test_with_the_other_node_off_slot_show_reports_it_unreachable_within_the_bou
 
 def test_after_a_reboot_the_registry_is_intact_and_autostart_slots_are_on(node: Machine, profile: Profile) -> None:
     leases = node.succeed("lxc-attach -n slot2 -- cat /var/lib/dnsmasq/leases")
+    key = node.succeed("cbios cluster key").splitlines()[0]
     node.succeed("systemctl reboot")
     node.wait_ready(profile.qemu.ready_timeout)
     rows = {r["location"]: r for r in slot_json(node, "show", NODE)}
@@ -469,3 +527,22 @@ def test_after_a_reboot_the_registry_is_intact_and_autostart_slots_are_on(node: 
     assert rows[DNS]["hostname"] == "dns1"  # as installed, not as the firmware first had it
     assert node.succeed("lxc-attach -n slot2 -- cat /var/lib/dnsmasq/leases") == leases
     assert lxc_state(node, 6) == "RUNNING"
+    assert node.succeed("cbios cluster key").splitlines()[0] == key  # on /var: kept
+
+
+def test_a_committed_copy_whose_autostart_slot_never_gets_healthy_stays_up(node: Machine, profile: Profile) -> None:
+    """The dhcp slot, broken or hostile, leaves a file where its run script makes dnsmasq's
+    directory: it can never start again. The committed copy says FAILED and stays up."""
+    node.succeed("lxc-attach -n slot2 -- sh -c 'rm -rf /var/lib/dnsmasq && touch /var/lib/dnsmasq'")
+    node.succeed("systemctl reboot")
+    verdict = node.wait_report(("FAILED", "READY"), profile.qemu.ready_timeout)
+    assert verdict.startswith("FAILED") and "copy=root" in verdict and "check=50-slots" in verdict, verdict
+    boot = node.succeed("cat /proc/sys/kernel/random/boot_id")
+    node.wait_until_succeeds("systemctl show -p ActiveState --value cbios-health | grep -qx failed", timeout=60)
+    journal = node.succeed("journalctl -b -u cbios-health --no-pager -o cat")
+    assert "copy root is committed: it stays up, and says so (no reboot loop)" in journal, journal
+    rows = {r["location"]: r for r in slot_json(node, "show", NODE)}
+    assert rows[DHCP]["status"] == "FAILED" and rows[DNS]["status"] == "ON"
+    st = json.loads(node.succeed("cbios status --json"))
+    assert st["copies"]["root"]["state"] == "good" and "50-slots" in st["last_failure"], st
+    assert node.succeed("cat /proc/sys/kernel/random/boot_id") == boot

@@ -1,0 +1,93 @@
+"""The cluster key of a node: outside its firmware, on its /var, which updates and
+rollbacks keep.
+
+The operator sets it on each management node (`cbios cluster set-key`); no build writes
+it, so no image, bundle or release holds it. `cbios cluster rotate-key` hands a new one
+to every member over the cluster itself (cluster.py), and each node keeps the key it
+replaced as the previous one: a member that missed a rotation is still understood, and
+the next rotation reaches it. Files are 0600 in a 0700 directory, replaced by rename."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import secrets
+from pathlib import Path
+
+from cbios.node import slotdefs
+
+KEY_BYTES = 32  # a new key; a key set by hand has at least MIN_BYTES
+MIN_BYTES = 32
+MAX_BYTES = 4096
+PREVIOUS_SUFFIX = ".previous"
+
+
+class BadKey(ValueError):
+    """A key that is not one: too short, too long."""
+
+
+def check(key: bytes, where: str) -> bytes:
+    key = key.strip()
+    if not MIN_BYTES <= len(key) <= MAX_BYTES:
+        raise BadKey(f"{where}: a cluster key is {MIN_BYTES} to {MAX_BYTES} bytes (this is {len(key)})")
+    return key
+
+
+def new_key() -> bytes:
+    return secrets.token_hex(KEY_BYTES).encode()
+
+
+def fingerprint(key: bytes) -> str:
+    """What two nodes can compare without showing the key."""
+    return hashlib.sha256(b"cbios cluster key\0" + key).hexdigest()[:16]
+
+
+class Keyring:
+    """The key files under DIRECTORY: read afresh at every use, so a key set or rotated
+    takes effect at once in every process that reads them (CB-Manager's container binds
+    the directory)."""
+
+    def __init__(self, path: Path = slotdefs.CLUSTER_KEY) -> None:
+        self.path = path
+        self.previous_path = path.with_name(path.name + PREVIOUS_SUFFIX)
+
+    def current(self) -> bytes | None:
+        return self._read(self.path)
+
+    def keys(self) -> list[bytes]:
+        """The keys a request may be signed with: the current one, then the previous one."""
+        return [k for k in (self._read(self.path), self._read(self.previous_path)) if k]
+
+    def install(self, key: bytes) -> None:
+        """KEY becomes the current key; the current one (if another) becomes the previous."""
+        key = check(key, "the new key")
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        old = self.current()
+        if old is not None and old != key:
+            _write(self.previous_path, old)
+        _write(self.path, key)
+
+    @staticmethod
+    def _read(path: Path) -> bytes | None:
+        try:
+            return check(path.read_bytes(), str(path))
+        except (OSError, BadKey):
+            return None
+
+
+def _write(path: Path, data: bytes) -> None:
+    temp = path.with_name(f".{path.name}.new")
+    with contextlib.suppress(FileNotFoundError):
+        temp.unlink()
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(temp, path)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
