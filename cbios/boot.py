@@ -30,7 +30,7 @@ def kernel_boot_spec(project: Project, profile: Profile, out: Path,
     dm-verity with the root hash of the build's manifest. ROOT: another root.img and its
     verity parameter, booted the same way."""
     image, verity = root or (out / "root.img", manifest.read(out / manifest.MANIFEST)["verity"]["param"])
-    cmdline = " ".join(["cbios.image=/dev/vda", f"cbios.verity={verity}", "ro", *profile.kernel.cmdline])
+    cmdline = " ".join(["cbios.image=/dev/vda", f"cbios.verity={verity}", "ro", *profile.kernel_cmdline()])
     return VmSpec(
         memory=profile.qemu.memory,
         cpus=profile.qemu.cpus,

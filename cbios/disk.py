@@ -53,7 +53,7 @@ def overlay(backing: Path, path: Path) -> Path:
 def flash_cmdline(profile: Profile, *, source: str = f"LABEL={MEDIA_LABEL}", target: str = "/dev/vda",
                   force: bool = False) -> str:
     args = ["cbios.flash=install", f"cbios.source={source}", f"cbios.target={target}",
-            "cbios.flash.done=poweroff", *profile.kernel.cmdline]
+            "cbios.flash.done=poweroff", *profile.kernel_cmdline()]
     if source.startswith(("http://", "https://")):
         args.append("ip=dhcp")
     if force:

@@ -52,7 +52,9 @@ class VmSpec:
         argv = [QEMU, "-accel", self.accel, "-cpu", cpu, "-m", str(self.memory), "-smp", str(self.cpus),
                 "-nodefaults", "-no-user-config", "-display", "none",
                 *(["-no-reboot"] if self.no_reboot else []),
-                "-serial", self.serial, "-device", "virtio-rng-pci"]
+                "-serial", self.serial, "-device", "virtio-rng-pci",
+                # A board's watchdog, as nodes have: systemd pings it (the profile's boot.watchdog).
+                "-device", "i6300esb", "-action", "watchdog=reset"]
         for i, mac in enumerate(self.macs or [""]):
             netdev = f"{self.links[i]},id=n{i}" if i in self.links else self.netdev.replace("id=n0", f"id=n{i}")
             argv += ["-netdev", netdev + (f",{self.pxe}" if self.pxe and i == 0 and 0 not in self.links else "")]

@@ -16,6 +16,7 @@ from typing import Any
 import jinja2
 
 from cbios.errors import StepError
+from cbios.node import bootenv
 from cbios.profile import Profile, parse_size
 from cbios.profile import template as slot_template
 from cbios.project import Project
@@ -66,7 +67,8 @@ def context(profile: Profile, extra_packages: list[str] | None = None) -> dict[s
         "dist": profile.distribution,
         "vg": profile.storage.vg,
         "architecture": architecture(),
-        "cmdline": " ".join(profile.kernel.cmdline),
+        "cmdline": " ".join(profile.kernel_cmdline()),
+        "bootenv_keys": " ".join(bootenv.GRUB_KEYS),
         "sizes": {
             "boot": parse_size(profile.storage.boot_size),
             "root": parse_size(profile.storage.root_size),

@@ -11,7 +11,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 SIZE = 1024
+SECTOR = 512
 HEADER = b"# GRUB Environment Block\n"
+# What GRUB chooses a copy by, in this order at the head of the block, all within its first
+# sector: a write torn between the block's two sectors leaves them all old or all new, never
+# a new active copy beside an old state (the flasher's lib.sh writes the same order).
+STATE_KEYS = ("cbios_active", "cbios_root_state", "cbios_root_tries", "cbios_root_verity",
+              "cbios_spare_state", "cbios_spare_tries", "cbios_spare_verity")
+# What GRUB loads of the block (grub.cfg's load_env): the state, then what it only shows or appends.
+GRUB_KEYS = (*STATE_KEYS, "cbios_fallback", "cbios_cmdline_extra", "cbios_root_cmdline", "cbios_spare_cmdline")
 BOOT_LABEL = "cbios-boot"
 MOUNTPOINT = Path("/run/cbios/boot")
 COPIES = {"root": "root", "spare": "root-spare"}  # copy -> LV name
@@ -52,10 +60,15 @@ def parse(data: bytes) -> dict[str, str]:
 
 
 def render(env: dict[str, str]) -> bytes:
-    body = b"".join(
-        f"{k}={v.replace(chr(92), chr(92) * 2).replace(chr(10), chr(92) + 'n')}\n".encode()
-        for k, v in env.items())
-    data = HEADER + body
+    """The block: STATE_KEYS first (within the first sector), the rest after, sorted."""
+    def line(key: str) -> bytes:
+        value = env[key].replace(chr(92), chr(92) * 2).replace(chr(10), chr(92) + "n")
+        return f"{key}={value}\n".encode()
+
+    state = HEADER + b"".join(line(k) for k in STATE_KEYS if k in env)
+    if len(state) > SECTOR:
+        raise BootEnvError(f"boot state of {len(state)} bytes does not fit in the block's first {SECTOR}")
+    data = state + b"".join(line(k) for k in sorted(env) if k not in STATE_KEYS)
     if len(data) > SIZE:
         raise BootEnvError(f"boot state of {len(data)} bytes does not fit in {SIZE}")
     return data + b"#" * (SIZE - len(data))
@@ -97,14 +110,17 @@ def boot_partition(writable: bool = False) -> Iterator[Path]:
 def running_copy(cmdline: str | None = None, netboot_copy: Path = NETBOOT_COPY) -> str | None:
     """The copy this boot runs ('root' or 'spare'), or None when not booted from a node disk.
     GRUB names it on the kernel command line; a netboot's initrd, in /run/cbios/copy."""
-    text = cmdline if cmdline is not None else Path("/proc/cmdline").read_text()
-    found = None
-    for arg in text.split():
-        if arg.startswith("cbios.copy="):
-            found = arg.split("=", 1)[1]
+    found = cmdline_value("cbios.copy", cmdline)
     if found is None and netboot_copy.is_file():
         found = netboot_copy.read_text().strip()
     return found if found in COPIES else None
+
+
+def cmdline_value(name: str, cmdline: str | None = None) -> str | None:
+    """The value of kernel parameter NAME=VALUE (the last one), or None."""
+    text = cmdline if cmdline is not None else Path("/proc/cmdline").read_text()
+    values = [arg.split("=", 1)[1] for arg in text.split() if arg.startswith(f"{name}=")]
+    return values[-1] if values else None
 
 
 def boot_source(netboot_source: Path = NETBOOT_SOURCE) -> str:
@@ -152,6 +168,15 @@ def committed(env: dict[str, str], copy: str, version: str | None = None) -> dic
         else:
             new.pop(REFUSED)
     return new
+
+
+def rebuilt(copy: str, verity: str) -> dict[str, str]:
+    """The boot state rebuilt from what a node running COPY (opened with VERITY) can see,
+    when its block is unreadable: COPY good and the one to boot; the other copy bad, since
+    nothing it can read tells which firmware that one holds (an update rewrites it)."""
+    return {"cbios_active": copy, f"cbios_{copy}_state": "good", f"cbios_{copy}_verity": verity,
+            f"cbios_{other(copy)}_state": "bad",
+            "cbios_fallback": f"the boot state was unreadable: rebuilt, copy {other(copy)} bad until updated"}
 
 
 def corrupted(env: dict[str, str], copy: str, reason: str) -> dict[str, str]:

@@ -39,7 +39,15 @@ def cmd_commit(args: argparse.Namespace) -> int:
         return 0
     own = status.release(status.RELEASE.read_text())
     with bootenv.boot_partition(writable=True) as path:
-        env = bootenv.read(path)
+        try:
+            env = bootenv.read(path)
+        except bootenv.BootEnvError as e:
+            verity = bootenv.cmdline_value("cbios.verity")
+            if verity is None:
+                raise
+            print(f"cbios: {path}: {e}: rebuilt from this boot (copy {running})", file=sys.stderr)
+            bootenv.write(path, bootenv.rebuilt(running, verity))
+            env = bootenv.read(path)
         if env.get(f"cbios_{running}_state") == "bad":
             print(f"cbios: copy {running} is marked bad ({env.get('cbios_corrupt') or 'by the boot loader'}): "
                   "not committed", file=sys.stderr)

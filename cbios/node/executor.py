@@ -203,7 +203,7 @@ class Executor:
             return None
 
     def op_container_define(self, eid: int, template: str, volumes: list[int], hostname: str | None = None,
-                            address: str | None = None) -> None:
+                            address: str | None = None, memory: int | None = None, pids: int | None = None) -> None:
         tpl = self._template(template)
         if (template == slotdefs.MANAGER_TEMPLATE) != (eid == slotdefs.MANAGER_EID):
             # CB-Manager's container holds this executor's socket: one, at its own place.
@@ -223,12 +223,14 @@ class Executor:
         extra_file = self.templates / template / "lxc.conf"
         d = lxcconf.Definition(eid=eid, template=template, kind=tpl["type"], vg=self.vg, bridge=self.bridge,
                                node_id=self.node_id, hostname=hostname, address=address, volumes=tuple(volumes),
-                               extra=extra_file.read_text() if extra_file.is_file() else "")
+                               extra=extra_file.read_text() if extra_file.is_file() else "",
+                               memory=memory or lxcconf.MEMORY, pids=pids or lxcconf.PIDS)
         try:
             text = lxcconf.render(d)
         except (KeyError, ValueError) as e:
             raise Failed(f"{extra_file}: {e}") from None
         Path(lxcconf.LOG_DIR).mkdir(parents=True, exist_ok=True)
+        lxcconf.rotated(lxcconf.lxc_log(eid))
         _write_files(cdir, {"config": text, SIDE_FILE: json.dumps(side, indent=2) + "\n"})
 
     def op_container_undefine(self, eid: int) -> None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cbios.node import lxcconf
 from cbios.node.command import run as _run
 from cbios.node.slotdefs import volume_name
 from cbios.node.wire import Failed
@@ -148,6 +149,7 @@ def start(vm: Vm, disk: Path) -> None:
     errors = vm.run_dir / "qemu.log"
     errors.unlink(missing_ok=True)
     Path(vm.console_log).parent.mkdir(parents=True, exist_ok=True)
+    lxcconf.rotated(Path(vm.console_log))
     _tap_up(vm)
     try:
         # Before=cbios-slots.service: at shutdown the VM is stopped after that unit's power

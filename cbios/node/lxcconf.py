@@ -14,11 +14,22 @@ from __future__ import annotations
 import hashlib
 import string
 from dataclasses import dataclass
+from pathlib import Path
 
 from cbios.node.slotdefs import TEMPLATES, container_name, volume_name
 
 LOG_DIR = "/var/log/cbios/slots"
-CAP_DROP = "sys_module sys_time sys_boot sys_rawio mac_admin mac_override dac_read_search"
+CONSOLE_LOG_MAX = "1MB"  # then rotated once (.1): at most twice this on /var a slot
+LOG_MAX = 1 << 20  # LXC's own log, a VM's console: rotated (.1) at a start past this
+# Never a slot's: loading code into the kernel, raw I/O, the clock, device nodes (no mknod:
+# the device list below is the only way to a device), handles that reach past its mounts.
+CAP_DROP = "sys_module sys_time sys_boot sys_rawio mac_admin mac_override dac_read_search mknod"
+SECCOMP = "/usr/lib/cbios/slot.seccomp"
+# The devices a slot may open (cgroup2): what a process and a terminal need, nothing else;
+# no disk among them, so a node's volumes stay the node's whatever the slot makes of /dev.
+DEVICES = ("c 1:3 rwm", "c 1:5 rwm", "c 1:7 rwm", "c 1:8 rwm", "c 1:9 rwm",  # null zero full random urandom
+           "c 5:0 rwm", "c 5:1 rwm", "c 5:2 rwm", "c 136:* rwm")  # tty console ptmx pts/*
+MEMORY, PIDS = 512 << 20, 512  # when a definition names none (the template's defaults)
 
 
 @dataclass(frozen=True)
@@ -33,6 +44,22 @@ class Definition:
     address: str | None  # 10.0.249.52/24
     volumes: tuple[int, ...]
     extra: str = ""  # the template's lxc.conf, not yet substituted
+    memory: int = MEMORY  # bytes: cgroup memory.max
+    pids: int = PIDS  # cgroup pids.max
+
+
+def lxc_log(eid: int) -> Path:
+    return Path(LOG_DIR) / f"{container_name(eid)}.lxc.log"
+
+
+def rotated(path: Path, limit: int = LOG_MAX) -> None:
+    """PATH, if over LIMIT bytes, moved to PATH.1 (the one before goes): a log LXC or QEMU
+    appends to across starts stays within twice LIMIT."""
+    try:
+        if path.stat().st_size > limit:
+            path.replace(path.with_name(path.name + ".1"))
+    except FileNotFoundError:
+        pass
 
 
 def mac_address(node_id: str, eid: int) -> str:
@@ -62,9 +89,16 @@ def render(d: Definition) -> str:
         "lxc.autodev = 1",
         "lxc.tty.max = 0",
         "lxc.pty.max = 16",
-        f"lxc.log.file = {LOG_DIR}/{name}.lxc.log",
+        f"lxc.seccomp.profile = {SECCOMP}",
+        "lxc.cgroup2.devices.deny = a",
+        *(f"lxc.cgroup2.devices.allow = {rule}" for rule in DEVICES),
+        f"lxc.cgroup2.memory.max = {d.memory}",
+        f"lxc.cgroup2.pids.max = {d.pids}",
+        f"lxc.log.file = {lxc_log(d.eid)}",
         "lxc.log.level = WARN",
         f"lxc.console.logfile = {LOG_DIR}/{name}.console.log",
+        f"lxc.console.size = {CONSOLE_LOG_MAX}",
+        "lxc.console.rotate = 1",
     ]
     if d.kind == "lxc-service":
         lines += [
@@ -94,7 +128,7 @@ def render(d: Definition) -> str:
     if d.address:
         lines.append(f"lxc.net.0.ipv4.address = {d.address}")
     if d.extra:
-        values = {"eid": str(d.eid), "name": name, "vg": d.vg}
+        values = {"eid": str(d.eid), "name": name, "vg": d.vg, "cap_drop": CAP_DROP}
         values.update({f"volume{iid}": device(d.vg, d.eid, iid) for iid in d.volumes})
         lines += ["", "# From the template:", string.Template(d.extra).substitute(values).strip()]
     return "\n".join(lines) + "\n"

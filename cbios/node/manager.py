@@ -139,7 +139,8 @@ class Manager:
     def entry_for(self, s: dict[str, Any]) -> dict[str, Any]:
         return {"eid": s["eid"], "object_id": slotdefs.slot_object_id(self.node_id, s["eid"]),
                 "template": s["template"], "address": s.get("address"), "hostname": s.get("hostname"),
-                "autostart": s.get("autostart", True), "volumes": s["volumes"], "params": s.get("params", {})}
+                "autostart": s.get("autostart", True), "volumes": s["volumes"], "params": s.get("params", {}),
+                **({"limits": s["limits"]} if s.get("limits") else {})}
 
     def provision(self, entry: dict[str, Any]) -> None:
         """Volumes (made and filled if missing or blank), slot.env, container definition."""
@@ -153,8 +154,9 @@ class Manager:
             self.ex("volume.write", volume=name, template=template, if_blank=True)
         self.ex("volume.put", volume=slotdefs.volume_name(eid, 0), path=env_path(kind),
                 content=slot_env(entry, self.config))
+        limits = entry.get("limits") or self._template(template).get("limits") or {}
         self.ex("container.define", eid=eid, template=template, hostname=entry.get("hostname"),
-                address=entry.get("address"), volumes=[v["iid"] for v in entry["volumes"]])
+                address=entry.get("address"), volumes=[v["iid"] for v in entry["volumes"]], **limits)
 
     # -- requests ------------------------------------------------------------------
 

@@ -101,6 +101,7 @@ def _source(v: Any) -> str:
 
 
 EID = _int(0, 9)
+MIN_MEMORY, MAX_MEMORY = 16 << 20, 1 << 40
 Schema = dict[str, tuple[Check, bool]]  # argument -> (check, required)
 
 REQUESTS: dict[str, Schema] = {
@@ -111,7 +112,8 @@ REQUESTS: dict[str, Schema] = {
     "volume.put": {"volume": (_volume, True), "path": (_path, True), "content": (_content, True)},
     "volume.remove": {"volume": (_volume, True)},
     "container.define": {"eid": (EID, True), "template": (_name, True), "hostname": (_hostname, False),
-                         "address": (_address, False), "volumes": (_iids, True)},
+                         "address": (_address, False), "volumes": (_iids, True),
+                         "memory": (_int(MIN_MEMORY, MAX_MEMORY), False), "pids": (_int(16, 65536), False)},
     "container.undefine": {"eid": (EID, True)},
     "container.start": {"eid": (EID, True)},
     "container.stop": {"eid": (EID, True), "timeout": (_int(1, 300), False)},

@@ -287,6 +287,7 @@ def marked_bad(env: dict[str, str], copy: str) -> dict[str, str]:
     new[f"cbios_{copy}_state"] = "bad"
     new.pop(f"cbios_{copy}_tries", None)
     new.pop(f"cbios_{copy}_verity", None)
+    new.pop(f"cbios_{copy}_cmdline", None)  # its parameters were for the firmware it held
     new["cbios_active"] = bootenv.other(copy)
     return new
 

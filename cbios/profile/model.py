@@ -155,6 +155,13 @@ class Network(Strict):
                                  description="DNS zone of the node's slots (served by a dns_master slot)")] = "cluster"
 
 
+class Limits(Strict):
+    """What a slot may use of the node: cgroup memory.max and pids.max."""
+
+    memory: Size | None = Field(default=None, description="memory.max, e.g. 256M")
+    pids: Annotated[int, Field(ge=16, le=65536, description="pids.max: processes and threads")] | None = None
+
+
 class Slot(Strict):
     template: Name
     eid: Annotated[int, Field(ge=0, le=9, description="the slot's number on its node (ObjectID digit); "
@@ -165,6 +172,7 @@ class Slot(Strict):
     volumes: list[SlotVolume] = Field(default=[], description="sizes; the template's when empty")
     params: dict[str, Annotated[str, Field(pattern=r"^[A-Za-z0-9 ._:/,=-]*$")]] = Field(
         default={}, description="the template's parameters")
+    limits: Limits = Field(default_factory=Limits, description="the template's limits where not set here")
 
 
 class Boot(Strict):
@@ -172,6 +180,10 @@ class Boot(Strict):
 
     tries: Annotated[int, Field(ge=1, le=9, description="boots a new copy gets to become ready")] = 3
     ready_timeout: Annotated[int, Field(ge=10, description="seconds a boot has to become ready")] = 600
+    panic_reboot: Annotated[int, Field(ge=1, le=300, description="seconds from a kernel panic to a reboot "
+                                       "(panic=): the boot loader then counts the try")] = 10
+    watchdog: Annotated[int, Field(ge=0, le=600, description="seconds a hung node runs before the hardware "
+                                   "watchdog, pinged by systemd, resets it; 0: no watchdog")] = 60
 
 
 class Update(Strict):
@@ -233,6 +245,11 @@ class Profile(Strict):
     update: Update = Update()
     cluster: Cluster = Cluster()
     qemu: Qemu = Qemu()
+
+    def kernel_cmdline(self) -> list[str]:
+        """The kernel command line of every boot of this firmware: the profile's, and panic=,
+        so that a kernel that panics reboots and the boot loader counts the try."""
+        return [*self.kernel.cmdline, f"panic={self.boot.panic_reboot}"]
 
     def slot_object_id(self, eid: int) -> str:
         """The source document's scheme: node 31000040010, slot 1 -> 31000040175.

@@ -26,7 +26,7 @@ from pydantic import Field
 
 from cbios.errors import ProfileError
 from cbios.node import slotdefs, slotparams
-from cbios.profile.model import Name, Profile, Size, SlotVolume, Strict, parse_size
+from cbios.profile.model import Limits, Name, Profile, Size, SlotVolume, Strict, parse_size
 from cbios.profile.yamlload import YamlError, format_path, load_yaml
 from cbios.project import Project
 
@@ -58,6 +58,13 @@ class TemplateParam(Strict):
         return self
 
 
+class TemplateLimits(Strict):
+    """What a slot of this template may use of the node, unless its profile says otherwise."""
+
+    memory: Size = Field(default="512M", description="cgroup memory.max")
+    pids: Annotated[int, Field(ge=16, le=65536, description="cgroup pids.max: processes and threads")] = 512
+
+
 class VmSettings(Strict):
     """kvm-system: how CB-Executor runs the VM, and what its initrd holds."""
 
@@ -85,6 +92,7 @@ class SlotTemplate(Strict):
 
     def param_defaults(self) -> dict[str, str]:
         return {k: p.default for k, p in self.params.items()}
+    limits: TemplateLimits = Field(default_factory=TemplateLimits, description="lxc slots: memory and pids")
     start_timeout: Annotated[int, Field(ge=1, le=600)] = 60
     stop_timeout: Annotated[int, Field(ge=1, le=300, description="s from the halt signal (the power button "
                                        "of a VM) to a kill")] = 30
@@ -139,6 +147,11 @@ def slot_volumes(profile_volumes: list[SlotVolume], template: SlotTemplate) -> l
     return sorted(({"iid": v.iid, "size": parse_size(v.size)} for v in chosen), key=lambda v: v["iid"])
 
 
+def slot_limits(limits: Limits, template: SlotTemplate) -> dict[str, int]:
+    """The profile's limits where it sets them, else the template's: memory in bytes, pids."""
+    return {"memory": parse_size(limits.memory or template.limits.memory), "pids": limits.pids or template.limits.pids}
+
+
 def packages(templates: dict[str, SlotTemplate]) -> list[str]:
     """What lxc-service slots need in the root they share, and what runs kvm-system slots."""
     return sorted({p for t in templates.values() if t.type in ("lxc-service", "kvm-system") for p in t.packages})
@@ -167,6 +180,7 @@ def node_slots(profile: Profile, templates: dict[str, SlotTemplate]) -> dict[str
                 "autostart": s.autostart,
                 "volumes": slot_volumes(s.volumes, templates[s.template]),
                 "params": {**templates[s.template].param_defaults(), **s.params},
+                "limits": slot_limits(s.limits, templates[s.template]),
             }
             for s in sorted(profile.slots, key=lambda s: s.eid)
         ],
@@ -177,6 +191,7 @@ def node_template(name: str, template: SlotTemplate) -> dict[str, Any]:
     """template.json: slot.yaml as the node reads it, volume sizes in bytes."""
     data = {"name": name, **template.model_dump(mode="json")}
     data["volumes"] = [{"iid": v.iid, "size": parse_size(v.size)} for v in template.volumes]
+    data["limits"] = {"memory": parse_size(template.limits.memory), "pids": template.limits.pids}
     return data
 
 

@@ -6,6 +6,7 @@ import ast
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -143,6 +144,71 @@ def test_initrd_marks_a_copy_that_cannot_be_loaded_bad(tmp_path: Path) -> None:
     env = bootenv.read(path)
     assert (env["cbios_active"], env["cbios_root_state"]) == ("spare", "bad")
     assert env["cbios_fallback"] == "copy root could not be loaded (file system)"
+
+
+FULL_STATE = {"cbios_failure": "copy spare (1.2.3): " + "x" * 140, "cbios_fallback": "y" * 100,
+              "cbios_refused": "1.0.1 1.0.2 1.0.3 1.0.4", "cbios_active": "spare", "cbios_root_state": "good",
+              "cbios_root_verity": "a" * 64 + ":26422", "cbios_spare_state": "new", "cbios_spare_tries": "3",
+              "cbios_spare_verity": "b" * 64 + ":26422", "cbios_corrupt": "z" * 90}
+
+
+def _first_sector(data: bytes) -> dict[str, str]:
+    """The keys a torn write could leave new while the rest is old: the whole lines in the first sector."""
+    head = data[:bootenv.SECTOR].rsplit(b"\n", 1)[0].decode()
+    return dict(line.split("=", 1) for line in head.splitlines()[1:])
+
+
+def test_a_write_torn_between_sectors_keeps_the_state_keys_together(tmp_path: Path) -> None:
+    data = bootenv.render(FULL_STATE)
+    state = [k for k in bootenv.STATE_KEYS if k in FULL_STATE]
+    first = _first_sector(data)
+    assert list(first)[:len(state)] == state and all(first[k] == FULL_STATE[k] for k in state)
+    # The initrd's writer: the same order, the same first sector.
+    path = _grubenv(tmp_path, *(f"{k}={v}" for k, v in FULL_STATE.items()))
+    _initrd_shell(path, "env_save")
+    written = path.read_bytes()
+    assert _first_sector(written) == _first_sector(data) and bootenv.read(path) == FULL_STATE
+    listed = subprocess.run(["grub-editenv", str(path), "list"], capture_output=True, text=True, check=True).stdout
+    assert "cbios_spare_tries=3" in listed.splitlines()
+    with pytest.raises(bootenv.BootEnvError, match="first 512"):
+        bootenv.render({**FULL_STATE, "cbios_root_verity": "c" * 400})
+
+
+def test_the_initrd_writes_the_state_keys_in_bootenvs_order() -> None:
+    text = LIB_SH.read_text()
+    listed = text.split("ENV_STATE_KEYS=(", 1)[1].split(")", 1)[0].split()
+    assert tuple(listed) == bootenv.STATE_KEYS
+
+
+def test_an_unreadable_boot_state_is_rebuilt_by_commit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from contextlib import contextmanager
+
+    from cbios.node import cli
+    grubenv = tmp_path / "grubenv"
+    grubenv.write_bytes(b"\0" * bootenv.SIZE)  # a torn or zeroed block
+    release = tmp_path / "release"
+    release.write_text("CBIOS_PROFILE=qemu-test\nCBIOS_VERSION=1.0.0\n")
+
+    @contextmanager
+    def partition(writable: bool = False) -> Iterator[Path]:
+        yield grubenv
+
+    monkeypatch.setattr(bootenv, "boot_partition", partition)
+    monkeypatch.setattr(bootenv, "running_copy", lambda: "spare")
+    monkeypatch.setattr(bootenv, "cmdline_value", lambda name, cmdline=None: "d" * 64 + ":100")
+    monkeypatch.setattr(cli.status, "RELEASE", release)
+    assert cli.main(["commit"]) == 0
+    env = bootenv.read(grubenv)
+    assert (env["cbios_active"], env["cbios_spare_state"], env["cbios_root_state"]) == ("spare", "good", "bad")
+    assert env["cbios_spare_verity"] == "d" * 64 + ":100" and "unreadable" in env["cbios_fallback"]
+
+
+def test_a_copy_rewritten_by_an_update_loses_its_own_kernel_parameters() -> None:
+    from cbios.node import update
+    env = {"cbios_active": "root", "cbios_root_state": "good", "cbios_spare_state": "good",
+           "cbios_spare_cmdline": "rdinit=/nonexistent", "cbios_root_cmdline": "quiet"}
+    after = update.marked_bad(env, "spare")
+    assert "cbios_spare_cmdline" not in after and after["cbios_root_cmdline"] == "quiet"
 
 
 def test_running_copy_of_a_netboot_comes_from_the_initrd(tmp_path: Path) -> None:

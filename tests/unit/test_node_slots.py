@@ -207,6 +207,54 @@ def test_lxc_system_boots_its_own_root_from_volume_0() -> None:
     assert "lxc.mount.entry = /dev/mapper/lvm-slot2-1 srv/volume1 ext4" in text
 
 
+@pytest.mark.parametrize("kind", ["lxc-service", "lxc-system"])
+def test_every_slot_is_confined_to_its_devices_system_calls_and_limits(kind: str) -> None:
+    text = lxcconf.render(definition(kind=kind, memory=128 << 20, pids=64))
+    lines = text.splitlines()
+    assert "lxc.cgroup2.devices.deny = a" in lines
+    allowed = [line.split(" = ")[1] for line in lines if line.startswith("lxc.cgroup2.devices.allow")]
+    assert allowed and all(rule.startswith("c ") for rule in allowed)  # character devices only: no disk
+    assert "c 1:3 rwm" in allowed and not any(rule.startswith("c 254:") or "*:*" in rule for rule in allowed)
+    assert f"lxc.seccomp.profile = {lxcconf.SECCOMP}" in lines
+    assert "mknod" in next(line for line in lines if line.startswith("lxc.cap.drop")).split()
+    assert "lxc.cgroup2.memory.max = 134217728" in lines and "lxc.cgroup2.pids.max = 64" in lines
+    assert "lxc.console.size = 1MB" in lines and "lxc.console.rotate = 1" in lines
+
+
+def test_a_log_past_its_bound_is_rotated_at_a_start(tmp_path: Path) -> None:
+    log = tmp_path / "slot7.console.log"
+    log.write_bytes(b"x" * 100)
+    lxcconf.rotated(log, limit=100)
+    assert log.exists() and not (tmp_path / "slot7.console.log.1").exists()
+    log.write_bytes(b"y" * 101)
+    lxcconf.rotated(log, limit=100)
+    assert not log.exists() and (tmp_path / "slot7.console.log.1").read_bytes() == b"y" * 101
+    lxcconf.rotated(log, limit=100)  # none yet: nothing to do
+
+
+def test_the_seccomp_policy_is_lxcs_denylist_format(project: Project) -> None:
+    policy = (project.overlays / "base" / lxcconf.SECCOMP.lstrip("/")).read_text().splitlines()
+    assert policy[:2] == ["2", "denylist"]
+    rules = [line.split() for line in policy[policy.index("[all]") + 1:] if line and not line.startswith("#")]
+    assert {r[0] for r in rules} >= {"open_by_handle_at", "init_module", "finit_module", "kexec_load", "bpf"}
+    assert all(r[1:] == ["errno", "1"] for r in rules)
+
+
+def test_limits_come_from_the_template_unless_the_profile_sets_them(project: Project) -> None:
+    base = load_profile(project, "qemu-test")
+    changed = base.slots[1].model_copy(update={"limits": base.slots[1].limits.model_copy(update={"memory": "96M"})})
+    profile = base.model_copy(update={"slots": [base.slots[0], changed, *base.slots[2:]]})
+    slots = {s["eid"]: s for s in slot_template.node_slots(profile, slot_template.templates_of(project, profile))[
+        "slots"]}
+    eid = profile.slots[1].eid
+    template = slot_template.load_template(project, profile.slots[1].template)
+    assert slots[eid]["limits"] == {"memory": 96 << 20, "pids": template.limits.pids}
+    assert slots[0]["limits"] == {"memory": 256 << 20, "pids": 256}  # cb-manager's slot.yaml
+    for name in slot_template.available(project):
+        text = (project.slot_templates / name / "slot.yaml").read_text()
+        assert "kvm-system" in text or "\nlimits: {memory: " in text, f"{name} states no limits"
+
+
 def test_template_configuration_is_substituted_and_strict() -> None:
     text = lxcconf.render(definition(extra="lxc.mount.entry = ${volume0} x none bind 0 0\n"))
     assert "lxc.mount.entry = /dev/mapper/lvm-slot2-0 x none bind 0 0" in text

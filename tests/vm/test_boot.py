@@ -46,7 +46,15 @@ def test_node_identity_comes_from_the_profile(machine: Machine, profile: Profile
                        "CBIOS_OBJECT_ID": profile.node.object_id, "CBIOS_VG": profile.storage.vg,
                        "CBIOS_READY_TIMEOUT": str(profile.boot.ready_timeout)}
     cmdline = machine.succeed("cat /proc/cmdline").split()
-    assert set(profile.kernel.cmdline) <= set(cmdline)
+    assert set(profile.kernel_cmdline()) <= set(cmdline) and f"panic={profile.boot.panic_reboot}" in cmdline
+
+
+def test_systemd_keeps_the_boards_watchdog_running(machine: Machine, profile: Profile) -> None:
+    """QEMU's i6300esb, as a node's board has one: systemd pings it, so a hung node is reset."""
+    watchdog = "/sys/class/watchdog/watchdog0"
+    assert machine.succeed(f"cat {watchdog}/identity") == "i6300ESB timer"
+    assert machine.wait_until_succeeds(f"grep -x active {watchdog}/state", timeout=30) == "active"
+    assert machine.succeed(f"cat {watchdog}/timeout") == str(profile.boot.watchdog)
 
 
 def test_no_first_boot_prompt(machine: Machine) -> None:

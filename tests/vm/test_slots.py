@@ -352,6 +352,52 @@ def test_executor_refuses_malformed_requests_and_changes_nothing(node: Machine) 
     assert "refused volume.remove: volume.remove: volume: 'root' is not a slot volume" in journal
 
 
+# Root in a slot, as a compromised daemon of it would be: forks until the kernel says no.
+FORKS = """lxc-attach -n slot2 -- python3 -c '
+import os, signal
+n = 0
+try:
+    while n < 100000:
+        if os.fork() == 0:
+            signal.pause()
+        n += 1
+except OSError as e:
+    print(n, e.errno)'"""
+
+
+def test_a_compromised_service_slot_cannot_reach_the_node_nor_exhaust_it(node: Machine, profile: Profile) -> None:
+    """Root in the dhcp slot (lxc-attach: its namespaces, cgroup, capabilities and system-call
+    filter). The node's disks, its cluster key and its firmware are out of reach; a fork bomb
+    and a memory hog stop at the slot's own limits, and the node stays ready."""
+    slot = "lxc-attach -n slot2 --"
+    major, minor = node.succeed("cat /sys/block/$(basename $(readlink -f /dev/mapper/lvm-root))/dev").split(":")
+    assert "Operation not permitted" in node.fail(f"{slot} mknod /tmp/root b {major} {minor} 2>&1")
+    # A device node the slot did not make: the node puts one in the slot's /dev. Opening it is refused.
+    pid = node.succeed("lxc-info -n slot2 -p -H")
+    node.succeed(f"mknod /proc/{pid}/root/dev/cbios-root b {major} {minor}")
+    assert "Operation not permitted" in node.fail(f"{slot} head -c 512 /dev/cbios-root 2>&1")
+    node.succeed(f"rm /proc/{pid}/root/dev/cbios-root")
+    node.fail(f"{slot} cat /var/lib/cbios/secrets/cluster.key")
+    assert "Read-only file system" in node.fail(f"{slot} touch /usr/lib/cbios/cbios-was-here 2>&1")
+    # System calls that reach past the slot are refused by its filter (seccomp), even those
+    # any process may make elsewhere: keyctl (250), the kernel's keyring, here.
+    assert node.succeed(f"{slot} python3 -c 'import ctypes; libc = ctypes.CDLL(None, use_errno=True); "
+                        "print(libc.syscall(250, 0, -3, 1), ctypes.get_errno())'") == "-1 1"
+    assert node.succeed("python3 -c 'import ctypes; print(ctypes.CDLL(None).syscall(250, 0, -3, 1) > 0)'") == "True"
+    cgroup = "/sys/fs/cgroup" + node.succeed(f"sed -n 's/^0:://p' /proc/{pid}/cgroup")
+    limit = int(node.succeed(f"cat {cgroup}/pids.max"))
+    assert limit == 128, limit  # the dhcp template's
+    forks, errno = node.succeed(FORKS, timeout=120).split()
+    print(f"fork bomb in slot 2: {forks} forks, then errno {errno}; pids.max {limit}")
+    assert int(forks) < limit and errno == "11"  # EAGAIN: the slot's pids are spent, not the node's
+    assert status_of(node, DNS) == "ON" and node.succeed("echo answered") == "answered"
+    assert int(node.succeed(f"cat {cgroup}/memory.max")) == 128 << 20
+    rc, out = node.execute(f"{slot} python3 -c 'b = bytearray(192 << 20); print(len(b))' 2>&1", timeout=120)
+    assert rc != 0 and "201326592" not in out, (rc, out)
+    assert int(node.succeed(f"grep -w oom_kill {cgroup}/memory.events").split()[1]) >= 1
+    assert node.succeed(f"slot restart {DHCP}", timeout=180).startswith(f"{DHCP} dhcp: ON")
+
+
 # -- the cluster: this node and the peer ------------------------------------------------
 
 def timed(m: Machine, command: str) -> tuple[int, str, str, float]:

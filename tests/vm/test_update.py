@@ -1,7 +1,8 @@
 """`cbios update` on a running node, in order, on one disk: releases not signed for this node
 refused with nothing written, a corrupted image never made bootable; the power cut in the
 middle of writing; a release whose CB-Manager cannot
-start, rolled back with no input; a good release through CB-Manager, committed. /var, the
+start, rolled back with no input; a new copy whose kernel panics, fallen back from by
+itself; a good release through CB-Manager, committed. /var, the
 slot registry and a slot's volume are checked as kept after each step.
 
 The releases are served as `cbios pxe serve` serves them (its HTTP server on 127.0.0.1),
@@ -198,6 +199,32 @@ def test_a_release_that_is_not_ready_is_rolled_back_with_no_input(
     rc, err = m.execute(f"cbios update {URL} --no-reboot 2>&1 >/dev/null", timeout=300)
     assert rc == 2 and f"version {BROKEN_VERSION} failed the health gate on this node before" in err, err
     assert untouched(m, profile.storage.vg) == before
+
+
+def test_a_new_copy_whose_kernel_panics_falls_back_by_itself(profile: Profile, next_build: Path, node: Node) -> None:
+    """A good release, tried with a kernel parameter that leaves its kernel no init (it
+    panics at every boot): panic= reboots it, each boot spends a try, and the node comes
+    back on its committed copy with no hand on it."""
+    m = node.up("panic")
+    node.serve(next_build / PXE_DIR)
+    m.succeed(f"cbios update {URL} --no-reboot", timeout=900)
+    m.succeed("cbios bootenv cbios_spare_cmdline=rdinit=/nonexistent")
+    mark = m.console_log.stat().st_size
+    start = m.uptime()
+    m.succeed("systemctl reboot")
+    bound = profile.boot.tries * (profile.boot.panic_reboot + 120) + profile.qemu.ready_timeout
+    ready = m.wait_report(("READY",), bound)
+    node.figures["panic_fallback_s"] = round(m.uptime() - start, 1)
+    assert "version=1.0.0 copy=root" in ready, ready
+    console = m.console(mark)
+    assert console.count("Kernel panic - not syncing") == profile.boot.tries, console[-3000:]
+    assert f"Rebooting in {profile.boot.panic_reboot} seconds" in console
+    assert "CBIOS: copy spare did not become ready in its tries: falling back to root" in console
+    st = status(m)
+    assert (st["running"], st["copies"]["spare"]["state"]) == ("root", "bad")
+    assert st["last_fallback"] == "copy spare did not become ready in its tries"
+    assert NEXT_VERSION not in st["refused_versions"]  # it never ran: the next update may bring it again
+    assert m.succeed(KEPT) == "kept\nkept"
 
 
 def test_a_good_release_through_cb_manager_is_committed_and_keeps_the_slots(

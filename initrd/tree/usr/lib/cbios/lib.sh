@@ -83,12 +83,20 @@ env_load() {
         case $line in '#'* | '') continue ;; *=*) ENV[${line%%=*}]=${line#*=} ;; esac
     done <"$GRUBENV"
 }
+# What GRUB chooses a copy by comes first, within the block's first sector (the order of
+# cbios/node/bootenv.py's STATE_KEYS): a write torn between the two sectors leaves these
+# all old or all new.
+ENV_STATE_KEYS=(cbios_active cbios_root_state cbios_root_tries cbios_root_verity
+    cbios_spare_state cbios_spare_tries cbios_spare_verity)
 env_save() {
-    local body='' key
-    for key in $(printf '%s\n' "${!ENV[@]}" | sort); do
-        body+="$key=${ENV[$key]}"$'\n'
+    local body="# GRUB Environment Block"$'\n' key
+    for key in "${ENV_STATE_KEYS[@]}"; do
+        if [ -n "${ENV[$key]+set}" ]; then body+="$key=${ENV[$key]}"$'\n'; fi
     done
-    body="# GRUB Environment Block"$'\n'"$body"
+    if [ ${#body} -gt 512 ]; then say "boot state too large"; return 1; fi
+    for key in $(printf '%s\n' "${!ENV[@]}" | sort); do
+        if [[ " ${ENV_STATE_KEYS[*]} " != *" $key "* ]]; then body+="$key=${ENV[$key]}"$'\n'; fi
+    done
     if [ ${#body} -gt 1024 ]; then say "boot state too large"; return 1; fi
     { printf '%s' "$body"; head -c $((1024 - ${#body})) /dev/zero | tr '\0' '#'; } \
         | dd of="$GRUBENV" bs=1024 count=1 iflag=fullblock conv=notrunc,fsync status=none
