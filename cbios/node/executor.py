@@ -274,8 +274,7 @@ class Executor:
         if d["kind"] == "kvm-system":
             if now["state"] != "STOPPED":  # its disk may still be in use
                 raise Invalid(f"slot {eid} is still stopping")
-            with self._mounted(slotdefs.volume_name(eid, 0), read_only=True) as disk:
-                kvm.start(self._vm(d), disk)
+            kvm.start(self._vm(d))
             return self._state(eid)
         _run(["lxc-start", "-n", name], timeout=60)
         _run(["lxc-wait", "-n", name, "-s", "RUNNING", "-t", "30"], timeout=40)

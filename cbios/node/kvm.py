@@ -16,7 +16,7 @@ import os
 import re
 import shutil
 import socket
-import stat
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +31,7 @@ RUN = Path("/run/cbios/kvm")
 QEMU = "qemu-system-x86_64"
 BOOT_FILES = ("vmlinuz", "initrd.img", "cmdline")
 STOP_KILL_TIMEOUT = 10
+RUNAS = "cbios-vm"  # overlays/base/usr/lib/sysusers.d/cbios.conf
 START_TIMEOUT = 60
 
 
@@ -62,6 +63,9 @@ class Vm:
     def qmp(self) -> Path:
         return self.run_dir / "qmp.sock"
 
+    def disk(self, iid: int) -> str:
+        return f"/dev/mapper/{self.vg}-{volume_name(self.eid, iid)}"
+
 
 def accel() -> str:
     return "kvm" if os.access("/dev/kvm", os.R_OK | os.W_OK) else "tcg"
@@ -81,9 +85,12 @@ def argv(vm: Vm, cmdline: str) -> list[str]:
            "-nodefaults", "-no-user-config", "-display", "none", "-vga", "none", "-no-reboot",
            "-kernel", str(vm.run_dir / "vmlinuz"), "-initrd", str(vm.run_dir / "initrd.img"), "-append", cmdline,
            "-chardev", f"file,id=console,path={vm.console_log},append=on", "-serial", "chardev:console",
-           "-qmp", f"unix:{vm.qmp},server=on,wait=off"]
+           "-qmp", f"unix:{vm.qmp},server=on,wait=off",
+           # The guest is not trusted: QEMU gives up root once its devices are open, and
+           # its system calls are filtered (no new processes, no obsolete calls).
+           "-runas", RUNAS, "-sandbox", "on,obsolete=deny,spawn=deny,resourcecontrol=deny"]
     for iid in vm.volumes:
-        out += ["-drive", f"file=/dev/mapper/{vm.vg}-{volume_name(vm.eid, iid)},format=raw,if=virtio,cache=none"]
+        out += ["-drive", f"file={vm.disk(iid)},format=raw,if=virtio,cache=none"]
     out += ["-netdev", f"tap,id=net0,ifname={vm.tap},script=no,downscript=no",
             "-device", f"virtio-net-pci,netdev=net0,mac={mac_address(vm.node_id, vm.eid)},romfile="]
     return out
@@ -102,47 +109,46 @@ def state(vm: Vm) -> dict[str, Any]:
 MAX_BOOT_FILE = {"vmlinuz": 256 << 20, "initrd.img": 1 << 30, "cmdline": 2048}
 
 
-def copy_boot(disk: Path, dest: Path) -> str:
-    """boot/{vmlinuz,initrd.img,cmdline} of the mounted system disk DISK into DEST; the
-    command line. The guest writes that disk: nothing is followed out of it (a symbolic
-    link is refused), only regular files of bounded size are read, the command line is
-    one line of printable ASCII. Opening never blocks (a FIFO planted there is refused)."""
+def copy_boot(device: str, dest: Path) -> str:
+    """boot/{vmlinuz,initrd.img,cmdline} of the slot's system disk DEVICE into DEST; the
+    command line. Read with debugfs: the guest writes that file system, so the node's
+    kernel never mounts it, and debugfs reads nothing but it (a link cannot lead out of
+    it). Only regular files of bounded size; the command line one line of printable ASCII."""
     dest.mkdir(parents=True, exist_ok=True)
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
-    try:
-        root = os.open(disk, flags | os.O_DIRECTORY)
-        try:
-            bdir = os.open("boot", flags | os.O_DIRECTORY, dir_fd=root)
-        finally:
-            os.close(root)
-    except OSError:
-        raise Failed("its system disk has no boot/ directory: reinstall the slot") from None
-    try:
-        for name in BOOT_FILES:
-            try:
-                fd = os.open(name, flags, dir_fd=bdir)
-            except OSError:
-                raise Failed(f"its system disk has no boot/{name} (or it is a link): reinstall the slot") from None
-            with os.fdopen(fd, "rb") as src:
-                st = os.fstat(src.fileno())
-                if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_BOOT_FILE[name]:
-                    raise Failed(f"boot/{name} on its system disk is not a file of at most "
-                                 f"{MAX_BOOT_FILE[name]} bytes")
-                with open(dest / name, "wb") as out:
-                    shutil.copyfileobj(src, out, 1 << 20)
-    finally:
-        os.close(bdir)
+    for name in BOOT_FILES:
+        info = _debugfs(device, f"stat boot/{name}")
+        kind, size = re.search(r"\bType: (\w+)", info), re.search(r"\bSize: (\d+)", info)
+        if kind is None or size is None:
+            raise Failed(f"its system disk has no boot/{name}: reinstall the slot")
+        if kind.group(1) != "regular" or int(size.group(1)) > MAX_BOOT_FILE[name]:
+            raise Failed(f"boot/{name} on its system disk is not a file of at most {MAX_BOOT_FILE[name]} bytes")
+        out = dest / name
+        out.unlink(missing_ok=True)
+        _debugfs(device, f"dump boot/{name} {out}")
+        if not out.is_file() or out.stat().st_size != int(size.group(1)):
+            raise Failed(f"boot/{name} on its system disk could not be read whole")
     cmdline = (dest / "cmdline").read_bytes().strip()
     if not re.fullmatch(rb"[\x20-\x7e]*", cmdline):
         raise Failed("boot/cmdline on its system disk is not one line of printable ASCII")
     return cmdline.decode()
 
 
-def start(vm: Vm, disk: Path) -> None:
-    """Copy the kernel, initrd and command line from DISK (its system disk, mounted), put
-    the tap on the bridge, start QEMU in its unit, and wait until the guest runs."""
+def _debugfs(device: str, request: str) -> str:
+    """debugfs's answer to REQUEST on DEVICE, read-only (its errors are in the answer: its
+    exit status is 0 for a file not found)."""
+    proc = subprocess.run(["debugfs", "-R", request, device], capture_output=True, text=True, errors="replace",
+                          env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "DEBUGFS_PAGER": "__none__"},
+                          stdin=subprocess.DEVNULL, timeout=120, check=False)
+    if proc.returncode != 0:
+        raise Failed(f"its system disk cannot be read: {proc.stderr.strip().splitlines()[-1:]}")
+    return proc.stdout + proc.stderr
+
+
+def start(vm: Vm) -> None:
+    """Copy the kernel, initrd and command line from its system disk, put the tap on the
+    bridge, start QEMU in its unit, and wait until the guest runs."""
     try:
-        cmdline = copy_boot(disk, vm.run_dir)
+        cmdline = copy_boot(vm.disk(0), vm.run_dir)
     except Failed as e:
         raise Failed(f"slot {vm.eid}: {e}") from None
     vm.qmp.unlink(missing_ok=True)
@@ -158,12 +164,23 @@ def start(vm: Vm, disk: Path) -> None:
               "--property=Before=cbios-slots.service", f"--property=StandardError=file:{errors}",
               f"--property=ExecStopPost=-/sbin/ip link del {vm.tap}",
               f"--property=TimeoutStopSec={STOP_KILL_TIMEOUT}", f"--description=CBIOS slot {vm.eid} (kvm-system)",
-              "--", *argv(vm, cmdline)])
+              *(f"--property={p}" for p in hardening(vm)), "--", *argv(vm, cmdline)])
         _wait_running(vm, errors)
     except Failed:
         _run(["systemctl", "stop", vm.unit], timeout=STOP_KILL_TIMEOUT + 30)
         _tap_down(vm)
         raise
+
+
+def hardening(vm: Vm) -> list[str]:
+    """The unit's confinement: the node read-only but for the VM's run directory and its
+    console log, the devices it runs (its volumes, the tap's clone device, KVM) and no other."""
+    return ["NoNewPrivileges=yes", "ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes",
+            "ProtectKernelTunables=yes", "ProtectKernelModules=yes", "ProtectKernelLogs=yes",
+            "ProtectControlGroups=yes", "ProtectClock=yes", "ProtectHostname=yes", "RestrictRealtime=yes",
+            "RestrictSUIDSGID=yes", "LockPersonality=yes", f"ReadWritePaths={vm.run_dir} {Path(vm.console_log).parent}",
+            "DevicePolicy=closed", "DeviceAllow=/dev/net/tun rw", "DeviceAllow=/dev/kvm rw",
+            *(f"DeviceAllow={vm.disk(iid)} rw" for iid in vm.volumes)]
 
 
 def _wait_running(vm: Vm, errors: Path) -> None:
