@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from cbios import image, lvm_layout, manifest, mkosi, powercut
+from cbios.artifacts import DISK
 from cbios.boot import disk_boot_spec, kernel_boot_spec
 from cbios.build import build, cache_dir
-from cbios.disk import DISK, FLASH_TIMEOUT, disk_size, make_disk, overlay, read_record
+from cbios.disk import FLASH_TIMEOUT, disk_size, make_disk, overlay, read_record
 from cbios.errors import CbiosError
 from cbios.machine import Machine
 from cbios.profile import Profile, load_profile

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from cbios import manifest
+from cbios.artifacts import DISK, built
 from cbios.errors import CbiosError
 from cbios.machine import Machine
 from cbios.profile import Profile
@@ -14,14 +15,6 @@ from cbios.project import Project
 from cbios.qemu import VmSpec, choose_accel
 
 log = logging.getLogger("cbios")
-
-
-def built(project: Project, profile: Profile) -> Path:
-    out = project.build / profile.name
-    if not (out / manifest.MANIFEST).is_file():
-        raise CbiosError(f"{project.display(out)}: no finished build of '{profile.name}'",
-                         hint=f"run 'cbios build {profile.name}' first")
-    return out
 
 
 def kernel_boot_spec(project: Project, profile: Profile, out: Path,
@@ -61,7 +54,6 @@ def boot(project: Project, profile: Profile, *, check: bool, timeout: int | None
          disk: bool = False, persist: bool = False) -> int:
     out = built(project, profile)
     if disk:
-        from cbios.disk import DISK
 
         if not (out / DISK).is_file():
             raise CbiosError(f"{project.display(out / DISK)}: no node disk",

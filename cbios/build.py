@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cbios import __version__, image, manifest, mkosi, signing, vmimage
+from cbios.artifacts import ARTIFACTS, out_dir
 from cbios.errors import StepError
 from cbios.profile import Profile, parse_size, profile_hash
 from cbios.profile import template as slot_template
@@ -38,7 +39,6 @@ from cbios.run import run
 
 log = logging.getLogger("cbios")
 
-ARTIFACTS = ["vmlinuz", "initrd.img", "root.img", "grub.cfg", "boot.ipxe"]
 SUMS = "SHA256SUMS"
 
 
@@ -49,7 +49,7 @@ class BuildDirs:
 
     @classmethod
     def of(cls, project: Project, profile: Profile) -> BuildDirs:
-        out = project.build / profile.name
+        out = out_dir(project, profile)
         return cls(out=out, work=out / "work")
 
     @property

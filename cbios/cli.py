@@ -75,7 +75,7 @@ def cmd_disk(args: argparse.Namespace, project: Project) -> int:
 
 
 def cmd_release(args: argparse.Namespace, project: Project) -> int:
-    from cbios.boot import built
+    from cbios.artifacts import built
     from cbios.release import write_release
 
     path = write_release(built(project, _profile(project, args.name)), Path(args.output) if args.output else None)
@@ -90,7 +90,7 @@ def _bundle(args: argparse.Namespace, project: Project) -> Path:
     if args.bundle:
         return Path(args.bundle)
     if args.profile:
-        from cbios.boot import built
+        from cbios.artifacts import built
 
         return built(project, _profile(project, args.profile)) / PXE_DIR
     raise CbiosError(f"pxe {args.pxe_command}: name the firmware: --profile NAME (a build) or --bundle DIR")

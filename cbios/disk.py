@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from cbios import manifest
-from cbios.boot import built, kernel_boot_spec
+from cbios.artifacts import DISK, built
+from cbios.boot import kernel_boot_spec
 from cbios.errors import StepError
 from cbios.machine import Machine
 from cbios.profile import Profile, parse_size
@@ -23,7 +24,6 @@ from cbios.run import run
 
 log = logging.getLogger("cbios")
 
-DISK = "disk.qcow2"
 MEDIA_LABEL = "cbios-media"
 MEDIA_FILES = [manifest.MANIFEST, manifest.SIGNATURE, "grub.cfg", "root.img"]
 RECORD = "disk.json"  # the disk's own record: the signed manifest is never rewritten

@@ -22,9 +22,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from cbios.artifacts import DISK
 from cbios.boot import disk_boot_spec
 from cbios.build import build
-from cbios.disk import DISK, FLASH_TIMEOUT, disk_size, flasher_spec, make_disk, make_media, overlay
+from cbios.disk import FLASH_TIMEOUT, disk_size, flasher_spec, make_disk, make_media, overlay
 from cbios.errors import CbiosError
 from cbios.machine import Machine
 from cbios.profile import Profile, load_profile

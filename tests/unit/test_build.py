@@ -11,6 +11,7 @@ import pytest
 
 from cbios import build as build_mod
 from cbios import image, manifest
+from cbios.artifacts import ARTIFACTS
 from cbios.errors import StepError
 from cbios.profile import load_profile
 from cbios.project import Project
@@ -37,9 +38,9 @@ def test_failed_step_publishes_nothing_and_keeps_the_previous_build(
     profile = load_profile(tmp_project, "base")
     out = tmp_project.build / "base"
     out.mkdir(parents=True)
-    for name in build_mod.ARTIFACTS:
+    for name in ARTIFACTS:
         (out / name).write_text(f"old {name}")
-    manifest.write(out / manifest.MANIFEST, {"artifacts": manifest.describe(out, build_mod.ARTIFACTS)})
+    manifest.write(out / manifest.MANIFEST, {"artifacts": manifest.describe(out, ARTIFACTS)})
     calls = []
 
     def failing_mkosi(image: object, **kw: object) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from cbios import manifest, signing
-from cbios.build import ARTIFACTS
+from cbios.artifacts import ARTIFACTS
 from cbios.node import update, verity
 from cbios.profile import Profile
 from cbios.project import Project
