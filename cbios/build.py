@@ -202,7 +202,7 @@ def _slot_images(project: Project, profile: Profile, dirs: BuildDirs,
 
 
 def _place_slot_images(trees: dict[str, Path], tree: Path) -> dict[str, dict[str, object]]:
-    """The lxc-system trees into the root's slot-images/ (slotdefs.IMAGES): the squashfs stores
+    """The lxc-system trees into the root's slot-images/ (contract.IMAGES): the squashfs stores
     each of their files that the root has too (nearly all of a Debian system) once."""
     described: dict[str, dict[str, object]] = {}
     for name, src in trees.items():

@@ -7,8 +7,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-MANIFEST = "manifest.json"
-SIGNATURE = MANIFEST + ".sig"  # Ed25519, where the profile has a signing key
+# Named here too for the build's modules: manifest.MANIFEST, manifest.SIGNATURE.
+from cbios.node.contract import MANIFEST as MANIFEST
+from cbios.node.contract import SIGNATURE as SIGNATURE
+
 FORMAT = 1
 
 

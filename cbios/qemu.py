@@ -20,6 +20,9 @@ from cbios.errors import CbiosError
 log = logging.getLogger("cbios")
 
 QEMU = "qemu-system-x86_64"
+# On QEMU's user network, the address QEMU forwards (guestfwd) to a server on this machine:
+# the PXE lab's and `cbios pxe publish`'s, as a VM reaches them.
+GUEST_FORWARD = "10.0.2.100"
 PROBE_TIMEOUT = 30.0
 READY_PORT = "org.cbios.ready"
 SHELL_PORT = "org.cbios.shell"

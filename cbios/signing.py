@@ -11,12 +11,13 @@ import subprocess
 from pathlib import Path
 
 from cbios.errors import StepError
+from cbios.node import contract
 from cbios.profile import Profile
 from cbios.project import Project
 
 log = logging.getLogger("cbios")
 
-NODE_KEY = "usr/lib/cbios/update-key.pem"  # in the root and the initrd, where `cbios update` and the flasher look
+NODE_KEY = str(contract.UPDATE_KEY).lstrip("/")  # in the root and the initrd, where `cbios update` and the flasher look
 
 
 def _openssl(args: list[str], step: str) -> bytes:

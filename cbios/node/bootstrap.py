@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from cbios.node import bootenv, slotdefs, wire
+from cbios.node import bootenv, contract, wire
 
 log = logging.getLogger("cbios")
 EXECUTOR_WAIT = 60
@@ -16,34 +16,34 @@ STOP_TIMEOUT = 30
 
 
 def up(config: dict[str, Any] | None = None) -> int:
-    config = config or slotdefs.node_config()
-    entry = next((s for s in config["slots"] if s["eid"] == slotdefs.MANAGER_EID), None)
+    config = config or contract.node_config()
+    entry = next((s for s in config["slots"] if s["eid"] == contract.MANAGER_EID), None)
     if entry is None:
         log.info("cbios: no CB-Manager in this firmware: no slots")
         return 0
     if bootenv.running_copy() is None:
         log.info("cbios: not booted from a node disk (an image alone): no slots")
         return 0
-    if not wire.wait_for(slotdefs.EXECUTOR_SOCKET, EXECUTOR_WAIT):
-        log.error("cbios: CB-Executor does not answer on %s", slotdefs.EXECUTOR_SOCKET)
+    if not wire.wait_for(contract.EXECUTOR_SOCKET, EXECUTOR_WAIT):
+        log.error("cbios: CB-Executor does not answer on %s", contract.EXECUTOR_SOCKET)
         return 1
     from cbios.node import manager  # here: a node booted from an image alone does not need it
 
-    catalogue = slotdefs.catalogue()
+    catalogue = contract.catalogue()
     ex = manager.executor_client
     try:
-        if ex("container.state", eid=slotdefs.MANAGER_EID)["state"] != "RUNNING":
+        if ex("container.state", eid=contract.MANAGER_EID)["state"] != "RUNNING":
             mgr = manager.Manager(config, catalogue, executor=ex)
             mgr.provision(mgr.entry_for(entry))
-            ex("container.start", eid=slotdefs.MANAGER_EID)
+            ex("container.start", eid=contract.MANAGER_EID)
     except (wire.Invalid, wire.Failed) as e:
         log.error("cbios: CB-Manager: %s", e)
         return 1
     timeout = catalogue[entry["template"]]["start_timeout"]
-    if not wire.wait_for(slotdefs.MANAGER_SOCKET, timeout):
-        log.error("cbios: CB-Manager does not answer on %s after %d s", slotdefs.MANAGER_SOCKET, timeout)
+    if not wire.wait_for(contract.MANAGER_SOCKET, timeout):
+        log.error("cbios: CB-Manager does not answer on %s after %d s", contract.MANAGER_SOCKET, timeout)
         return 1
-    log.info("cbios: CB-Manager is up (%s)", slotdefs.slot_object_id(config["node"]["object_id"], 0))
+    log.info("cbios: CB-Manager is up (%s)", contract.slot_object_id(config["node"]["object_id"], 0))
     return 0
 
 
@@ -58,7 +58,7 @@ def down() -> int:
     except (wire.Invalid, wire.Failed) as e:
         log.error("cbios: %s", e)
         return 1
-    for eid in sorted(running, key=lambda e: (e == slotdefs.MANAGER_EID, -e)):
+    for eid in sorted(running, key=lambda e: (e == contract.MANAGER_EID, -e)):
         try:
             ex("container.stop", eid=eid, timeout=STOP_TIMEOUT)
             log.info("cbios: slot %d stopped", eid)

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from cbios.node import bootenv, scrub, slotdefs, status, wire
+from cbios.node import bootenv, contract, scrub, status, wire
 
 # update (HTTP, TLS, tar) and bootstrap (CB-Manager's client) are imported by the commands
 # that use them: the health gate's `commit` and cbios-slots' `slots-up` run at every boot,
@@ -67,7 +67,7 @@ def cmd_update(args: argparse.Namespace) -> int:
         if args.force:
             print("cbios: update: --force is for the node's own console, not --through-manager", file=sys.stderr)
             return 2
-        result = wire.call(slotdefs.MANAGER_SOCKET, "update", {
+        result = wire.call(contract.MANAGER_SOCKET, "update", {
             "source": args.source, "allow_downgrade": args.allow_downgrade, "reboot": not args.no_reboot},
             timeout=UPDATE_TIMEOUT)
     else:
@@ -199,7 +199,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         for previous in keys[1:]:
             print(f"previous: {keyring.fingerprint(previous)}")
         return 0
-    rows = wire.call(slotdefs.MANAGER_SOCKET, "rotate_key", {}, timeout=120)
+    rows = wire.call(contract.MANAGER_SOCKET, "rotate_key", {}, timeout=120)
     for row in rows:
         print(f"{row['node']}  {row['status']}  {row.get('fingerprint') or row.get('error')}")
     return 0 if all(r["status"] == "ROTATED" for r in rows) else 1

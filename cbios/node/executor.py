@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from cbios.node import bootenv, kvm, lxcconf, requests, slotdefs, wire
+from cbios.node import bootenv, contract, kvm, lxcconf, requests, wire
 from cbios.node.command import run as _run
 from cbios.node.wire import Failed, Invalid
 
@@ -36,7 +36,7 @@ HEALTH_TIMEOUT = 30
 
 class Executor:
     def __init__(self, config: dict[str, Any], catalogue: dict[str, dict[str, Any]],
-                 templates: Path = slotdefs.TEMPLATES, images: Path = slotdefs.IMAGES) -> None:
+                 templates: Path = contract.TEMPLATES, images: Path = contract.IMAGES) -> None:
         self.vg: str = config["vg"]
         self.bridge: str = config["bridge"]
         self.node_id: str = config["node"]["object_id"]
@@ -102,7 +102,7 @@ class Executor:
         vols = []
         for line in out.split():
             name, _, size = line.partition(":")
-            if slotdefs.VOLUME_NAME.match(name):
+            if contract.VOLUME_NAME.fullmatch(name):
                 vols.append({"volume": name, "size": int(size), "device": f"/dev/mapper/{self.vg}-{name}"})
         return vols
 
@@ -195,7 +195,7 @@ class Executor:
     # -- containers ----------------------------------------------------------------
 
     def _definition(self, eid: int) -> dict[str, Any] | None:
-        side = LXC_PATH / slotdefs.container_name(eid) / SIDE_FILE
+        side = LXC_PATH / contract.container_name(eid) / SIDE_FILE
         try:
             data: dict[str, Any] = json.loads(side.read_text())
             return data
@@ -205,16 +205,16 @@ class Executor:
     def op_container_define(self, eid: int, template: str, volumes: list[int], hostname: str | None = None,
                             address: str | None = None, memory: int | None = None, pids: int | None = None) -> None:
         tpl = self._template(template)
-        if (template == slotdefs.MANAGER_TEMPLATE) != (eid == slotdefs.MANAGER_EID):
+        if (template == contract.MANAGER_TEMPLATE) != (eid == contract.MANAGER_EID):
             # CB-Manager's container holds this executor's socket: one, at its own place.
-            manager, place = slotdefs.MANAGER_TEMPLATE, slotdefs.MANAGER_EID
+            manager, place = contract.MANAGER_TEMPLATE, contract.MANAGER_EID
             raise Invalid(f"slot {place} is {manager}, and {manager} only slot {place} (asked: {template} at {eid})")
         self._stopped(eid, "redefining it")
         for iid in volumes:
-            self._need(slotdefs.volume_name(eid, iid))
+            self._need(contract.volume_name(eid, iid))
         side = {"eid": eid, "template": template, "kind": tpl["type"], "hostname": hostname,
                 "address": address, "volumes": volumes}
-        cdir = LXC_PATH / slotdefs.container_name(eid)
+        cdir = LXC_PATH / contract.container_name(eid)
         if tpl["type"] == "kvm-system":  # no LXC configuration: the VM's settings are the template's
             side["vm"] = {"memory": tpl["vm"]["memory"], "cpus": tpl["vm"]["cpus"]}
             (cdir / "config").unlink(missing_ok=True)
@@ -237,8 +237,8 @@ class Executor:
         if self._definition(eid) is None:
             raise Invalid(f"slot {eid} is not defined")
         self._stopped(eid, "undefining it")
-        shutil.rmtree(LXC_PATH / slotdefs.container_name(eid))
-        shutil.rmtree(kvm.RUN / slotdefs.container_name(eid), ignore_errors=True)
+        shutil.rmtree(LXC_PATH / contract.container_name(eid))
+        shutil.rmtree(kvm.RUN / contract.container_name(eid), ignore_errors=True)
 
     def _vm(self, d: dict[str, Any]) -> kvm.Vm:
         return kvm.Vm(eid=d["eid"], vg=self.vg, bridge=self.bridge, node_id=self.node_id,
@@ -251,7 +251,7 @@ class Executor:
             return {"eid": eid, "state": "UNDEFINED", "pid": None}
         if d["kind"] == "kvm-system":
             return kvm.state(self._vm(d))
-        out = _run(["lxc-info", "-n", slotdefs.container_name(eid), "-H", "-s", "-p"], timeout=30)
+        out = _run(["lxc-info", "-n", contract.container_name(eid), "-H", "-s", "-p"], timeout=30)
         info = _key_values(out)
         pid = info.get("PID")
         return {"eid": eid, "state": info.get("State", "UNKNOWN"), "pid": int(pid) if pid else None}
@@ -267,7 +267,7 @@ class Executor:
         d = self._definition(eid)
         if d is None:
             raise Invalid(f"slot {eid} is not defined")
-        name = slotdefs.container_name(eid)
+        name = contract.container_name(eid)
         now = self._state(eid)
         if now["state"] == "RUNNING":
             return now
@@ -288,14 +288,14 @@ class Executor:
             return kvm.stop(self._vm(d), timeout)
         if self._state(eid)["state"] != "STOPPED":
             # A clean stop (the halt signal) within the bound, then a kill.
-            _run(["lxc-stop", "-n", slotdefs.container_name(eid), "-t", str(timeout)], timeout=timeout + 30)
+            _run(["lxc-stop", "-n", contract.container_name(eid), "-t", str(timeout)], timeout=timeout + 30)
         return self._state(eid)
 
     def op_container_runtime(self, eid: int) -> dict[str, Any]:
         d = self._definition(eid)
         if d is None:
             raise Invalid(f"slot {eid} is not defined")
-        name = slotdefs.container_name(eid)
+        name = contract.container_name(eid)
         vols = {v["volume"]: v for v in self.op_volume_list()}
         if d["kind"] == "kvm-system":
             vm = self._vm(d)
@@ -303,9 +303,9 @@ class Executor:
             usage = _cgroup_usage(rt["pid"]) if rt["state"] == "RUNNING" and rt["pid"] else {}
             return {**d, **rt, **usage, "ips": [d["address"]] if d.get("address") else [],
                     "veth": None, "bridge": self.bridge, "console_log": vm.console_log,
-                    "volumes": [{"volume": slotdefs.volume_name(eid, i),
-                                 "device": f"/dev/mapper/{self.vg}-{slotdefs.volume_name(eid, i)}",
-                                 "size": vols.get(slotdefs.volume_name(eid, i), {}).get("size"),
+                    "volumes": [{"volume": contract.volume_name(eid, i),
+                                 "device": f"/dev/mapper/{self.vg}-{contract.volume_name(eid, i)}",
+                                 "size": vols.get(contract.volume_name(eid, i), {}).get("size"),
                                  "mount": f"/dev/vd{chr(ord('a') + n)} in the VM"}
                                 for n, i in enumerate(d["volumes"])]}
         info = _key_values(_run(["lxc-info", "-n", name, "-H"], timeout=30))
@@ -321,9 +321,9 @@ class Executor:
             "memory_bytes": usage.get("memory_bytes"),
             "veth": f"veth{eid}" if info.get("State") == "RUNNING" else None,
             "bridge": self.bridge,
-            "volumes": [{"volume": slotdefs.volume_name(eid, i),
-                         "device": f"/dev/mapper/{self.vg}-{slotdefs.volume_name(eid, i)}",
-                         "size": vols.get(slotdefs.volume_name(eid, i), {}).get("size"),
+            "volumes": [{"volume": contract.volume_name(eid, i),
+                         "device": f"/dev/mapper/{self.vg}-{contract.volume_name(eid, i)}",
+                         "size": vols.get(contract.volume_name(eid, i), {}).get("size"),
                          "mount": "/" if (i == 0 and d["kind"] == "lxc-system")
                          else "/" + lxcconf.mount_point(d["kind"], i)} for i in d["volumes"]],
             "console_log": _console_log(eid),
@@ -344,12 +344,12 @@ class Executor:
                    "SLOT_CONSOLE_LOG": _console_log(eid)}
             return _health(["/bin/sh", "-s"], script, env)
         # No log: lxc-attach complains of a key LXC 5 no longer has, at every check.
-        return _health(["lxc-attach", "-n", slotdefs.container_name(eid), "--clear-env", "--logpriority=FATAL",
+        return _health(["lxc-attach", "-n", contract.container_name(eid), "--clear-env", "--logpriority=FATAL",
                         "--logfile=/dev/null", "--", "/bin/sh", "-s"], script)
 
 
 def _console_log(eid: int) -> str:
-    return f"{lxcconf.LOG_DIR}/{slotdefs.container_name(eid)}.console.log"
+    return f"{lxcconf.LOG_DIR}/{contract.container_name(eid)}.console.log"
 
 
 def _replace(dir_fd: int, name: str, data: bytes, where: str) -> None:
@@ -430,10 +430,10 @@ def _key_values(text: str) -> dict[str, str]:
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    executor = Executor(slotdefs.node_config(), slotdefs.catalogue())
+    executor = Executor(contract.node_config(), contract.catalogue())
     log.info("CB-Executor: node %s, volume group %s, bridge %s, %d templates; socket %s",
-             executor.node_id, executor.vg, executor.bridge, len(executor.catalogue), slotdefs.EXECUTOR_SOCKET)
-    wire.serve(slotdefs.EXECUTOR_SOCKET, executor.handle, ready=wire.notify_ready)
+             executor.node_id, executor.vg, executor.bridge, len(executor.catalogue), contract.EXECUTOR_SOCKET)
+    wire.serve(contract.EXECUTOR_SOCKET, executor.handle, ready=wire.notify_ready)
     return 0
 
 

@@ -15,7 +15,7 @@ import os
 import secrets
 from pathlib import Path
 
-from cbios.node import slotdefs
+from cbios.node import contract
 
 KEY_BYTES = 32  # a new key; a key set by hand has at least MIN_BYTES
 MIN_BYTES = 32
@@ -48,7 +48,7 @@ class Keyring:
     takes effect at once in every process that reads them (CB-Manager's container binds
     the directory)."""
 
-    def __init__(self, path: Path = slotdefs.CLUSTER_KEY) -> None:
+    def __init__(self, path: Path = contract.CLUSTER_KEY) -> None:
         self.path = path
         self.previous_path = path.with_name(path.name + PREVIOUS_SUFFIX)
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from cbios.node import lxcconf
 from cbios.node.command import run as _run
-from cbios.node.slotdefs import volume_name
+from cbios.node.contract import volume_name
 from cbios.node.wire import Failed
 
 RUN = Path("/run/cbios/kvm")

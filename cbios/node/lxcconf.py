@@ -16,7 +16,7 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
-from cbios.node.slotdefs import TEMPLATES, container_name, volume_name
+from cbios.node.contract import TEMPLATES, container_name, volume_name
 
 LOG_DIR = "/var/log/cbios/slots"
 CONSOLE_LOG_MAX = "1MB"  # then rotated once (.1): at most twice this on /var a slot

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from cbios.node import cluster, keyring, registry, slotdefs, slotparams, wire
+from cbios.node import cluster, contract, keyring, registry, slotparams, wire
 from cbios.node.wire import Failed, Invalid, RemoteError
 
 log = logging.getLogger("cbios")
@@ -42,7 +42,7 @@ PEER_WORK_TIMEOUT = 840  # work on another node's slot: under the `slot` CLI's o
 def executor_client(op: str, **args: Any) -> Any:
     timeout = UPDATE_TIMEOUT if op == "firmware.update" else EXECUTOR_TIMEOUT
     try:
-        return wire.call(slotdefs.EXECUTOR_SOCKET, op, args, timeout=timeout)
+        return wire.call(contract.EXECUTOR_SOCKET, op, args, timeout=timeout)
     except RemoteError as e:
         raise (Invalid if e.code == "invalid" else Failed)(str(e)) from None
     except OSError as e:
@@ -89,7 +89,7 @@ class Manager:
     def __init__(self, config: dict[str, Any], catalogue: dict[str, dict[str, Any]],
                  executor: Executor = executor_client, registry_path: Any = registry.REGISTRY,
                  clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
-                 cluster_key: Path = slotdefs.CLUSTER_KEY) -> None:
+                 cluster_key: Path = contract.CLUSTER_KEY) -> None:
         self.config = config
         self.node_id: str = config["node"]["object_id"]
         self.catalogue = catalogue
@@ -123,7 +123,7 @@ class Manager:
                 self.slots = loaded
             states = self._states()
             for eid, entry in sorted(self.slots.items()):
-                if eid == slotdefs.MANAGER_EID:
+                if eid == contract.MANAGER_EID:
                     continue
                 try:
                     if states.get(eid) != "RUNNING":
@@ -137,7 +137,7 @@ class Manager:
             log.info("slots ready: %s", ", ".join(f"{r['location']} {r['status']}" for r in self.rows()))
 
     def entry_for(self, s: dict[str, Any]) -> dict[str, Any]:
-        return {"eid": s["eid"], "object_id": slotdefs.slot_object_id(self.node_id, s["eid"]),
+        return {"eid": s["eid"], "object_id": contract.slot_object_id(self.node_id, s["eid"]),
                 "template": s["template"], "address": s.get("address"), "hostname": s.get("hostname"),
                 "autostart": s.get("autostart", True), "volumes": s["volumes"], "params": s.get("params", {}),
                 **({"limits": s["limits"]} if s.get("limits") else {})}
@@ -148,11 +148,11 @@ class Manager:
         kind = self._template(template)["type"]
         existing = {v["volume"] for v in self.ex("volume.list")}
         for vol in entry["volumes"]:
-            name = slotdefs.volume_name(eid, vol["iid"])
+            name = contract.volume_name(eid, vol["iid"])
             if name not in existing:
                 self.ex("volume.create", volume=name, size=vol["size"])
             self.ex("volume.write", volume=name, template=template, if_blank=True)
-        self.ex("volume.put", volume=slotdefs.volume_name(eid, 0), path=env_path(kind),
+        self.ex("volume.put", volume=contract.volume_name(eid, 0), path=env_path(kind),
                 content=slot_env(entry, self.config))
         limits = entry.get("limits") or self._template(template).get("limits") or {}
         self.ex("container.define", eid=eid, template=template, hostname=entry.get("hostname"),
@@ -299,7 +299,7 @@ class Manager:
         return {"protocol": wire.PROTOCOL, "node": self.node_id, "reconciled": self.reconciled}
 
     def op_images(self) -> list[dict[str, Any]]:
-        return [{"image": name, "type": t["type"], "version": slotdefs.version_text(t),
+        return [{"image": name, "type": t["type"], "version": contract.version_text(t),
                  "description": t["description"]} for name, t in sorted(self.catalogue.items())]
 
     def op_slots(self, object_id: str | None = None, by_type: str | None = None) -> list[dict[str, Any]]:
@@ -339,7 +339,7 @@ class Manager:
         errors = []
         with self.lock:
             for eid in sorted(self.slots):
-                if eid != slotdefs.MANAGER_EID:
+                if eid != contract.MANAGER_EID:
                     try:
                         self._start(eid)
                     except Failed as e:
@@ -352,7 +352,7 @@ class Manager:
         self._node(object_id)
         with self.lock:
             for eid in sorted(self.slots, reverse=True):
-                if eid != slotdefs.MANAGER_EID:
+                if eid != contract.MANAGER_EID:
                     self._stop(eid)
         return self.rows()
 
@@ -360,8 +360,8 @@ class Manager:
                    hostname: str | None = None, params: dict[str, str] | None = None,
                    autostart: bool = True, start: bool = True) -> dict[str, Any]:
         tpl = self._template(template)
-        if template == slotdefs.MANAGER_TEMPLATE:
-            raise Invalid(f"{template} is slot {slotdefs.MANAGER_EID} of the firmware, and there is one only")
+        if template == contract.MANAGER_TEMPLATE:
+            raise Invalid(f"{template} is slot {contract.MANAGER_EID} of the firmware, and there is one only")
         with self.lock:
             if object_id is None:
                 free = [e for e in range(1, 10) if e not in self.slots]
@@ -372,7 +372,7 @@ class Manager:
                 eid = self._slot(object_id, known=False)
                 if eid in self.slots:
                     raise Invalid(f"{object_id} is already a {self.slots[eid]['template']} slot: remove it first")
-                if eid == slotdefs.MANAGER_EID:
+                if eid == contract.MANAGER_EID:
                     raise Invalid(f"{object_id} is CB-Manager's place")
             if tpl["address"] == "required" and not address:
                 raise Invalid(f"a {template} slot needs an address (--address A.B.C.D/N)")
@@ -383,7 +383,7 @@ class Manager:
                     address = ""
                 if not address:
                     raise Invalid("--address: an IPv4 address with prefix, e.g. 10.0.249.52/24")
-            if hostname is not None and not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", hostname):
+            if hostname is not None and not contract.HOSTNAME.fullmatch(hostname):
                 raise Invalid(f"--hostname: '{hostname}' is not a host name")
             values = _checked_params(template, tpl["params"], params or {})
             entry = self.entry_for({"eid": eid, "template": template, "address": address, "hostname": hostname,
@@ -407,7 +407,7 @@ class Manager:
                 self.ex("container.undefine", eid=eid)
             existing = {v["volume"] for v in self.ex("volume.list")}
             for vol in entry["volumes"]:
-                name = slotdefs.volume_name(eid, vol["iid"])
+                name = contract.volume_name(eid, vol["iid"])
                 if name in existing:
                     self.ex("volume.remove", volume=name)
             del self.slots[eid]
@@ -443,10 +443,10 @@ class Manager:
         kind, eid = self._parse(object_id)
         if kind != "slot" or eid is None:
             raise Invalid(f"{object_id} is a node; this needs a slot's ObjectID (e.g. "
-                          f"{slotdefs.slot_object_id(self.node_id, 1)})")
+                          f"{contract.slot_object_id(self.node_id, 1)})")
         if known and eid not in self.slots:
             raise Invalid(f"{object_id}: no such slot on node {self.node_id}")
-        if changing and eid == slotdefs.MANAGER_EID:
+        if changing and eid == contract.MANAGER_EID:
             raise Invalid(f"{object_id} is CB-Manager: it stops with the node, not by itself")
         return eid
 
@@ -454,7 +454,7 @@ class Manager:
         if not isinstance(object_id, str):
             raise Invalid("an ObjectID is a string of 11 digits")
         try:
-            return slotdefs.parse_object_id(self.node_id, object_id)
+            return contract.parse_object_id(self.node_id, object_id)
         except ValueError as e:
             raise Invalid(str(e)) from None
 
@@ -495,7 +495,7 @@ class Manager:
             state = states.get(eid, "UNDEFINED")
             if state != "RUNNING":
                 status = "FAILED" if eid in self.failed else "OFF"
-            elif eid == slotdefs.MANAGER_EID:
+            elif eid == contract.MANAGER_EID:
                 status = "ON"
             elif eid in self.failed or not self.health.get(eid, {"ok": True})["ok"]:
                 status = "FAILED"
@@ -503,7 +503,7 @@ class Manager:
                 status = "ON"
             out.append({
                 "parent": self.node_id, "location": entry["object_id"], "type": entry["template"],
-                "version": slotdefs.version_text(tpl) if "type" in tpl else "",
+                "version": contract.version_text(tpl) if "type" in tpl else "",
                 "ip": (entry.get("address") or "").split("/")[0], "hostname": entry.get("hostname") or "",
                 "status": status, "description": tpl["description"],
             })
@@ -516,7 +516,7 @@ class Manager:
             try:
                 states = self._states()
                 for eid in list(self.slots):
-                    if eid != slotdefs.MANAGER_EID and states.get(eid) == "RUNNING" and self.reconciled:
+                    if eid != contract.MANAGER_EID and states.get(eid) == "RUNNING" and self.reconciled:
                         self.health[eid] = self.ex("container.health", eid=eid)
             except (Invalid, Failed) as e:
                 log.warning("monitor: %s", e)
@@ -527,12 +527,12 @@ def main() -> int:
     # PID 1 of its container: a signal with no handler would be ignored, and the stop
     # would wait for its bound and then kill.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    manager = Manager(slotdefs.node_config(), slotdefs.catalogue())
+    manager = Manager(contract.node_config(), contract.catalogue())
     threading.Thread(target=manager.start, name="start", daemon=True).start()
     threading.Thread(target=manager.monitor, name="monitor", daemon=True).start()
     threading.Thread(target=manager.serve_cluster, name="cluster", daemon=True).start()
-    log.info("node %s, %d templates; socket %s", manager.node_id, len(manager.catalogue), slotdefs.MANAGER_SOCKET)
-    wire.serve(slotdefs.MANAGER_SOCKET, manager.handle)
+    log.info("node %s, %d templates; socket %s", manager.node_id, len(manager.catalogue), contract.MANAGER_SOCKET)
+    wire.serve(contract.MANAGER_SOCKET, manager.handle)
     return 0
 
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import PurePosixPath
 from typing import Any
 
-from cbios.node.slotdefs import VOLUME_NAME
+from cbios.node.contract import HOSTNAME, VOLUME_NAME
 from cbios.node.wire import Invalid
 
 MIN_VOLUME = 4 << 20
@@ -32,7 +32,7 @@ def _int(lo: int, hi: int) -> Check:
 
 
 def _volume(v: Any) -> str:
-    if not isinstance(v, str) or not VOLUME_NAME.match(v):
+    if not isinstance(v, str) or not VOLUME_NAME.fullmatch(v):
         raise ValueError(f"{v!r} is not a slot volume (slot<eid>-<iid>, e.g. slot2-0)")
     return v
 
@@ -46,7 +46,7 @@ def _name(v: Any) -> str:
 def _hostname(v: Any) -> str | None:
     if v is None:
         return None
-    if not isinstance(v, str) or not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", v):
+    if not isinstance(v, str) or not HOSTNAME.fullmatch(v):
         raise ValueError(f"{v!r} is not a host name")
     return v
 

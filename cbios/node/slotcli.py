@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from cbios.node import slotdefs, wire
+from cbios.node import contract, wire
 
 HELP = """\
 slot: the slots of the management nodes, run by each node's CB-Manager.
@@ -120,7 +120,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _ask(op: str, **args: Any) -> Any:
-    return wire.call(slotdefs.MANAGER_SOCKET, op, {k: v for k, v in args.items() if v is not None}, timeout=900)
+    return wire.call(contract.MANAGER_SOCKET, op, {k: v for k, v in args.items() if v is not None}, timeout=900)
 
 
 def _one(words: list[str], command: str, what: str) -> str:
@@ -217,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"slot: {e}", file=sys.stderr)
         return 2 if e.code == "invalid" else 1
     except OSError as e:
-        print(f"slot: CB-Manager does not answer on {slotdefs.MANAGER_SOCKET}: {e.strerror or e}", file=sys.stderr)
+        print(f"slot: CB-Manager does not answer on {contract.MANAGER_SOCKET}: {e.strerror or e}", file=sys.stderr)
         return 3
     except SystemExit as e:  # argparse's own errors
         return 2 if e.code else 0

@@ -30,12 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from cbios.node import bootenv, status, verity
+from cbios.node import bootenv, contract, status, verity
 
-MANIFEST = "manifest.json"
-SIGNATURE = MANIFEST + ".sig"
+MANIFEST, SIGNATURE = contract.MANIFEST, contract.SIGNATURE
 IMAGE = "root.img"
-KEY = Path("/usr/lib/cbios/update-key.pem")
+KEY = contract.UPDATE_KEY
 LOCK = Path("/run/cbios/update.lock")
 CHUNK = 1 << 20
 PROGRESS_EVERY = 5.0

@@ -18,6 +18,8 @@ from pydantic import (
     Field,
 )
 
+from cbios.node import contract
+
 _SIZE = re.compile(r"^(\d+)([KMGT]?)$")
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -37,7 +39,7 @@ def _check_size(text: str) -> str:
 
 
 def _check_hostname(text: str) -> str:
-    if not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", text):
+    if not contract.HOSTNAME.fullmatch(text):
         raise ValueError(f"'{text}' is not a host name (lower-case letters, digits and '-', 1 to 63)")
     return text
 
@@ -256,4 +258,4 @@ class Profile(Strict):
 
         A node's ObjectID ends in 010; its slots' replace those three digits with the
         slot's eid and 75."""
-        return f"{self.node.object_id[:-3]}{eid}75"
+        return contract.slot_object_id(self.node.object_id, eid)

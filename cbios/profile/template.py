@@ -25,18 +25,18 @@ import pydantic
 from pydantic import Field
 
 from cbios.errors import ProfileError
-from cbios.node import slotdefs, slotparams
+from cbios.node import contract, slotparams
 from cbios.profile.model import Limits, Name, Profile, Size, SlotVolume, Strict, parse_size
 from cbios.profile.yamlload import YamlError, format_path, load_yaml
 from cbios.project import Project
 
 SLOT_TYPES = ("lxc-service", "lxc-system", "kvm-system")
-MANAGER = slotdefs.MANAGER_TEMPLATE
-MANAGER_EID = slotdefs.MANAGER_EID
-# Where the node finds them (cbios/node/slotdefs.py), relative to the root being built.
-NODE_TEMPLATES = str(slotdefs.TEMPLATES).lstrip("/")
-NODE_SLOTS = str(slotdefs.SLOTS).lstrip("/")
-NODE_IMAGES = str(slotdefs.IMAGES).lstrip("/")
+MANAGER = contract.MANAGER_TEMPLATE
+MANAGER_EID = contract.MANAGER_EID
+# Where the node finds them (cbios/node/contract.py), relative to the root being built.
+NODE_TEMPLATES = str(contract.TEMPLATES).lstrip("/")
+NODE_SLOTS = str(contract.SLOTS).lstrip("/")
+NODE_IMAGES = str(contract.IMAGES).lstrip("/")
 
 
 class TemplateVolume(Strict):

@@ -15,8 +15,9 @@ from types import TracebackType
 from cbios.errors import StepError
 from cbios.pxe.bundle import FILES
 from cbios.pxe.httpd import BundleServer
+from cbios.qemu import GUEST_FORWARD
 
-GUEST_SERVER = "10.0.2.100"
+GUEST_SERVER = GUEST_FORWARD
 # A CBIOS node on the lab: QEMU's user network is untagged on its ctl interface (the node's
 # management VLAN rides on it), where the node has no address of its own after a boot. This
 # gives it QEMU's guest address there, once, so that it reaches GUEST_SERVER.

@@ -26,6 +26,7 @@ import jinja2
 from cbios.errors import CbiosError, StepError
 from cbios.pxe.bundle import FILES, check_bundle
 from cbios.pxe.httpd import BundleServer
+from cbios.qemu import GUEST_FORWARD
 from cbios.render import TEMPLATES
 
 log = logging.getLogger("cbios")
@@ -37,7 +38,7 @@ START_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
 MODES = ("boot", "update", "install")
 RELEASE_PORT = 8086  # `cbios pxe publish`; QEMU VMs of `cbios boot` reach it at VM_RELEASE_SERVER
-VM_RELEASE_SERVER = "10.0.2.100"
+VM_RELEASE_SERVER = GUEST_FORWARD
 
 
 @dataclass(frozen=True)

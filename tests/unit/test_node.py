@@ -240,3 +240,14 @@ def test_the_flasher_reads_its_manifest_in_one_jq_pass(tmp_path: Path, document:
     else:
         assert proc.returncode == 0, proc.stderr
         assert dict(line.split("\t", 1) for line in proc.stdout.splitlines()) == values
+
+
+def test_the_contract_between_build_and_node_is_written_once() -> None:
+    """Each path and name of cbios/node/contract.py is a literal there and nowhere else in cbios/."""
+    from cbios.node import contract
+    facts = {k: str(v) for k, v in vars(contract).items() if k.isupper() and isinstance(v, str | Path)}
+    assert {"MANIFEST", "UPDATE_KEY", "SLOTS", "EXECUTOR_SOCKET", "CLUSTER_KEY", "MANAGER_TEMPLATE"} <= set(facts)
+    sources = [p for p in (Path(__file__).resolve().parents[2] / "cbios").rglob("*.py") if p.name != "contract.py"]
+    for name, value in facts.items():
+        again = [str(p) for p in sources if f'"{value}"' in p.read_text() or f"'{value}'" in p.read_text()]
+        assert not again, f"{name} ({value}) written again in {again}"

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from cbios.node import lxcconf, manager, registry, requests, slotcli, slotdefs, wire
+from cbios.node import contract, lxcconf, manager, registry, requests, slotcli, wire
 from cbios.node.wire import Failed, Invalid
 from cbios.profile import load_profile
 from cbios.profile import template as slot_template
@@ -178,7 +178,7 @@ def test_cb_executor_takes_the_socket_systemd_made_for_it(tmp_path: Path) -> Non
 
 def test_cb_executor_socket_unit_listens_where_the_node_calls() -> None:
     unit = Path(__file__).resolve().parents[2] / "overlays/base/usr/lib/systemd/system/cbios-executor.socket"
-    assert f"ListenStream={slotdefs.EXECUTOR_SOCKET}\n" in unit.read_text()
+    assert f"ListenStream={contract.EXECUTOR_SOCKET}\n" in unit.read_text()
 
 
 # -- the LXC configuration ---------------------------------------------------------------
@@ -194,7 +194,7 @@ def test_lxc_service_shares_the_root_and_has_its_volume_as_var() -> None:
     text = lxcconf.render(definition())
     assert "lxc.rootfs.path = dir:/\n" in text
     assert "lxc.mount.entry = /dev/mapper/lvm-slot2-0 var ext4 rw,nodev,create=dir 0 0\n" in text
-    assert f"lxc.init.cmd = {slotdefs.TEMPLATES}/dhcp/run\n" in text
+    assert f"lxc.init.cmd = {contract.TEMPLATES}/dhcp/run\n" in text
     assert "lxc.net.0.link = br0\nlxc.net.0.name = eth0\nlxc.net.0.veth.pair = veth2\n" in text
     assert "lxc.net.0.ipv4.address = 10.0.249.52/24\n" in text
     assert "lxc.uts.name = dhcpd52\n" in text
@@ -483,15 +483,15 @@ def test_cli_usage_errors_exit_2_without_asking_anyone(capsys: pytest.CaptureFix
 
 def test_cli_without_cb_manager_says_so(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
                                         tmp_path: Path) -> None:
-    monkeypatch.setattr(slotdefs, "MANAGER_SOCKET", tmp_path / "none.sock")
+    monkeypatch.setattr(contract, "MANAGER_SOCKET", tmp_path / "none.sock")
     assert slotcli.main(["list"]) == 3
     assert "CB-Manager does not answer" in capsys.readouterr().err
 
 
 def test_object_ids_follow_the_document() -> None:
-    assert slotdefs.slot_object_id(NODE, 1) == "31000040175"
-    assert slotdefs.parse_object_id(NODE, "31000040875") == ("slot", 8)
-    assert slotdefs.parse_object_id(NODE, NODE) == ("node", None)
+    assert contract.slot_object_id(NODE, 1) == "31000040175"
+    assert contract.parse_object_id(NODE, "31000040875") == ("slot", 8)
+    assert contract.parse_object_id(NODE, NODE) == ("node", None)
 
 
 # -- the build's view ----------------------------------------------------------------
@@ -505,7 +505,7 @@ def test_baked_slots_json_resolves_templates(project: Project, tmp_path: Path) -
         "31000040675", "31000040875"]
     nfs = data["slots"][1]
     assert nfs["volumes"] == [{"iid": 0, "size": 16 << 20}, {"iid": 1, "size": 1 << 30}]
-    cat = slotdefs.catalogue(tmp_path / slot_template.NODE_TEMPLATES)
+    cat = contract.catalogue(tmp_path / slot_template.NODE_TEMPLATES)
     assert cat["ldap"]["type"] == "lxc-system" and (tmp_path / slot_template.NODE_TEMPLATES / "dhcp" / "run").is_file()
     assert slot_template.packages(slot_template.templates_of(project, profile)) == [
         "dnsmasq-base", "isc-dhcp-relay", "nfs-kernel-server", "nsd"]

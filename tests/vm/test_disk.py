@@ -16,7 +16,7 @@ from cbios import lvm_layout
 from cbios.boot import disk_boot_spec
 from cbios.disk import flash, flasher_spec, make_media
 from cbios.machine import Machine
-from cbios.node import slotdefs
+from cbios.node import contract
 from cbios.profile import Profile
 from cbios.project import Project
 from tests.vm import squashfs_map
@@ -91,7 +91,7 @@ def flip_somewhere(disk: Path, vg: str, lv: str, image_bytes: int, within: tuple
 # note in README's corruption section.
 FLIPS = {
     "initrd": "boot/initrd.img",
-    "slot-image": f"{slotdefs.IMAGES}/compute/boot/initrd.img",
+    "slot-image": f"{contract.IMAGES}/compute/boot/initrd.img",
 }
 
 

@@ -1,7 +1,10 @@
-"""What the firmware says about slots: its templates, the node, and the ObjectID scheme.
+"""The contract between the build and the node: every path, name, pattern and id scheme
+that both sides use, written here once. The build (cbios/profile, build.py, signing.py,
+manifest.py) and the node (cbios/node) import it; it imports nothing of either.
 
-Written by the build into the read-only root: /usr/lib/cbios/slots.json (the node and
-the profile's slots) and /usr/lib/cbios/slot-templates/NAME/template.json."""
+The build writes into the read-only root: /usr/lib/cbios/slots.json (the node and the
+profile's slots), /usr/lib/cbios/slot-templates/NAME/template.json, the update key; the
+node reads them, and keeps its own state under /var."""
 
 from __future__ import annotations
 
@@ -10,6 +13,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+MANIFEST = "manifest.json"  # a build's, a bundle's, a release's: the artifacts and their hashes
+SIGNATURE = MANIFEST + ".sig"  # Ed25519 over the manifest's bytes
+UPDATE_KEY = Path("/usr/lib/cbios/update-key.pem")  # in the root and the initrd: what verifies SIGNATURE
 TEMPLATES = Path("/usr/lib/cbios/slot-templates")
 SLOTS = Path("/usr/lib/cbios/slots.json")
 # An lxc-system template's root file system, or a kvm-system's system disk, is a directory
@@ -25,7 +31,8 @@ SECRETS = Path("/var/lib/cbios/secrets")
 CLUSTER_KEY = SECRETS / "cluster.key"
 MANAGER_EID = 0
 MANAGER_TEMPLATE = "cb-manager"  # slot 0, and only slot 0: it holds CB-Executor's socket
-VOLUME_NAME = re.compile(r"^slot([0-9])-([0-9])$")
+VOLUME_NAME = re.compile(r"slot([0-9])-([0-9])")  # fullmatch
+HOSTNAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")  # a node's or slot's; fullmatch
 
 
 def node_config(path: Path = SLOTS) -> dict[str, Any]:
