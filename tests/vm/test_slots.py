@@ -419,7 +419,7 @@ def test_a_node_without_the_cluster_key_runs_its_slots_and_says_why_the_others_a
     rc, out, err, _ = timed(node, "slot show")
     assert rc == 1, (out, err)
     rows = {line.split()[1]: line.split() for line in out.splitlines()[1:]}
-    assert rows[DHCP][6] == "ON" and rows[PEER][:5] == [PEER, PEER, "-", "10.0.249.19", "UNREACHABLE"], rows
+    assert rows[DHCP][7] == "ON" and rows[PEER][:5] == [PEER, PEER, "-", "10.0.249.19", "UNREACHABLE"], rows
     assert err == (f"slot: node {PEER} unreachable: no cluster key on this node (/var/lib/cbios/secrets/cluster.key): "
                    "set one with `cbios cluster set-key`"), err
     rc, out = node.execute("cbios cluster key")
