@@ -179,7 +179,8 @@ def hardening(vm: Vm) -> list[str]:
             "ProtectKernelTunables=yes", "ProtectKernelModules=yes", "ProtectKernelLogs=yes",
             "ProtectControlGroups=yes", "ProtectClock=yes", "ProtectHostname=yes", "RestrictRealtime=yes",
             "RestrictSUIDSGID=yes", "LockPersonality=yes", f"ReadWritePaths={vm.run_dir} {Path(vm.console_log).parent}",
-            "DevicePolicy=closed", "DeviceAllow=/dev/net/tun rw", *(["DeviceAllow=/dev/kvm rw"] if vm.accel == "kvm" else []),
+            "DevicePolicy=closed", "DeviceAllow=/dev/net/tun rw",
+            *(["DeviceAllow=/dev/kvm rw"] if vm.accel == "kvm" else []),
             *(f"DeviceAllow={vm.disk(iid)} rw" for iid in vm.volumes)]
 
 
