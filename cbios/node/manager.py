@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import re
 import shlex
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from cbios.node import cluster, contract, keyring, registry, slotparams, wire
+from cbios.node import contract, keyring, members, registry, slotparams, wire
 from cbios.node.wire import Failed, Invalid, RemoteError
 
 log = logging.getLogger("cbios")
@@ -31,12 +29,6 @@ MONITOR_PERIOD = 15.0
 
 EXECUTOR_TIMEOUT = 600
 UPDATE_TIMEOUT = 1800  # a firmware update writes a whole copy: minutes under TCG
-# What another node's CB-Manager may ask of this one (never a firmware update), and which
-# of those only read: they get the cluster's bound for the whole answer.
-PEER_OPS = {"hello", "images", "slots", "runtime", "start", "stop", "restart", "startall", "stopall",
-            "install", "remove"}
-PEER_QUERIES = {"hello", "images", "slots", "runtime"}
-PEER_WORK_TIMEOUT = 840  # work on another node's slot: under the `slot` CLI's own 900 s
 
 
 def executor_client(op: str, **args: Any) -> Any:
@@ -102,11 +94,7 @@ class Manager:
         self.lock = threading.RLock()
         self.clock = clock
         self.sleep = sleep
-        inventory = config.get("cluster", {})
-        self.peers = [cluster.Peer(n["object_id"], n["address"], inventory["port"]) for n in inventory.get("nodes", [])]
-        self.cluster_port: int = inventory.get("port", 0)
-        self.cluster_timeout: float = inventory.get("timeout", 5)
-        self.keys = keyring.Keyring(cluster_key)
+        self.cluster = members.Members(self.node_id, config.get("cluster", {}), keyring.Keyring(cluster_key))
 
     # -- startup -------------------------------------------------------------------
 
@@ -162,18 +150,21 @@ class Manager:
 
     def handle(self, op: str, args: dict[str, Any]) -> Any:
         """A request from this node (the `slot` CLI): a slot or node of another node's goes there."""
-        peer = self._peer_of(args.get("object_id"))
+        peer = self.cluster.owner(args.get("object_id"))
         if peer is not None:
-            if op not in PEER_OPS:
+            if op not in members.PEER_OPS:
                 raise Invalid(f"'{op}' is not asked of another node")
-            return self.ask_peer(peer, op, args)
-        if op == "slots" and args.get("object_id") is None and self.peers:
-            return self.cluster_slots(args.get("by_type"))
+            return self.cluster.ask(peer, op, args)
+        if op == "slots" and args.get("object_id") is None and self.cluster.peers:
+            by_type = args.get("by_type")
+            if by_type is not None:
+                self._template(by_type)
+            return self.cluster.slots(lambda: self.op_slots(by_type=by_type), by_type)
         return self.handle_local(op, args)
 
     def handle_peer(self, op: str, args: dict[str, Any]) -> Any:
         """A request from another node's CB-Manager (authenticated): about this node only."""
-        if op not in PEER_OPS:
+        if op not in members.PEER_OPS:
             raise Invalid(f"'{op}' is not asked over the cluster")
         if op == "slots" and args.get("object_id") is None:
             args = {**args, "object_id": self.node_id}
@@ -194,100 +185,8 @@ class Manager:
         except TypeError as e:
             raise Invalid(f"{op}: bad arguments ({e})") from None
 
-    # -- the cluster ---------------------------------------------------------------
-
-    def _peer_of(self, object_id: Any) -> cluster.Peer | None:
-        if not isinstance(object_id, str) or not re.fullmatch(r"\d{11}", object_id):
-            return None
-        if object_id[:8] == self.node_id[:8]:
-            return None
-        return next((p for p in self.peers if p.owns(object_id)), None)
-
-    def ask_peer(self, peer: cluster.Peer, op: str, args: dict[str, Any], new_key: bytes | None = None) -> Any:
-        keys = self.keys.keys()
-        if not keys:
-            raise Failed(f"no cluster key on this node ({self.keys.path}): set one with `cbios cluster set-key`")
-        answer_timeout = self.cluster_timeout if op in PEER_QUERIES else PEER_WORK_TIMEOUT
-        try:
-            return cluster.call(peer, keys, self.node_id, op, args, timeout=self.cluster_timeout,
-                                answer_timeout=answer_timeout, new_key=new_key)
-        except cluster.Unreachable as e:
-            raise Failed(f"unreachable: {e}") from None
-        except RemoteError as e:
-            raise (Invalid if e.code == "invalid" else Failed)(str(e)) from None
-
-    def cluster_slots(self, by_type: str | None) -> list[dict[str, Any]]:
-        """Every known node's slots, asked at once (this node's too): a node that does not
-        answer within the cluster's bound is one row, UNREACHABLE."""
-        if by_type is not None:
-            self._template(by_type)
-        with ThreadPoolExecutor(max_workers=len(self.peers) + 1) as pool:
-            local = pool.submit(self.op_slots, by_type=by_type)
-            asked = [(peer, pool.submit(self.ask_peer, peer, "slots", {"object_id": peer.object_id,
-                                                                       "by_type": by_type}))
-                     for peer in self.peers]
-            rows: list[dict[str, Any]] = local.result()
-            for peer, future in asked:
-                try:
-                    rows += future.result()
-                except Invalid as e:
-                    if by_type is None:  # by_type: that node's firmware has no such type, so no such slots
-                        rows.append(self._unreachable(peer, e))
-                except Failed as e:
-                    rows.append(self._unreachable(peer, e))
-        return rows
-
-    @staticmethod
-    def _unreachable(peer: cluster.Peer, why: Exception) -> dict[str, Any]:
-        log.warning("%s", why)
-        return {"parent": peer.object_id, "location": peer.object_id, "type": "-", "version": "",
-                "ip": peer.address, "hostname": "", "status": "UNREACHABLE",
-                "description": str(why).removeprefix("unreachable: ")}
-
-    def serve_cluster(self) -> None:
-        """Answer the other nodes' CB-Managers, if this node is in a cluster: with no key
-        (yet), every request is refused until one is set."""
-        if not self.peers:
-            return
-        if not self.keys.keys():
-            log.error("cluster of %d nodes but no key at %s: refusing them until `cbios cluster set-key`",
-                      len(self.peers) + 1, self.keys.path)
-        members = {p.object_id for p in self.peers}
-        log.info("cluster: answering %s on port %d", ", ".join(sorted(members)), self.cluster_port)
-        try:
-            cluster.serve(self.cluster_port, cluster.Verifier(self.keys.keys, self.node_id, members),
-                          self.handle_peer, {p.address for p in self.peers}, rekey=self._install_key)
-        except OSError as e:
-            log.error("cluster: cannot listen on port %d: %s", self.cluster_port, e)
-
-    def _install_key(self, key: bytes) -> str:
-        try:
-            self.keys.install(key)
-        except keyring.BadKey as e:
-            raise Invalid(str(e)) from None
-        log.info("cluster: new key %s", keyring.fingerprint(key))
-        return keyring.fingerprint(key)
-
-    def op_rotate_key(self) -> list[dict[str, Any]]:
-        """A new cluster key: to every member first (signed with the key it holds), then to
-        this node. A member that does not take it keeps the old key, which every node that
-        did keeps as its previous one: the next rotation reaches it."""
-        if not self.peers:
-            raise Invalid("this node is in no cluster: no key to rotate")
-        if not self.keys.keys():
-            raise Failed(f"no cluster key on this node ({self.keys.path}): set one with `cbios cluster set-key`")
-        new = keyring.new_key()
-        rows = []
-        with ThreadPoolExecutor(max_workers=min(len(self.peers), 16)) as pool:
-            asked = [(p, pool.submit(self.ask_peer, p, cluster.REKEY, {}, new)) for p in self.peers]
-            for peer, future in asked:
-                try:
-                    rows.append({"node": peer.object_id, "status": "ROTATED",
-                                 "fingerprint": future.result()["fingerprint"]})
-                except (Failed, Invalid) as e:
-                    rows.append({"node": peer.object_id, "status": "KEPT", "error": str(e)})
-        rows.insert(0, {"node": self.node_id, "status": "ROTATED", "fingerprint": self._install_key(new)})
-        return rows
+    def op_rotate_key(self) -> members.Rows:
+        return self.cluster.rotate_key()
 
     def op_update(self, source: str, allow_downgrade: bool = False, reboot: bool = True) -> dict[str, Any]:
         """The node's firmware update (CB-Executor writes it: the disk is the host's)."""
@@ -530,7 +429,7 @@ def main() -> int:
     manager = Manager(contract.node_config(), contract.catalogue())
     threading.Thread(target=manager.start, name="start", daemon=True).start()
     threading.Thread(target=manager.monitor, name="monitor", daemon=True).start()
-    threading.Thread(target=manager.serve_cluster, name="cluster", daemon=True).start()
+    threading.Thread(target=manager.cluster.serve, args=(manager.handle_peer,), name="cluster", daemon=True).start()
     log.info("node %s, %d templates; socket %s", manager.node_id, len(manager.catalogue), contract.MANAGER_SOCKET)
     wire.serve(contract.MANAGER_SOCKET, manager.handle)
     return 0

@@ -77,10 +77,10 @@ def pair(project: Project, catalogue: dict[str, dict[str, Any]],
 
 
 def serving(m: manager.Manager, port: int, addresses: frozenset[str] = frozenset({"127.0.0.1"})) -> None:
-    """M's cluster listener on 127.0.0.1:PORT, as serve_cluster starts it, taking ADDRESSES."""
-    verifier = cluster.Verifier(m.keys.keys, m.node_id, {p.object_id for p in m.peers})
+    """M's cluster listener on 127.0.0.1:PORT, as CB-Manager's cluster thread starts it, taking ADDRESSES."""
+    verifier = cluster.Verifier(m.cluster.keys.keys, m.node_id, {p.object_id for p in m.cluster.peers})
     threading.Thread(target=cluster.serve, args=(port, verifier, m.handle_peer, set(addresses), "127.0.0.1"),
-                     kwargs={"rekey": m._install_key}, daemon=True).start()
+                     kwargs={"rekey": m.cluster.install_key}, daemon=True).start()
     wait_listening(port)
 
 
@@ -140,7 +140,7 @@ def test_a_node_that_does_not_answer_is_one_row_within_the_bound(
     assert rows[-1]["location"] == PEER and rows[-1]["status"] == "UNREACHABLE"
     assert rows[-1]["description"].startswith(f"node {PEER} at 127.0.0.1:") and "no answer" in rows[-1]["description"]
     assert [r["status"] for r in rows[:-1]] == ["ON", "ON", "OFF", "ON", "OFF"]
-    a.peers = [cluster.Peer(PEER, "127.0.0.1", free_port())]  # nothing there: refused at once
+    a.cluster.peers = [cluster.Peer(PEER, "127.0.0.1", free_port())]  # nothing there: refused at once
     with pytest.raises(Failed, match=f"unreachable: node {PEER} at 127.0.0.1:.*Connection refused"):
         a.handle("stop", {"object_id": PEER_DNS})
 
@@ -261,7 +261,7 @@ def test_strangers_get_nothing_and_garbage_does_not_stop_the_listener(
         pair: tuple[manager.Manager, manager.Manager, FakeExecutor], project: Project,
         catalogue: dict[str, dict[str, Any]], tmp_path: Path) -> None:
     a, _, _ = pair
-    port = a.peers[0].port
+    port = a.cluster.peers[0].port
 
     def exchange(data: bytes) -> bytes:
         with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
@@ -302,19 +302,19 @@ def test_rotation_reaches_every_member_and_one_that_missed_it_is_still_understoo
     rows = a.handle("rotate_key", {})
     assert [(r["node"], r["status"]) for r in rows] == [(NODE, "ROTATED"), (PEER, "ROTATED")]
     assert rows[0]["fingerprint"] == rows[1]["fingerprint"]
-    assert a.keys.current() == b.keys.current() != KEY and b.keys.keys()[1] == KEY
+    assert a.cluster.keys.current() == b.cluster.keys.current() != KEY and b.cluster.keys.keys()[1] == KEY
     assert a.handle("slots", {"object_id": PEER})[0]["parent"] == PEER  # with the new key
     # b misses the next rotation (its listener gone): it keeps the key it has; a asks it with
     # its previous key, which is b's current one, and the rotation after reaches it.
-    good = a.peers[0]
-    a.peers = [cluster.Peer(PEER, "127.0.0.1", free_port())]
+    good = a.cluster.peers[0]
+    a.cluster.peers = [cluster.Peer(PEER, "127.0.0.1", free_port())]
     rows = a.handle("rotate_key", {})
     assert [r["status"] for r in rows] == ["ROTATED", "KEPT"] and "unreachable" in rows[1]["error"]
-    a.peers = [good]
-    assert a.keys.current() != b.keys.current()
+    a.cluster.peers = [good]
+    assert a.cluster.keys.current() != b.cluster.keys.current()
     assert a.handle("slots", {"object_id": PEER})[0]["parent"] == PEER
     assert [r["status"] for r in a.handle("rotate_key", {})] == ["ROTATED", "ROTATED"]
-    assert a.keys.current() == b.keys.current()
+    assert a.cluster.keys.current() == b.cluster.keys.current()
     with pytest.raises(Invalid, match="'rotate_key' is not asked over the cluster"):
         b.handle_peer("rotate_key", {})
 
