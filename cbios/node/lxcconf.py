@@ -93,6 +93,7 @@ def render(d: Definition) -> str:
         "lxc.cgroup2.devices.deny = a",
         *(f"lxc.cgroup2.devices.allow = {rule}" for rule in DEVICES),
         f"lxc.cgroup2.memory.max = {d.memory}",
+        "lxc.cgroup2.memory.swap.max = 0",  # past its memory a slot is stopped, not the node slowed
         f"lxc.cgroup2.pids.max = {d.pids}",
         f"lxc.log.file = {lxc_log(d.eid)}",
         "lxc.log.level = WARN",

@@ -218,6 +218,7 @@ def test_every_slot_is_confined_to_its_devices_system_calls_and_limits(kind: str
     assert f"lxc.seccomp.profile = {lxcconf.SECCOMP}" in lines
     assert "mknod" in next(line for line in lines if line.startswith("lxc.cap.drop")).split()
     assert "lxc.cgroup2.memory.max = 134217728" in lines and "lxc.cgroup2.pids.max = 64" in lines
+    assert "lxc.cgroup2.memory.swap.max = 0" in lines
     assert "lxc.console.size = 1MB" in lines and "lxc.console.rotate = 1" in lines
 
 

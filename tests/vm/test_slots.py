@@ -359,6 +359,9 @@ n = 0
 try:
     while n < 100000:
         if os.fork() == 0:
+            null = os.open("/dev/null", os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
             signal.pause()
         n += 1
 except OSError as e:
