@@ -182,11 +182,11 @@ def cmd_cluster(args: argparse.Namespace) -> int:
             return 2
         data = sys.stdin.buffer.read(keyring.MAX_BYTES + 1) if args.file == "-" else Path(args.file).read_bytes()
         try:
-            ring.install(data)
+            fingerprint = ring.install(data)
         except keyring.BadKey as e:
             print(f"cbios: cluster set-key: {e}", file=sys.stderr)
             return 2
-        print(f"cbios: cluster key {keyring.fingerprint(keyring.check(data, ''))} set in {ring.path}: "
+        print(f"cbios: cluster key {fingerprint} set in {ring.path}: "
               "every management node of the cluster needs the same")
         return 0
     if args.action == "key":

@@ -8,7 +8,6 @@ done, and logged to the journal."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -23,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from cbios.node import bootenv, contract, kvm, lxcconf, requests, wire
+from cbios.node import bootenv, contract, files, kvm, lxcconf, requests, wire
 from cbios.node.command import run as _run
 from cbios.node.wire import Failed, Invalid
 
@@ -353,8 +352,8 @@ def _console_log(eid: int) -> str:
 
 
 def _replace(dir_fd: int, name: str, data: bytes, where: str) -> None:
-    """NAME in the directory DIR_FD holds DATA: refused (Invalid) unless NAME is absent or a
-    regular file; written to a new file, synced, and renamed over NAME, never opening it."""
+    """NAME in the directory DIR_FD holds DATA (files.replace): refused (Invalid) unless NAME
+    is absent or a regular file."""
     try:
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
@@ -362,19 +361,10 @@ def _replace(dir_fd: int, name: str, data: bytes, where: str) -> None:
     else:
         if not stat.S_ISREG(st.st_mode):
             raise Invalid(f"{where}: not a plain file of the volume")
-    temp = f".{name}.cbios-new"
     try:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp, dir_fd=dir_fd)
-        out = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=dir_fd)
+        files.replace(dir_fd, name, data)
     except OSError:
-        raise Invalid(f"{where}: cannot write beside it ({temp})") from None
-    with os.fdopen(out, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    os.fsync(dir_fd)
+        raise Invalid(f"{where}: cannot write beside it") from None
 
 
 def _write_files(cdir: Path, files: dict[str, str]) -> None:

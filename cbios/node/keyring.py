@@ -9,13 +9,11 @@ the next rotation reaches it. Files are 0600 in a 0700 directory, replaced by re
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
 import secrets
 from pathlib import Path
 
-from cbios.node import contract
+from cbios.node import contract, files
 
 KEY_BYTES = 32  # a new key; a key set by hand has at least MIN_BYTES
 MIN_BYTES = 32
@@ -59,14 +57,16 @@ class Keyring:
         """The keys a request may be signed with: the current one, then the previous one."""
         return [k for k in (self._read(self.path), self._read(self.previous_path)) if k]
 
-    def install(self, key: bytes) -> None:
-        """KEY becomes the current key; the current one (if another) becomes the previous."""
+    def install(self, key: bytes) -> str:
+        """KEY becomes the current key; the current one (if another) becomes the previous.
+        KEY's fingerprint."""
         key = check(key, "the new key")
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         old = self.current()
         if old is not None and old != key:
-            _write(self.previous_path, old)
-        _write(self.path, key)
+            files.replace_path(self.previous_path, old, 0o600)
+        files.replace_path(self.path, key, 0o600)
+        return fingerprint(key)
 
     @staticmethod
     def _read(path: Path) -> bytes | None:
@@ -74,20 +74,3 @@ class Keyring:
             return check(path.read_bytes(), str(path))
         except (OSError, BadKey):
             return None
-
-
-def _write(path: Path, data: bytes) -> None:
-    temp = path.with_name(f".{path.name}.new")
-    with contextlib.suppress(FileNotFoundError):
-        temp.unlink()
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(temp, path)
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)

@@ -91,11 +91,11 @@ class Members:
 
     def install_key(self, key: bytes) -> str:
         try:
-            self.keys.install(key)
+            fingerprint = self.keys.install(key)
         except keyring.BadKey as e:
             raise Invalid(str(e)) from None
-        log.info("cluster: new key %s", keyring.fingerprint(key))
-        return keyring.fingerprint(key)
+        log.info("cluster: new key %s", fingerprint)
+        return fingerprint
 
     def rotate_key(self) -> Rows:
         """A new cluster key: to every member first (signed with the key it holds), then to

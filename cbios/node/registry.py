@@ -4,10 +4,10 @@ reboots and a switch of firmware copy. Written whole, to a new file renamed into
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from cbios.node import files
 
 REGISTRY = Path("/var/lib/cbios/registry.json")
 FORMAT = 1
@@ -27,13 +27,4 @@ def load(path: Path = REGISTRY) -> dict[int, dict[str, Any]] | None:
 def save(slots: dict[int, dict[str, Any]], path: Path = REGISTRY) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps({"format": FORMAT, "slots": [slots[e] for e in sorted(slots)]}, indent=2) + "\n"
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False) as tmp:
-        tmp.write(text)
-        tmp.flush()
-        os.fsync(tmp.fileno())
-    os.replace(tmp.name, path)
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    files.replace_path(path, text.encode(), 0o600)
