@@ -54,7 +54,6 @@ def boot(project: Project, profile: Profile, *, check: bool, timeout: int | None
          disk: bool = False, persist: bool = False) -> int:
     out = built(project, profile)
     if disk:
-
         if not (out / DISK).is_file():
             raise CbiosError(f"{project.display(out / DISK)}: no node disk",
                              hint=f"run 'cbios disk {profile.name}' first")

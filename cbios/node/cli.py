@@ -46,8 +46,8 @@ def cmd_commit(args: argparse.Namespace) -> int:
             if verity is None:
                 raise
             print(f"cbios: {path}: {e}: rebuilt from this boot (copy {running})", file=sys.stderr)
-            bootenv.write(path, bootenv.rebuilt(running, verity))
-            env = bootenv.read(path)
+            env = bootenv.rebuilt(running, verity)
+            bootenv.write(path, env)
         if env.get(f"cbios_{running}_state") == "bad":
             print(f"cbios: copy {running} is marked bad ({env.get('cbios_corrupt') or 'by the boot loader'}): "
                   "not committed", file=sys.stderr)

@@ -225,14 +225,14 @@ def call(peer: Peer, keys: list[bytes], sender: str, op: str, args: dict[str, An
     the start. NEW_KEY: the REKEY request, with the new key sealed to the connection."""
     if not keys:
         raise ValueError("no key")
-    for i, key in enumerate(keys):
+    for key in keys[:-1]:
         try:
             return _call(peer, key, sender, op, args, timeout=timeout, answer_timeout=answer_timeout,
                          new_key=new_key)
         except wire.RemoteError as e:
-            if e.code != "denied" or i == len(keys) - 1:
+            if e.code != "denied":
                 raise
-    raise AssertionError("unreachable")
+    return _call(peer, keys[-1], sender, op, args, timeout=timeout, answer_timeout=answer_timeout, new_key=new_key)
 
 
 def _call(peer: Peer, key: bytes, sender: str, op: str, args: dict[str, Any], *,

@@ -32,6 +32,8 @@ CLUSTER_KEY = SECRETS / "cluster.key"
 MANAGER_EID = 0
 MANAGER_TEMPLATE = "cb-manager"  # slot 0, and only slot 0: it holds CB-Executor's socket
 VOLUME_NAME = re.compile(r"slot([0-9])-([0-9])")  # fullmatch
+# A slot's cgroup limits (its template's, its profile's): pids.max within these.
+PIDS_MIN, PIDS_MAX = 16, 65536
 HOSTNAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")  # a node's or slot's; fullmatch
 
 

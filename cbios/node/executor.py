@@ -348,7 +348,7 @@ class Executor:
 
 
 def _console_log(eid: int) -> str:
-    return f"{lxcconf.LOG_DIR}/{contract.container_name(eid)}.console.log"
+    return str(lxcconf.console_log(eid))
 
 
 def _replace(dir_fd: int, name: str, data: bytes, where: str) -> None:

@@ -52,6 +52,11 @@ def lxc_log(eid: int) -> Path:
     return Path(LOG_DIR) / f"{container_name(eid)}.lxc.log"
 
 
+def console_log(eid: int) -> Path:
+    """An lxc slot's console, or a VM's serial console."""
+    return Path(LOG_DIR) / f"{container_name(eid)}.console.log"
+
+
 def rotated(path: Path, limit: int = LOG_MAX) -> None:
     """PATH, if over LIMIT bytes, moved to PATH.1 (the one before goes): a log LXC or QEMU
     appends to across starts stays within twice LIMIT."""
@@ -97,7 +102,7 @@ def render(d: Definition) -> str:
         f"lxc.cgroup2.pids.max = {d.pids}",
         f"lxc.log.file = {lxc_log(d.eid)}",
         "lxc.log.level = WARN",
-        f"lxc.console.logfile = {LOG_DIR}/{name}.console.log",
+        f"lxc.console.logfile = {console_log(d.eid)}",
         f"lxc.console.size = {CONSOLE_LOG_MAX}",
         "lxc.console.rotate = 1",
     ]

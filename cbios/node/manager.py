@@ -133,16 +133,16 @@ class Manager:
     def provision(self, entry: dict[str, Any]) -> None:
         """Volumes (made and filled if missing or blank), slot.env, container definition."""
         eid, template = entry["eid"], entry["template"]
-        kind = self._template(template)["type"]
+        tpl = self._template(template)
         existing = {v["volume"] for v in self.ex("volume.list")}
         for vol in entry["volumes"]:
             name = contract.volume_name(eid, vol["iid"])
             if name not in existing:
                 self.ex("volume.create", volume=name, size=vol["size"])
             self.ex("volume.write", volume=name, template=template, if_blank=True)
-        self.ex("volume.put", volume=contract.volume_name(eid, 0), path=env_path(kind),
+        self.ex("volume.put", volume=contract.volume_name(eid, 0), path=env_path(tpl["type"]),
                 content=slot_env(entry, self.config))
-        limits = entry.get("limits") or self._template(template).get("limits") or {}
+        limits = entry.get("limits") or tpl.get("limits") or {}
         self.ex("container.define", eid=eid, template=template, hostname=entry.get("hostname"),
                 address=entry.get("address"), volumes=[v["iid"] for v in entry["volumes"]], **limits)
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import PurePosixPath
 from typing import Any
 
-from cbios.node.contract import HOSTNAME, VOLUME_NAME
+from cbios.node.contract import HOSTNAME, PIDS_MAX, PIDS_MIN, VOLUME_NAME
 from cbios.node.wire import Invalid
 
 MIN_VOLUME = 4 << 20
@@ -113,7 +113,7 @@ REQUESTS: dict[str, Schema] = {
     "volume.remove": {"volume": (_volume, True)},
     "container.define": {"eid": (EID, True), "template": (_name, True), "hostname": (_hostname, False),
                          "address": (_address, False), "volumes": (_iids, True),
-                         "memory": (_int(MIN_MEMORY, MAX_MEMORY), False), "pids": (_int(16, 65536), False)},
+                         "memory": (_int(MIN_MEMORY, MAX_MEMORY), False), "pids": (_int(PIDS_MIN, PIDS_MAX), False)},
     "container.undefine": {"eid": (EID, True)},
     "container.start": {"eid": (EID, True)},
     "container.stop": {"eid": (EID, True), "timeout": (_int(1, 300), False)},

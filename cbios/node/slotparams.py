@@ -12,6 +12,8 @@ import ipaddress
 import re
 from collections.abc import Callable
 
+from cbios.node import contract
+
 MAX_LIST = 8
 
 
@@ -56,7 +58,7 @@ def _port(text: str) -> str:
 
 
 def _domain(text: str) -> str:
-    label = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+    label = contract.HOSTNAME.pattern
     if len(text) > 253 or not re.fullmatch(rf"{label}(\.{label})*", text):
         raise ValueError("a DNS domain in lower case, e.g. cluster.local")
     return text

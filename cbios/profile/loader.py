@@ -52,14 +52,13 @@ def profile_file(project: Project, name: str) -> Path:
 
 def load_profile(project: Project, name: str) -> Profile:
     """Resolve and validate profile NAME; raise ProfileError listing every problem."""
-    path = profile_file(project, name)
     try:
-        data, origins = _resolve(project, name, [], None)
+        data, origins = _resolve(project, name, [], None)  # profile_file: not found, or out of profiles/
     except YamlError as e:
         raise ProfileError([str(e)]) from None
     except _Problems as e:
         raise ProfileError(e.problems) from None
-    leaf = project.display(path)
+    leaf = project.display(project.profiles / f"{name}.yaml")
     if data.get("name", name) != name:
         line = origins.get(("name",), (leaf, 1))[1]
         raise ProfileError([f"{leaf}:{line}: name: '{data['name']}' does not match the file name '{name}'"])
@@ -90,7 +89,7 @@ def semantic_problems(project: Project, profile: Profile) -> list[tuple[KeyPath,
     key = profile.update.signing_key
     if key is not None and not (project.root / key).is_file():
         out.append((("update", "signing_key"), f"no such file: {key} (from {project.display(project.root)})"))
-    out += _cluster_problems(project, profile)
+    out += _cluster_problems(profile)
     nics = [n.name for n in profile.network.nics]
     for i, nic in enumerate(nics):
         if nic in nics[:i]:
@@ -105,7 +104,7 @@ def semantic_problems(project: Project, profile: Profile) -> list[tuple[KeyPath,
     return out
 
 
-def _cluster_problems(project: Project, profile: Profile) -> list[tuple[KeyPath, str]]:
+def _cluster_problems(profile: Profile) -> list[tuple[KeyPath, str]]:
     cluster = profile.cluster
     if not cluster.nodes:
         return []

@@ -161,7 +161,8 @@ class Limits(Strict):
     """What a slot may use of the node: cgroup memory.max and pids.max."""
 
     memory: Size | None = Field(default=None, description="memory.max, e.g. 256M")
-    pids: Annotated[int, Field(ge=16, le=65536, description="pids.max: processes and threads")] | None = None
+    pids: Annotated[int, Field(ge=contract.PIDS_MIN, le=contract.PIDS_MAX,
+                               description="pids.max: processes and threads")] | None = None
 
 
 class Slot(Strict):

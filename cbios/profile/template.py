@@ -62,7 +62,8 @@ class TemplateLimits(Strict):
     """What a slot of this template may use of the node, unless its profile says otherwise."""
 
     memory: Size = Field(default="512M", description="cgroup memory.max")
-    pids: Annotated[int, Field(ge=16, le=65536, description="cgroup pids.max: processes and threads")] = 512
+    pids: Annotated[int, Field(ge=contract.PIDS_MIN, le=contract.PIDS_MAX,
+                               description="cgroup pids.max: processes and threads")] = 512
 
 
 class VmSettings(Strict):
@@ -191,7 +192,7 @@ def node_template(name: str, template: SlotTemplate) -> dict[str, Any]:
     """template.json: slot.yaml as the node reads it, volume sizes in bytes."""
     data = {"name": name, **template.model_dump(mode="json")}
     data["volumes"] = [{"iid": v.iid, "size": parse_size(v.size)} for v in template.volumes]
-    data["limits"] = {"memory": parse_size(template.limits.memory), "pids": template.limits.pids}
+    data["limits"] = slot_limits(Limits(), template)
     return data
 
 
