@@ -430,12 +430,26 @@ def test_a_node_without_the_cluster_key_runs_its_slots_and_says_why_the_others_a
     rc, out = node.execute("cbios cluster key")
     assert rc == 1 and out.startswith("no cluster key"), out
     # The operator sets it on each node: it is in no artifact of the build (test_build_and_check).
-    data = base64.b64encode(KEY_FILE.read_bytes()).decode()
     for m in (node, peer):
-        assert "cluster key" in m.succeed(f"echo {data} | base64 -d | cbios cluster set-key -")
+        assert "cluster key" in set_key(m)
     assert node.succeed("cbios cluster key") == peer.succeed("cbios cluster key")
 
 
+def set_key(m: Machine) -> str:
+    """`cbios cluster set-key` on M with the tests' key, as the operator does."""
+    return m.succeed(f"echo {base64.b64encode(KEY_FILE.read_bytes()).decode()} | base64 -d | cbios cluster set-key -")
+
+
+@pytest.fixture(scope="module")
+def keyed(node: Machine, peer: Machine, peer_profile: Profile) -> None:
+    """Both nodes ready and holding the cluster key (the test above sets it the same way;
+    this lets each cluster test run alone with -k)."""
+    ready_peer(peer, peer_profile)
+    for m in (node, peer):
+        set_key(m)
+
+
+@pytest.mark.usefixtures("keyed")
 def test_slot_show_lists_the_slots_of_every_node_of_the_cluster(node: Machine, peer: Machine) -> None:
     rc, out, err, seconds = timed(node, "slot show")
     alone = [timed(node, f"slot show {n}")[3] for n in (NODE, PEER)]
@@ -463,6 +477,7 @@ def test_slot_show_lists_the_slots_of_every_node_of_the_cluster(node: Machine, p
     assert [r["location"] for r in slot_json(peer, "list") if r["parent"] == NODE] == mine
 
 
+@pytest.mark.usefixtures("keyed")
 def test_slot_stop_and_start_of_the_other_nodes_slot_act_there(node: Machine, peer: Machine) -> None:
     out = node.succeed(f"slot stop {PEER_DNS}", timeout=120)
     assert out.startswith(f"{PEER_DNS} dns_master: OFF"), out
@@ -518,6 +533,7 @@ s.sendall(b"{\\"v\\": 1, \\"op\\": \\"slots\\", \\"args\\": {}}\\n")
 print(repr(s.makefile("rb").read()))'"""
 
 
+@pytest.mark.usefixtures("keyed")
 def test_requests_without_the_clusters_credentials_are_refused(node: Machine, peer: Machine) -> None:
     answers = json.loads(node.succeed(CREDENTIALS_PROBE))
     signed = answers.pop("signed")
@@ -538,6 +554,7 @@ def test_requests_without_the_clusters_credentials_are_refused(node: Machine, pe
     node.fail("ls -A /usr/lib/cbios/secrets")
 
 
+@pytest.mark.usefixtures("keyed")
 def test_the_key_rotates_on_both_nodes_with_no_reflash(node: Machine, peer: Machine) -> None:
     before = node.succeed("cbios cluster key").split()[1]
     rows = [line.split() for line in node.succeed("cbios cluster rotate-key").splitlines()]
@@ -566,6 +583,7 @@ def test_with_the_other_node_off_slot_show_reports_it_unreachable_within_the_bou
     assert err.startswith(f"slot: unreachable: node {PEER} at 10.0.249.19:7475") and len(err.splitlines()) == 1, err
 
 
+@pytest.mark.usefixtures("keyed")
 def test_after_a_reboot_the_registry_is_intact_and_autostart_slots_are_on(node: Machine, profile: Profile) -> None:
     leases = node.succeed("lxc-attach -n slot2 -- cat /var/lib/dnsmasq/leases")
     key = node.succeed("cbios cluster key").splitlines()[0]
