@@ -566,6 +566,7 @@ def test_the_key_rotates_on_both_nodes_with_no_reflash(node: Machine, peer: Mach
         assert rc == 0 and other in out, (out, err)
 
 
+@pytest.mark.usefixtures("keyed")
 def test_with_the_other_node_off_slot_show_reports_it_unreachable_within_the_bound(
         node: Machine, peer: Machine) -> None:
     peer.shutdown()
