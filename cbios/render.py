@@ -16,7 +16,7 @@ from typing import Any
 import jinja2
 
 from cbios.errors import StepError
-from cbios.node import bootenv
+from cbios.node import bootenv, contract
 from cbios.profile import Profile, parse_size
 from cbios.profile import template as slot_template
 from cbios.project import Project
@@ -69,6 +69,9 @@ def context(profile: Profile, extra_packages: list[str] | None = None) -> dict[s
         "architecture": architecture(),
         "cmdline": " ".join(profile.kernel_cmdline()),
         "bootenv_keys": " ".join(bootenv.GRUB_KEYS),
+        "manager_user": contract.MANAGER_USER,
+        "executor_socket": str(contract.EXECUTOR_SOCKET),
+        "manager_ids": contract.slot_ids(contract.MANAGER_EID),
         "sizes": {
             "boot": parse_size(profile.storage.boot_size),
             "root": parse_size(profile.storage.root_size),

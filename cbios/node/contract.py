@@ -31,6 +31,14 @@ SECRETS = Path("/var/lib/cbios/secrets")
 CLUSTER_KEY = SECRETS / "cluster.key"
 MANAGER_EID = 0
 MANAGER_TEMPLATE = "cb-manager"  # slot 0, and only slot 0: it holds CB-Executor's socket
+# An lxc slot runs in a user namespace of its own: its ids 0..SLOT_IDS-1 are the node's
+# slot_ids(eid)..slot_ids(eid)+SLOT_IDS-1, so its root is no one on the node and no other
+# slot's. Slot 0's root has a name on the node (sysusers.d): CB-Executor's socket is its group's.
+SLOT_IDS = 65536
+MANAGER_USER = "cbios-manager"
+# Where CB-Executor mounts an lxc slot's volumes on the node, to bind them into the slot:
+# the kernel mounts a block device for the node's root only, never in a user namespace.
+SLOT_MOUNTS = Path("/run/cbios/slots")
 VOLUME_NAME = re.compile(r"slot([0-9])-([0-9])")  # fullmatch
 # A slot's cgroup limits (its template's, its profile's): pids.max within these.
 PIDS_MIN, PIDS_MAX = 16, 65536
@@ -61,6 +69,15 @@ def volume_name(eid: int, iid: int) -> str:
 
 def container_name(eid: int) -> str:
     return f"slot{eid}"
+
+
+def slot_ids(eid: int) -> int:
+    """The node's id of root in slot EID (user and group): 1000000, 1065536, ..."""
+    return 1_000_000 + eid * SLOT_IDS
+
+
+def slot_mount(eid: int, iid: int) -> Path:
+    return SLOT_MOUNTS / container_name(eid) / f"volume{iid}"
 
 
 def parse_object_id(node_id: str, text: str) -> tuple[str, int | None]:

@@ -113,8 +113,26 @@ class Executor:
             raise Invalid(f"no volume {volume} in {self.vg}")
 
     def _stopped(self, eid: int, what: str) -> None:
+        """Refuse WHAT unless slot EID is stopped; then its volumes are the node's alone."""
         if self._state(eid)["state"] not in ("STOPPED", "UNDEFINED"):
             raise Invalid(f"slot {eid} is running: stop it before {what}")
+        self._release(eid)
+
+    def _mount_volumes(self, eid: int, volumes: list[int]) -> None:
+        """An lxc slot's volumes, mounted on the node for LXC to bind in (the kernel mounts
+        no block device in a user namespace). nodev: no device node on a volume opens
+        anything. They stay mounted while the slot runs, and after it stops by itself, until
+        something else needs the volume (_stopped)."""
+        for iid in volumes:
+            target = contract.slot_mount(eid, iid)
+            target.mkdir(parents=True, exist_ok=True)
+            if not os.path.ismount(target):
+                _run(["mount", "-o", "nodev", self._device(contract.volume_name(eid, iid)), str(target)])
+
+    def _release(self, eid: int) -> None:
+        for target in sorted((contract.SLOT_MOUNTS / contract.container_name(eid)).glob("volume*")):
+            if os.path.ismount(target):
+                _run(["umount", str(target)])
 
     def op_volume_create(self, volume: str, size: int) -> dict[str, Any]:
         if self._exists(volume):
@@ -212,7 +230,7 @@ class Executor:
         for iid in volumes:
             self._need(contract.volume_name(eid, iid))
         side = {"eid": eid, "template": template, "kind": tpl["type"], "hostname": hostname,
-                "address": address, "volumes": volumes}
+                "address": address, "volumes": volumes, "privileged": tpl.get("privileged")}
         cdir = LXC_PATH / contract.container_name(eid)
         if tpl["type"] == "kvm-system":  # no LXC configuration: the VM's settings are the template's
             side["vm"] = {"memory": tpl["vm"]["memory"], "cpus": tpl["vm"]["cpus"]}
@@ -223,7 +241,8 @@ class Executor:
         d = lxcconf.Definition(eid=eid, template=template, kind=tpl["type"], vg=self.vg, bridge=self.bridge,
                                node_id=self.node_id, hostname=hostname, address=address, volumes=tuple(volumes),
                                extra=extra_file.read_text() if extra_file.is_file() else "",
-                               memory=memory or lxcconf.MEMORY, pids=pids or lxcconf.PIDS)
+                               memory=memory or lxcconf.MEMORY, pids=pids or lxcconf.PIDS,
+                               privileged=bool(tpl.get("privileged")))
         try:
             text = lxcconf.render(d)
         except (KeyError, ValueError) as e:
@@ -275,6 +294,7 @@ class Executor:
                 raise Invalid(f"slot {eid} is still stopping")
             kvm.start(self._vm(d))
             return self._state(eid)
+        self._mount_volumes(eid, d["volumes"])
         _run(["lxc-start", "-n", name], timeout=60)
         _run(["lxc-wait", "-n", name, "-s", "RUNNING", "-t", "30"], timeout=40)
         return self._state(eid)
@@ -288,7 +308,10 @@ class Executor:
         if self._state(eid)["state"] != "STOPPED":
             # A clean stop (the halt signal) within the bound, then a kill.
             _run(["lxc-stop", "-n", contract.container_name(eid), "-t", str(timeout)], timeout=timeout + 30)
-        return self._state(eid)
+        now = self._state(eid)
+        if now["state"] == "STOPPED":
+            self._release(eid)
+        return now
 
     def op_container_runtime(self, eid: int) -> dict[str, Any]:
         d = self._definition(eid)
@@ -319,6 +342,7 @@ class Executor:
             "cpu_seconds": usage.get("cpu_seconds"),
             "memory_bytes": usage.get("memory_bytes"),
             "veth": f"veth{eid}" if info.get("State") == "RUNNING" else None,
+            "root_ids": None if d.get("privileged") else contract.slot_ids(eid),
             "bridge": self.bridge,
             "volumes": [{"volume": contract.volume_name(eid, i),
                          "device": f"/dev/mapper/{self.vg}-{contract.volume_name(eid, i)}",

@@ -1,5 +1,11 @@
 """The LXC configuration of a slot, written by CB-Executor from a validated definition.
 
+Every lxc slot runs in a user namespace of its own (contract.slot_ids): its root is not the
+node's root, nor any other slot's. Its volumes are mounted on the node by CB-Executor
+(contract.slot_mount) and bound in idmapped (idmap=container), so the files on them belong
+to ids 0..65535 as the slot sees them and stay so on disk. A template that states why
+(slot.yaml `privileged`) runs without one: the exception, nfs for the kernel's nfsd.
+
 lxc-service: the CBIOS root, read-only, shared as the container's root; its own pid, uts,
 ipc, mount and net namespaces; volume 0 is its /var (writable, its own); /run and /tmp
 are tmpfs; the template's `run` is PID 1. No CAP_SYS_ADMIN: it cannot undo its mounts; a
@@ -16,7 +22,7 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
-from cbios.node.contract import TEMPLATES, container_name, volume_name
+from cbios.node.contract import SLOT_IDS, TEMPLATES, container_name, slot_ids, slot_mount, volume_name
 
 LOG_DIR = "/var/log/cbios/slots"
 CONSOLE_LOG_MAX = "1MB"  # then rotated once (.1): at most twice this on /var a slot
@@ -46,6 +52,7 @@ class Definition:
     extra: str = ""  # the template's lxc.conf, not yet substituted
     memory: int = MEMORY  # bytes: cgroup memory.max
     pids: int = PIDS  # cgroup pids.max
+    privileged: bool = False  # no user namespace: the template says why
 
 
 def lxc_log(eid: int) -> Path:
@@ -85,9 +92,11 @@ def mount_point(kind: str, iid: int) -> str:
 
 def render(d: Definition) -> str:
     name = container_name(d.eid)
+    idmap = "" if d.privileged else ",idmap=container"
     lines = [
         f"# Slot {d.eid} ({d.template}), written by CB-Executor: redefined on every start of the slot.",
         f"lxc.uts.name = {d.hostname or name}",
+        *([] if d.privileged else [f"lxc.idmap = {kind} 0 {slot_ids(d.eid)} {SLOT_IDS}" for kind in "ug"]),
         "lxc.apparmor.profile = unconfined",
         f"lxc.cap.drop = {CAP_DROP}" + (" sys_admin" if d.kind == "lxc-service" else ""),
         "lxc.mount.auto = proc:mixed sys:ro cgroup:mixed",
@@ -117,12 +126,14 @@ def render(d: Definition) -> str:
             "lxc.signal.halt = SIGTERM",
         ]
     else:
-        lines += [f"lxc.rootfs.path = {device(d.vg, d.eid, 0)}", "lxc.signal.halt = SIGRTMIN+3"]
+        lines += [f"lxc.rootfs.path = dir:{slot_mount(d.eid, 0)}",
+                  *([] if d.privileged else ["lxc.rootfs.options = idmap=container"]),
+                  "lxc.signal.halt = SIGRTMIN+3"]
     for iid in d.volumes:
         if iid == 0 and d.kind != "lxc-service":
             continue
-        target = mount_point(d.kind, iid)
-        lines.append(f"lxc.mount.entry = {device(d.vg, d.eid, iid)} {target} ext4 rw,nodev,create=dir 0 0")
+        lines.append(f"lxc.mount.entry = {slot_mount(d.eid, iid)} {mount_point(d.kind, iid)} none "
+                     f"bind,create=dir{idmap} 0 0")
     lines += [
         "lxc.net.0.type = veth",
         f"lxc.net.0.link = {d.bridge}",
@@ -134,7 +145,7 @@ def render(d: Definition) -> str:
     if d.address:
         lines.append(f"lxc.net.0.ipv4.address = {d.address}")
     if d.extra:
-        values = {"eid": str(d.eid), "name": name, "vg": d.vg, "cap_drop": CAP_DROP}
+        values = {"eid": str(d.eid), "name": name, "vg": d.vg, "cap_drop": CAP_DROP, "idmap": idmap}
         values.update({f"volume{iid}": device(d.vg, d.eid, iid) for iid in d.volumes})
         lines += ["", "# From the template:", string.Template(d.extra).substitute(values).strip()]
     return "\n".join(lines) + "\n"

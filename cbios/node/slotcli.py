@@ -81,6 +81,8 @@ def runtime_text(info: dict[str, Any]) -> str:
         ("Kind", info["kind"]), ("Version", info["version"]), ("Status", info["status"]),
         ("State", info["state"]), ("PID", info.get("pid") or "-"),
         ("Hostname", info.get("hostname") or "-"), ("Address", info.get("address") or "-"),
+        *([("Root", f"the node's root (privileged: {info['privileged']})" if info.get("privileged")
+            else f"node id {info['root_ids']} (a user namespace of its own)")] if "root_ids" in info else []),
         ("Interface", f"eth0 <-> {info['veth']} on {info['bridge']}" if info.get("veth")
          else f"eth0 ({info['mac']}) <-> {info['tap']} on {info['bridge']}" if info.get("tap") else "-"),
         ("IPs", " ".join(info.get("ips") or []) or "-"),

@@ -5,7 +5,7 @@ A template is a directory:
   run         lxc-service: the one service, run as the container's PID 1;
   health      a check run inside the slot (by /bin/sh); exit 0 when the service serves;
   lxc.conf    optional: container configuration added to what CB-Executor writes
-              (${eid}, ${volume0} ... substituted on the node);
+              (${eid}, ${volume0}, ${idmap} ... substituted on the node);
   volume/     optional: the initial content of the slot's volume 0 (its /var);
   mkosi.conf  lxc-system: the image of the slot's own root file system;
   vm/         kvm-system: the VM's initrd (vm/init is its PID 1), made into its system
@@ -94,6 +94,10 @@ class SlotTemplate(Strict):
     def param_defaults(self) -> dict[str, str]:
         return {k: p.default for k, p in self.params.items()}
     limits: TemplateLimits = Field(default_factory=TemplateLimits, description="lxc slots: memory and pids")
+    privileged: str | None = Field(
+        default=None, min_length=10, pattern=r"^[^\n\x00]*$",
+        description="lxc slots: why this template's root must be the node's root (no user namespace); "
+        "the exception, the reason stated for whoever reads the template")
     start_timeout: Annotated[int, Field(ge=1, le=600)] = 60
     stop_timeout: Annotated[int, Field(ge=1, le=300, description="s from the halt signal (the power button "
                                        "of a VM) to a kill")] = 30
@@ -124,6 +128,8 @@ def load_template(project: Project, name: str) -> SlotTemplate:
         missing.append("a vm: section in slot.yaml")
     elif template.type != "kvm-system" and template.vm is not None:
         raise ProfileError([f"{shown}: vm: is for kvm-system templates, this one is {template.type}"])
+    if template.type == "kvm-system" and template.privileged is not None:
+        raise ProfileError([f"{shown}: privileged: is for lxc templates: a VM has no root on the node"])
     if missing:
         raise ProfileError([f"{project.display(path.parent)}: a {template.type} template needs "
                             f"{' and '.join(missing)}"])

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from cbios import render
 from cbios.node import contract, lxcconf, manager, registry, requests, slotcli, wire
 from cbios.node.wire import Failed, Invalid
 from cbios.profile import load_profile
@@ -176,9 +177,16 @@ def test_cb_executor_takes_the_socket_systemd_made_for_it(tmp_path: Path) -> Non
         proc.wait(10)
 
 
-def test_cb_executor_socket_unit_listens_where_the_node_calls() -> None:
-    unit = Path(__file__).resolve().parents[2] / "overlays/base/usr/lib/systemd/system/cbios-executor.socket"
-    assert f"ListenStream={contract.EXECUTOR_SOCKET}\n" in unit.read_text()
+def test_cb_executor_socket_is_where_the_node_calls_and_cb_managers_alone(project: Project, tmp_path: Path) -> None:
+    render.render_overlays(project, load_profile(project, "qemu-test"), tmp_path)
+    unit = (tmp_path / "usr/lib/systemd/system/cbios-executor.socket").read_text().splitlines()
+    assert f"ListenStream={contract.EXECUTOR_SOCKET}" in unit
+    assert {"SocketMode=0660", f"SocketGroup={contract.MANAGER_USER}"} <= set(unit)
+    # That group is slot 0's root on the node: the first id of its user namespace.
+    users = (tmp_path / "usr/lib/sysusers.d/cbios.conf").read_text()
+    assert f"u {contract.MANAGER_USER} {contract.slot_ids(contract.MANAGER_EID)} " in users
+    tmpfiles = (tmp_path / "usr/lib/tmpfiles.d/cbios-slots.conf").read_text().splitlines()
+    assert f"d {contract.EXECUTOR_SOCKET.parent} 0750 root {contract.MANAGER_USER} -" in tmpfiles
 
 
 # -- the LXC configuration ---------------------------------------------------------------
@@ -193,7 +201,8 @@ def definition(**kw: Any) -> lxcconf.Definition:
 def test_lxc_service_shares_the_root_and_has_its_volume_as_var() -> None:
     text = lxcconf.render(definition())
     assert "lxc.rootfs.path = dir:/\n" in text
-    assert "lxc.mount.entry = /dev/mapper/lvm-slot2-0 var ext4 rw,nodev,create=dir 0 0\n" in text
+    mounts = contract.SLOT_MOUNTS / "slot2"
+    assert f"lxc.mount.entry = {mounts}/volume0 var none bind,create=dir,idmap=container 0 0\n" in text
     assert f"lxc.init.cmd = {contract.TEMPLATES}/dhcp/run\n" in text
     assert "lxc.net.0.link = br0\nlxc.net.0.name = eth0\nlxc.net.0.veth.pair = veth2\n" in text
     assert "lxc.net.0.ipv4.address = 10.0.249.52/24\n" in text
@@ -202,9 +211,28 @@ def test_lxc_service_shares_the_root_and_has_its_volume_as_var() -> None:
 
 def test_lxc_system_boots_its_own_root_from_volume_0() -> None:
     text = lxcconf.render(definition(kind="lxc-system", template="ldap", volumes=(0, 1)))
-    assert "lxc.rootfs.path = /dev/mapper/lvm-slot2-0\n" in text
+    mounts = contract.SLOT_MOUNTS / "slot2"
+    assert f"lxc.rootfs.path = dir:{mounts}/volume0\nlxc.rootfs.options = idmap=container\n" in text
     assert "lxc.init.cmd" not in text
-    assert "lxc.mount.entry = /dev/mapper/lvm-slot2-1 srv/volume1 ext4" in text
+    assert f"lxc.mount.entry = {mounts}/volume1 srv/volume1 none bind,create=dir,idmap=container 0 0" in text
+
+
+@pytest.mark.parametrize("kind", ["lxc-service", "lxc-system"])
+def test_every_slot_has_a_user_namespace_of_its_own(kind: str) -> None:
+    maps = [[line for line in lxcconf.render(definition(kind=kind, eid=eid)).splitlines()
+             if line.startswith("lxc.idmap")] for eid in (0, 2)]
+    assert maps[0] == [f"lxc.idmap = u 0 {contract.slot_ids(0)} 65536", f"lxc.idmap = g 0 {contract.slot_ids(0)} 65536"]
+    assert maps[1] == [f"lxc.idmap = u 0 {contract.slot_ids(2)} 65536", f"lxc.idmap = g 0 {contract.slot_ids(2)} 65536"]
+    assert contract.slot_ids(0) > 0 and contract.slot_ids(0) + 65536 <= contract.slot_ids(1)  # none shared
+
+
+def test_a_privileged_template_is_the_stated_exception(project: Project) -> None:
+    text = lxcconf.render(definition(template="nfs", volumes=(0, 1), privileged=True))
+    assert "lxc.idmap" not in text and "idmap=container" not in text
+    assert f"lxc.mount.entry = {contract.SLOT_MOUNTS}/slot2/volume1 srv/volume1 none bind,create=dir 0 0" in text
+    stated = {name: slot_template.load_template(project, name).privileged for name in slot_template.available(project)}
+    assert [name for name, why in stated.items() if why] == ["nfs"]
+    assert "nfsd" in str(stated["nfs"])
 
 
 @pytest.mark.parametrize("kind", ["lxc-service", "lxc-system"])

@@ -21,6 +21,7 @@ import pytest
 from cbios.boot import disk_boot_spec
 from cbios.disk import overlay
 from cbios.machine import Machine
+from cbios.node import contract
 from cbios.profile import Profile
 from cbios.project import Project
 from tests.vm.conftest import ready_machine
@@ -115,6 +116,12 @@ def test_ready_means_every_autostart_slot_is_on(node: Machine) -> None:
     print(f"slot start {SERVICE}: {out}")
     assert out.startswith(f"{SERVICE} service: ON")
     assert node.succeed("systemctl is-active cbios-executor cbios-slots").split() == ["active", "active"]
+    # Each lxc slot in a user namespace of its own: its PID 1 is no one on the node, slot 0's
+    # its root by name (the group of CB-Executor's socket), the lxc-system slot's too.
+    for eid in (0, 2, 5, 6):
+        pid = node.succeed(f"lxc-info -n slot{eid} -p -H")
+        assert node.succeed(f"cat /proc/{pid}/uid_map").split() == ["0", str(contract.slot_ids(eid)), "65536"], eid
+    assert node.succeed("ps -o user= -p $(lxc-info -n slot0 -p -H)") == contract.MANAGER_USER
     assert node.succeed("cbios status --json | python3 -c 'import json,sys; print(json.load(sys.stdin)"
                         "[\"copies\"][\"root\"][\"state\"])'") == "good"
 
@@ -193,6 +200,10 @@ def test_system_slot_runs_its_own_init_on_its_own_root(node: Machine) -> None:
     assert node.succeed("lxc-attach -n slot5 -- cat /proc/sys/kernel/hostname") == "service5"
     runtime = node.succeed(f"slot show-runtime {SERVICE}")
     assert re.search(r"^Kind\s+lxc-system$", runtime, re.M)
+    assert re.search(rf"^Root\s+node id {contract.slot_ids(5)} \(a user namespace of its own\)$", runtime, re.M)
+    # Its root file system, idmapped: root's files are its root's, and stay root's on the volume.
+    assert node.succeed("lxc-attach -n slot5 -- stat -c %U:%G /etc/passwd") == "root:root"
+    assert node.succeed("stat -c %u /run/cbios/slots/slot5/volume0/etc/passwd") == "0"
     assert re.search(r"^Volume slot5-0\s+/dev/mapper/lvm-slot5-0 256 MiB on /$", runtime, re.M)
     assert re.search(r"^Memory\s+\d+\.\d MiB$", runtime, re.M)
     # Its file system fills its volume (the image was grown to it).
@@ -370,16 +381,20 @@ except OSError as e:
 
 def test_a_compromised_service_slot_cannot_reach_the_node_nor_exhaust_it(node: Machine, profile: Profile) -> None:
     """Root in the dhcp slot (lxc-attach: its namespaces, cgroup, capabilities and system-call
-    filter). The node's disks, its cluster key and its firmware are out of reach; a fork bomb
-    and a memory hog stop at the slot's own limits, and the node stays ready."""
+    filter). Its root is not the node's; the node's disks, its cluster key and its firmware are
+    out of reach; a fork bomb and a memory hog stop at the slot's own limits, and the node
+    stays ready."""
     slot = "lxc-attach -n slot2 --"
+    pid = node.succeed("lxc-info -n slot2 -p -H")
+    # A user namespace of its own: the slot's ids 0..65535 are the node's from contract.slot_ids(2).
+    assert node.succeed(f"{slot} cat /proc/self/uid_map").split() == ["0", str(contract.slot_ids(2)), "65536"]
+    assert node.succeed(f"stat -c %u /proc/{pid}") != "0"
     major, minor = node.succeed("cat /sys/block/$(basename $(readlink -f /dev/mapper/lvm-root))/dev").split(":")
     assert "Operation not permitted" in node.fail(f"{slot} mknod /tmp/root b {major} {minor} 2>&1")
-    # A device node the slot did not make: the node puts one in the slot's /dev. Opening it is refused.
-    pid = node.succeed("lxc-info -n slot2 -p -H")
-    node.succeed(f"mknod /proc/{pid}/root/dev/cbios-root b {major} {minor}")
-    assert "Operation not permitted" in node.fail(f"{slot} head -c 512 /dev/cbios-root 2>&1")
-    node.succeed(f"rm /proc/{pid}/root/dev/cbios-root")
+    # A device node the slot did not make, put on its volume by the node: opening it is refused.
+    node.succeed(f"mknod /run/cbios/slots/slot2/volume0/cbios-root b {major} {minor}")
+    assert "Permission denied" in node.fail(f"{slot} head -c 512 /var/cbios-root 2>&1")
+    node.succeed("rm /run/cbios/slots/slot2/volume0/cbios-root")
     node.fail(f"{slot} cat /var/lib/cbios/secrets/cluster.key")
     assert "Read-only file system" in node.fail(f"{slot} touch /usr/lib/cbios/cbios-was-here 2>&1")
     # System calls that reach past the slot are refused by its filter (seccomp), even those
