@@ -142,7 +142,7 @@ def build(project: Project, profile: Profile, *, force: bool = False) -> Path:
         "cbios_version": __version__,
         "kernel": _kernel_version(tree),
         "root_format": "squashfs",
-        # What the node opens root.img with (cbios/node/verity.py): the flasher and `cbios
+        # What the node opens root.img with (cbios/node/boot/verity.py): the flasher and `cbios
         # update` put it in the boot state, the boot loader on the kernel command line.
         "verity": {"root_hash": root_verity.root_hash, "data_blocks": root_verity.data_blocks,
                    "hash_offset": root_verity.hash_offset, "param": root_verity.param},

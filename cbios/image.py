@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from cbios.errors import StepError
-from cbios.node import verity
+from cbios.node.boot import verity
 from cbios.profile import Profile
 from cbios.run import complete_step, run
 

@@ -16,7 +16,8 @@ from typing import Any
 import jinja2
 
 from cbios.errors import StepError
-from cbios.node import bootenv, contract
+from cbios.node import contract
+from cbios.node.boot import bootenv
 from cbios.profile import Profile, parse_size
 from cbios.profile import template as slot_template
 from cbios.project import Project
@@ -229,10 +230,12 @@ def add_node_package(dest: Path) -> None:
     package = Path(__file__).parent
     target = dest / NODE_PYTHON / "cbios"
     shutil.rmtree(target, ignore_errors=True)
-    (target / "node").mkdir(parents=True)
+    target.mkdir(parents=True)
     shutil.copy2(package / "__init__.py", target / "__init__.py")
-    for source in sorted((package / "node").glob("*.py")):
-        shutil.copy2(source, target / "node" / source.name)
+    for source in sorted((package / "node").rglob("*.py")):
+        dest_file = target / source.relative_to(package)
+        dest_file.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, dest_file)
     # Compiled here: the root is read-only, so Python could not cache its bytecode there and
     # would compile every module at every start of CB-Executor, CB-Manager, cbios and slot.
     # Unchecked hashes: the files never change under it, and the build stays reproducible.

@@ -10,7 +10,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from cbios.node import bootenv, contract, scrub, status, wire
+from cbios.node import contract, wire
+from cbios.node.boot import bootenv, scrub, status
 
 # update (HTTP, TLS, tar) and bootstrap (CB-Manager's client) are imported by the commands
 # that use them: the health gate's `commit` and cbios-slots' `slots-up` run at every boot,
@@ -173,7 +174,7 @@ def cmd_bootenv(args: argparse.Namespace) -> int:
 
 def cmd_cluster(args: argparse.Namespace) -> int:
     """The cluster key on this node: set it, show its fingerprint, rotate it on every member."""
-    from cbios.node import keyring
+    from cbios.node.cluster import keyring
 
     ring = keyring.Keyring()
     if args.action == "set-key":
@@ -206,13 +207,13 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 
 
 def cmd_slots_up(args: argparse.Namespace) -> int:
-    from cbios.node import bootstrap
+    from cbios.node.boot import bootstrap
 
     return bootstrap.up()
 
 
 def cmd_slots_down(args: argparse.Namespace) -> int:
-    from cbios.node import bootstrap
+    from cbios.node.boot import bootstrap
 
     return bootstrap.down()
 

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from cbios.node import bootenv, contract, status, verity
+from cbios.node import contract
+from cbios.node.boot import bootenv, status, verity
 
 MANIFEST, SIGNATURE = contract.MANIFEST, contract.SIGNATURE
 IMAGE = "root.img"
@@ -279,28 +280,6 @@ def target_copy(env: dict[str, str], running: str) -> str:
     return bootenv.other(running)
 
 
-def marked_bad(env: dict[str, str], copy: str) -> dict[str, str]:
-    """COPY bad, and the other one (the running one) to boot: GRUB boots an active copy that
-    is bad (it counts tries of new copies only), so a bad copy must never be the active one."""
-    new = dict(env)
-    new[f"cbios_{copy}_state"] = "bad"
-    new.pop(f"cbios_{copy}_tries", None)
-    new.pop(f"cbios_{copy}_verity", None)
-    new.pop(f"cbios_{copy}_cmdline", None)  # its parameters were for the firmware it held
-    new["cbios_active"] = bootenv.other(copy)
-    return new
-
-
-def to_try(env: dict[str, str], copy: str, tries: int, param: str) -> dict[str, str]:
-    """COPY on trial next boot, with TRIES boots to become ready, opened with verity PARAM."""
-    new = dict(env)
-    new[f"cbios_{copy}_state"] = "new"
-    new[f"cbios_{copy}_tries"] = str(tries)
-    new[f"cbios_{copy}_verity"] = param
-    new["cbios_active"] = copy
-    return new
-
-
 # -- the whole update ----------------------------------------------------------------
 
 
@@ -355,7 +334,7 @@ def _update(node: Node, source: Source, *, allow_downgrade: bool, force: bool,
     with node.boot_env(True) as path:
         env = bootenv.read(path)
         target_copy(env, node.running)  # still so, now that the block is ours to write
-        bootenv.write(path, marked_bad(env, target))
+        bootenv.write(path, bootenv.marked_bad(env, target))
     say(f"writing copy {target} ({device})")
     with open(device, "r+b", buffering=0) as dev:
         stream(source, new, dev, say, f"writing copy {target}")
@@ -367,7 +346,7 @@ def _update(node: Node, source: Source, *, allow_downgrade: bool, force: bool,
         raise UpdateError(f"{problem}: copy {target} stays bad")
     with node.boot_env(True) as path:
         bootenv.write_sums(path, target, new.kernel_sha256, new.initrd_sha256)
-        bootenv.write(path, to_try(bootenv.read(path), target, new.tries, new.verity.param))
+        bootenv.write(path, bootenv.to_try(bootenv.read(path), target, new.tries, new.verity.param))
     result = {
         "profile": new.profile, "from": node.own["CBIOS_VERSION"], "version": new.version,
         "copy": target, "device": str(device), "tries": new.tries, "root_sha256": new.root_sha256,

@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 from cbios.build import cache_dir
-from cbios.node import cluster, lxcconf, manager, wire
+from cbios.node import cluster, manager, wire
+from cbios.node.executor import lxcconf
 from cbios.node.wire import Failed, Invalid
 from cbios.profile import load_profile
 from cbios.profile import template as slot_template

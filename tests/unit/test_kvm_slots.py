@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from cbios.errors import ProfileError
-from cbios.node import kvm, slotcli
+from cbios.node import slotcli
+from cbios.node.executor import kvm
 from cbios.node.wire import Failed
 from cbios.profile import template as slot_template
 from cbios.project import Project

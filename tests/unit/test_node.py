@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cbios.node import bootenv, status
+from cbios.node.boot import bootenv, status
 from cbios.profile import load_profile
 from cbios.project import Project
 from cbios.render import boot_files
@@ -204,10 +204,9 @@ def test_an_unreadable_boot_state_is_rebuilt_by_commit(tmp_path: Path, monkeypat
 
 
 def test_a_copy_rewritten_by_an_update_loses_its_own_kernel_parameters() -> None:
-    from cbios.node import update
     env = {"cbios_active": "root", "cbios_root_state": "good", "cbios_spare_state": "good",
            "cbios_spare_cmdline": "rdinit=/nonexistent", "cbios_root_cmdline": "quiet"}
-    after = update.marked_bad(env, "spare")
+    after = bootenv.marked_bad(env, "spare")
     assert "cbios_spare_cmdline" not in after and after["cbios_root_cmdline"] == "quiet"
 
 

@@ -12,7 +12,9 @@ from typing import Any
 import pytest
 
 from cbios import render
-from cbios.node import contract, lxcconf, manager, registry, requests, slotcli, wire
+from cbios.node import contract, manager, slotcli, wire
+from cbios.node.executor import lxcconf, requests
+from cbios.node.manager import registry
 from cbios.node.wire import Failed, Invalid
 from cbios.profile import load_profile
 from cbios.profile import template as slot_template

@@ -23,7 +23,9 @@ import pytest
 
 from cbios import signing
 from cbios.errors import CbiosError, StepError
-from cbios.node import bootenv, cli, requests, status, update, verity
+from cbios.node import cli, update
+from cbios.node.boot import bootenv, status, verity
+from cbios.node.executor import requests
 from cbios.node.wire import Invalid
 from cbios.release import write_release
 

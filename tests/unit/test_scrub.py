@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from cbios.node import bootenv, scrub, update, verity
+from cbios.node import update
+from cbios.node.boot import bootenv, scrub, verity
 from tests.unit.test_node_update import FakeNode, make_release, mkdir
 
 PARAM = verity.Verity("ab" * 32, 1000).param

@@ -12,7 +12,8 @@ from typing import Any
 
 from cbios import manifest, signing
 from cbios.artifacts import ARTIFACTS
-from cbios.node import update, verity
+from cbios.node import update
+from cbios.node.boot import verity
 from cbios.profile import Profile
 from cbios.project import Project
 from cbios.release import write_release

@@ -84,7 +84,7 @@ env_load() {
     done <"$GRUBENV"
 }
 # What GRUB chooses a copy by comes first, within the block's first sector (the order of
-# cbios/node/bootenv.py's STATE_KEYS): a write torn between the two sectors leaves these
+# cbios/node/boot/bootenv.py's STATE_KEYS): a write torn between the two sectors leaves these
 # all old or all new.
 ENV_STATE_KEYS=(cbios_active cbios_root_state cbios_root_tries cbios_root_verity
     cbios_spare_state cbios_spare_tries cbios_spare_verity)
@@ -156,7 +156,7 @@ mark_bad() {
     env_save
 }
 
-# dm-verity, as cbios/node/verity.py lays it out: root.img is the squashfs image in whole
+# dm-verity, as cbios/node/boot/verity.py lays it out: root.img is the squashfs image in whole
 # 4 KiB blocks, then its hash tree (sha256, no salt, no superblock); VERITY is
 # ROOTHASH:BLOCKS (the signed manifest's verity.param).
 verity_valid() { [[ $1 =~ ^[0-9a-f]{64}:[1-9][0-9]{0,9}$ ]]; }

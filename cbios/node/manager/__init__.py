@@ -19,7 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cbios.node import contract, keyring, members, registry, slotparams, wire
+from cbios.node import contract, slotparams, wire
+from cbios.node.cluster import keyring, members
+from cbios.node.manager import registry
 from cbios.node.wire import Failed, Invalid, RemoteError
 
 log = logging.getLogger("cbios")
@@ -434,6 +436,3 @@ def main() -> int:
     wire.serve(contract.MANAGER_SOCKET, manager.handle)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cbios.node import bootenv, verity
+from cbios.node.boot import bootenv, verity
 
 PORT = Path("/dev/virtio-ports/org.cbios.ready")
 

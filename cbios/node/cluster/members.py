@@ -10,7 +10,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from cbios.node import cluster, keyring
+from cbios.node import cluster
+from cbios.node.cluster import keyring
 from cbios.node.wire import Failed, Invalid, RemoteError
 
 log = logging.getLogger("cbios")

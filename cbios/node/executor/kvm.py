@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cbios.node import lxcconf
 from cbios.node.command import run as _run
+from cbios.node.executor import lxcconf
 from cbios.node.wire import Failed
 
 RUN = Path("/run/cbios/kvm")

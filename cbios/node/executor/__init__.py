@@ -22,8 +22,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from cbios.node import bootenv, contract, files, kvm, lxcconf, requests, wire
+from cbios.node import contract, files, wire
+from cbios.node.boot import bootenv
 from cbios.node.command import run as _run
+from cbios.node.executor import kvm, lxcconf, requests
 from cbios.node.wire import Failed, Invalid
 
 log = logging.getLogger("cbios")
@@ -450,6 +452,3 @@ def main() -> int:
     wire.serve(contract.EXECUTOR_SOCKET, executor.handle, ready=wire.notify_ready)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

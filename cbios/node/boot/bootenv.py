@@ -143,6 +143,28 @@ def refused(env: dict[str, str]) -> list[str]:
     return env.get(REFUSED, "").split()
 
 
+def marked_bad(env: dict[str, str], copy: str) -> dict[str, str]:
+    """COPY bad, and the other one (the running one) to boot: GRUB boots an active copy that
+    is bad (it counts tries of new copies only), so a bad copy must never be the active one."""
+    new = dict(env)
+    new[f"cbios_{copy}_state"] = "bad"
+    new.pop(f"cbios_{copy}_tries", None)
+    new.pop(f"cbios_{copy}_verity", None)
+    new.pop(f"cbios_{copy}_cmdline", None)  # its parameters were for the firmware it held
+    new["cbios_active"] = other(copy)
+    return new
+
+
+def to_try(env: dict[str, str], copy: str, tries: int, param: str) -> dict[str, str]:
+    """COPY on trial next boot, with TRIES boots to become ready, opened with verity PARAM."""
+    new = dict(env)
+    new[f"cbios_{copy}_state"] = "new"
+    new[f"cbios_{copy}_tries"] = str(tries)
+    new[f"cbios_{copy}_verity"] = param
+    new["cbios_active"] = copy
+    return new
+
+
 def with_failure(env: dict[str, str], copy: str, version: str, reason: str) -> dict[str, str]:
     """ENV keeping why COPY (at VERSION) was not ready on its last boot. A copy on trial that
     fails is a version this node refuses from now on (unless forced)."""

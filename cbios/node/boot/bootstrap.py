@@ -8,7 +8,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from cbios.node import bootenv, contract, wire
+from cbios.node import contract, wire
+from cbios.node.boot import bootenv
 
 log = logging.getLogger("cbios")
 EXECUTOR_WAIT = 60

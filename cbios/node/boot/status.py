@@ -6,7 +6,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from cbios.node import bootenv
+from cbios.node.boot import bootenv
 
 RELEASE = Path("/usr/lib/cbios/release")
 

@@ -1,0 +1,5 @@
+import sys
+
+from cbios.node.executor import main
+
+sys.exit(main())

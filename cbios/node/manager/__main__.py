@@ -1,0 +1,5 @@
+import sys
+
+from cbios.node.manager import main
+
+sys.exit(main())
