@@ -263,6 +263,40 @@ def test_a_log_past_its_bound_is_rotated_at_a_start(tmp_path: Path) -> None:
     lxcconf.rotated(log, limit=100)  # none yet: nothing to do
 
 
+def test_a_log_past_its_bound_while_its_writer_runs_is_trimmed_in_place(tmp_path: Path) -> None:
+    """QEMU's console (append=on) and LXC's log are written with O_APPEND by a process that
+    keeps the file open: emptied in place, the writer goes on at the new end."""
+    log = tmp_path / "slot7.console.log"
+    with log.open("ab", buffering=0) as writer:
+        writer.write(b"a" * 100)
+        assert not lxcconf.trimmed(log, limit=100)
+        writer.write(b"b" * 50)
+        assert lxcconf.trimmed(log, limit=100)
+        writer.write(b"c" * 10)
+    assert log.read_bytes() == b"c" * 10  # no hole where the old bytes were
+    assert (tmp_path / "slot7.console.log.1").read_bytes() == b"a" * 100 + b"b" * 50
+    assert not lxcconf.trimmed(tmp_path / "none.log")
+
+
+def test_cb_executor_trims_a_vms_console_and_lxcs_logs_of_running_slots(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import cbios.node.executor as executor
+
+    monkeypatch.setattr(executor, "LXC_PATH", tmp_path / "lxc")
+    monkeypatch.setattr(lxcconf, "LOG_DIR", str(tmp_path / "logs"))
+    monkeypatch.setattr(lxcconf, "LOG_MAX", 100)
+    (tmp_path / "logs").mkdir()
+    for eid, kind in ((2, "lxc-service"), (7, "kvm-system")):
+        (tmp_path / "lxc" / f"slot{eid}").mkdir(parents=True)
+        (tmp_path / "lxc" / f"slot{eid}" / executor.SIDE_FILE).write_text(json.dumps({"eid": eid, "kind": kind}))
+        for path in (lxcconf.console_log(eid), lxcconf.lxc_log(eid)):
+            path.write_bytes(b"x" * 101)
+    executor.Executor({"vg": "lvm", "bridge": "br0", "node": {"object_id": NODE}}, {}).trim_logs_once()
+    sizes = {p.name: p.stat().st_size for p in (tmp_path / "logs").iterdir()}
+    assert sizes == {"slot2.lxc.log": 0, "slot2.lxc.log.1": 101, "slot2.console.log": 101,  # LXC bounds it
+                     "slot7.console.log": 0, "slot7.console.log.1": 101, "slot7.lxc.log": 101}
+
+
 def test_the_seccomp_policy_is_lxcs_denylist_format(project: Project) -> None:
     policy = (project.overlays / "base" / lxcconf.SECCOMP.lstrip("/")).read_text().splitlines()
     assert policy[:2] == ["2", "denylist"]

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,6 +34,7 @@ LXC_PATH = Path("/var/lib/lxc")
 MOUNTS = Path("/run/cbios/executor-mnt")
 SIDE_FILE = "cbios.json"  # the checked definition, beside LXC's config
 HEALTH_TIMEOUT = 30
+LOG_CHECK = 60  # s between checks of the logs that grow while slots run
 
 
 class Executor:
@@ -372,6 +374,25 @@ class Executor:
         return _health(["lxc-attach", "-n", contract.container_name(eid), "--clear-env", "--logpriority=FATAL",
                         "--logfile=/dev/null", "--", "/bin/sh", "-s"], script)
 
+    def trim_logs(self, every: float = LOG_CHECK) -> None:
+        """Forever, every EVERY seconds: trim_logs_once."""
+        while True:
+            time.sleep(every)
+            self.trim_logs_once()
+
+    def trim_logs_once(self) -> None:
+        """The logs that grow while a slot runs (a VM's console, LXC's own log) kept within
+        their bound. LXC bounds an lxc slot's console itself."""
+        for side in LXC_PATH.glob("slot[0-9]/" + SIDE_FILE):
+            eid = int(side.parent.name.removeprefix("slot"))
+            vm = (self._definition(eid) or {}).get("kind") == "kvm-system"
+            path = lxcconf.console_log(eid) if vm else lxcconf.lxc_log(eid)
+            try:
+                if lxcconf.trimmed(path, lxcconf.LOG_MAX):
+                    log.info("%s: past %d bytes, moved to %s.1", path, lxcconf.LOG_MAX, path.name)
+            except OSError as e:
+                log.warning("%s: not trimmed: %s", path, e)
+
 
 def _console_log(eid: int) -> str:
     return str(lxcconf.console_log(eid))
@@ -449,6 +470,7 @@ def main() -> int:
     executor = Executor(contract.node_config(), contract.catalogue())
     log.info("CB-Executor: node %s, volume group %s, bridge %s, %d templates; socket %s",
              executor.node_id, executor.vg, executor.bridge, len(executor.catalogue), contract.EXECUTOR_SOCKET)
+    threading.Thread(target=executor.trim_logs, name="logs", daemon=True).start()
     wire.serve(contract.EXECUTOR_SOCKET, executor.handle, ready=wire.notify_ready)
     return 0
 

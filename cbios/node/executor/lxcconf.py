@@ -18,6 +18,8 @@ whose other end, veth<eid>, is on the node's bridge."""
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +28,7 @@ from cbios.node.contract import SLOT_IDS, TEMPLATES, container_name, slot_ids, s
 
 LOG_DIR = "/var/log/cbios/slots"
 CONSOLE_LOG_MAX = "1MB"  # then rotated once (.1): at most twice this on /var a slot
-LOG_MAX = 1 << 20  # LXC's own log, a VM's console: rotated (.1) at a start past this
+LOG_MAX = 1 << 20  # LXC's own log, a VM's console: rotated (.1) past this, at a start and while it runs
 # Never a slot's: loading code into the kernel, raw I/O, the clock, device nodes (no mknod:
 # the device list below is the only way to a device), handles that reach past its mounts.
 CAP_DROP = "sys_module sys_time sys_boot sys_rawio mac_admin mac_override dac_read_search mknod"
@@ -72,6 +74,22 @@ def rotated(path: Path, limit: int = LOG_MAX) -> None:
             path.replace(path.with_name(path.name + ".1"))
     except FileNotFoundError:
         pass
+
+
+def trimmed(path: Path, limit: int = LOG_MAX) -> bool:
+    """PATH, if over LIMIT bytes while its writer runs, copied to PATH.1 and emptied in place.
+    For logs written with O_APPEND (QEMU's append=on, LXC's own log): the writer goes on at
+    the new end, so a log stays within twice LIMIT however long its slot runs."""
+    try:
+        with path.open("r+b") as f:
+            if os.fstat(f.fileno()).st_size <= limit:
+                return False
+            with path.with_name(path.name + ".1").open("wb") as old:
+                shutil.copyfileobj(f, old)
+            f.truncate(0)
+            return True
+    except FileNotFoundError:
+        return False
 
 
 def mac_address(node_id: str, eid: int) -> str:
