@@ -11,6 +11,7 @@ import base64
 import contextlib
 import json
 import logging
+import math
 import shlex
 import shutil
 import socket
@@ -29,6 +30,8 @@ log = logging.getLogger("cbios")
 CONSOLE_TAIL = 25
 SHELL_CONNECT_TIMEOUT = 10.0
 MARK = "__CBIOS__"
+KILL_GRACE = 5  # s from timeout(1)'s TERM to its KILL
+TIMED_OUT = (124, 137)  # timeout(1): TERM worked, KILL was needed
 POWER_BUTTON_REPEAT = 15.0
 
 
@@ -51,6 +54,7 @@ class Machine:
         self.proc: subprocess.Popen[bytes] | None = None
         self._shell: socket.socket | None = None
         self._buf = b""
+        self._seq = 0  # of the last command sent to the shell
         self._reports_seen = 0
         self.reports: list[str] = []  # every line the guest reported, in order
         self.started_at = 0.0
@@ -170,25 +174,35 @@ class Machine:
     # -- commands in the guest ------------------------------------------------------
 
     def execute(self, command: str, timeout: float = 60) -> tuple[int, str]:
-        """Run COMMAND (bash, under set -euo pipefail) as root in the guest."""
+        """Run COMMAND (bash, under set -euo pipefail) as root in the guest. Past TIMEOUT the
+        guest kills it (timeout(1), its process group), so the shell is free for the next
+        command; a VmError says so. Each answer carries its command's number: a late one,
+        of a command given up on, is never taken for another's."""
         if self._shell is None:
             raise self.error("no shell connection to the guest")
+        self._seq += 1
         encoded = base64.b64encode(command.encode()).decode()
-        line = (f'__o=$(cd / && (set -euo pipefail; eval "$(printf %s {encoded} | base64 -d)") '
-                f'</dev/null 2>&1); __r=$?; '
-                f'printf "{MARK} %s %s\\n" "$__r" "$(printf %s "$__o" | base64 -w0)"\n')
+        line = (f'__o=$(cd / && timeout -k {KILL_GRACE} {math.ceil(timeout)} bash -c '
+                f'"set -euo pipefail; $(printf %s {encoded} | base64 -d)" </dev/null 2>&1); __r=$?; '
+                f'printf "{MARK} {self._seq} %s %s\\n" "$__r" "$(printf %s "$__o" | base64 -w0)"\n')
+        started = time.monotonic()
         self._shell.sendall(line.encode())
-        deadline = time.monotonic() + timeout
+        # The guest's bound, then its kill, then a margin for the answer to come back.
+        deadline = started + timeout + KILL_GRACE + 10
         while True:
             for raw in self._lines():
-                if raw.startswith(MARK + " "):
-                    _, rc, *rest = raw.split(" ", 2)
-                    out = base64.b64decode(rest[0]).decode(errors="replace") if rest else ""
-                    return int(rc), out
+                fields = raw.split(" ")  # MARK, number, status, output (base64; none when empty)
+                if fields[:2] != [MARK, str(self._seq)] or len(fields) not in (3, 4):
+                    continue  # console noise, or the late answer of a command given up on
+                rc = int(fields[2])
+                if rc in TIMED_OUT and time.monotonic() - started >= timeout:
+                    raise self.error(f"{command!r} did not finish within {timeout:.0f} s (killed in the guest)")
+                return rc, base64.b64decode(fields[3] if len(fields) == 4 else "").decode(errors="replace")
             self._check_running(f"running {command!r}")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise self.error(f"{command!r} did not finish within {timeout:.0f} s")
+                raise self.error(f"{command!r} did not finish within {timeout:.0f} s, and the guest's shell "
+                                 "did not answer since")
             self._shell.settimeout(min(remaining, 1.0))
             with contextlib.suppress(TimeoutError):
                 chunk = self._shell.recv(65536)

@@ -78,6 +78,16 @@ def test_machine_runs_commands_through_the_shell_port(fake_qemu: Path, tmp_path:
         assert m.execute("false | true")[0] == 1
 
 
+def test_a_command_past_its_bound_is_killed_and_the_shell_goes_on(fake_qemu: Path, tmp_path: Path) -> None:
+    with Machine(spec(), tmp_path / "logs", name="fake") as m:
+        m.wait_ready(10)
+        with pytest.raises(VmError, match="'sleep 60; echo late' did not finish within 1 s"):
+            m.execute("sleep 60; echo late", timeout=1)
+        # The next command is answered by its own answer, at once: nothing was left running.
+        assert m.succeed("echo next; pgrep -f 'sleep 6[0]' || true", timeout=5) == "next"
+        assert m.execute("exit 124", timeout=5) == (124, "")  # a status of its own, well within its bound
+
+
 def test_machine_failure_shows_console_tail_and_log_path(
         fake_qemu: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FAKE_QEMU", "crash")
