@@ -80,6 +80,17 @@ def slot_mount(eid: int, iid: int) -> Path:
     return SLOT_MOUNTS / container_name(eid) / f"volume{iid}"
 
 
+def volume_target(kind: str, iid: int) -> str:
+    """Where an lxc slot has volume IID, relative to its root: an lxc-service's volume 0 is
+    its /var; every other is /srv/volume<iid> (an lxc-system's volume 0 is its root). The
+    build makes these directories in the CBIOS root, which lxc-service slots share: LXC binds
+    an idmapped volume only onto a directory that is there, on the root's own file system."""
+    return "var" if iid == 0 and kind == "lxc-service" else f"srv/volume{iid}"
+
+
+FURTHER_VOLUMES = range(1, 10)  # the iids of VOLUME_NAME past 0
+
+
 def parse_object_id(node_id: str, text: str) -> tuple[str, int | None]:
     """('node', None) for this node's ObjectID, ('slot', eid) for one of its slots.
     ValueError for anything else, with a message for the person who typed it."""

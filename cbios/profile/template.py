@@ -213,5 +213,7 @@ def bake(project: Project, profile: Profile, dest: Path) -> None:
         shutil.copytree(src, target, symlinks=True, ignore=shutil.ignore_patterns("slot.yaml"))
         (target / "template.json").write_text(json.dumps(node_template(name, template), indent=2, sort_keys=True)
                                               + "\n")
+    for iid in contract.FURTHER_VOLUMES:  # mount points, in the root lxc-service slots share
+        (dest / contract.volume_target("lxc-service", iid)).mkdir(parents=True, exist_ok=True)
     (dest / NODE_SLOTS).parent.mkdir(parents=True, exist_ok=True)
     (dest / NODE_SLOTS).write_text(json.dumps(node_slots(profile, templates), indent=2) + "\n")

@@ -204,7 +204,7 @@ def test_lxc_service_shares_the_root_and_has_its_volume_as_var() -> None:
     text = lxcconf.render(definition())
     assert "lxc.rootfs.path = dir:/\n" in text
     mounts = contract.SLOT_MOUNTS / "slot2"
-    assert f"lxc.mount.entry = {mounts}/volume0 var none bind,create=dir,idmap=container 0 0\n" in text
+    assert f"lxc.mount.entry = {mounts}/volume0 var none bind,idmap=container 0 0\n" in text
     assert f"lxc.init.cmd = {contract.TEMPLATES}/dhcp/run\n" in text
     assert "lxc.net.0.link = br0\nlxc.net.0.name = eth0\nlxc.net.0.veth.pair = veth2\n" in text
     assert "lxc.net.0.ipv4.address = 10.0.249.52/24\n" in text
@@ -216,7 +216,7 @@ def test_lxc_system_boots_its_own_root_from_volume_0() -> None:
     mounts = contract.SLOT_MOUNTS / "slot2"
     assert f"lxc.rootfs.path = dir:{mounts}/volume0\nlxc.rootfs.options = idmap=container\n" in text
     assert "lxc.init.cmd" not in text
-    assert f"lxc.mount.entry = {mounts}/volume1 srv/volume1 none bind,create=dir,idmap=container 0 0" in text
+    assert f"lxc.mount.entry = {mounts}/volume1 srv/volume1 none bind,idmap=container 0 0" in text
 
 
 @pytest.mark.parametrize("kind", ["lxc-service", "lxc-system"])
@@ -574,6 +574,8 @@ def test_baked_slots_json_resolves_templates(project: Project, tmp_path: Path) -
     assert cat["ldap"]["type"] == "lxc-system" and (tmp_path / slot_template.NODE_TEMPLATES / "dhcp" / "run").is_file()
     assert slot_template.packages(slot_template.templates_of(project, profile)) == [
         "dnsmasq-base", "isc-dhcp-relay", "nfs-kernel-server", "nsd"]
+    # The mount points of lxc-service slots' further volumes, in the root they share.
+    assert all((tmp_path / "srv" / f"volume{iid}").is_dir() for iid in range(1, 10))
 
 
 # -- CB-Executor's writes into a slot's volume: the slot wrote that volume -----------------
@@ -608,3 +610,23 @@ def test_volume_put_refuses_what_is_not_a_plain_file_without_blocking(tmp_path: 
         os.close(fd)
     assert elsewhere.read_text() == "root:x\n"
     assert not (tmp_path / ".slot.env.cbios-new").exists()
+
+
+def test_an_lxc_system_slots_mount_points_are_made_in_its_root_without_following_its_links(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import cbios.node.executor as executor
+
+    monkeypatch.setattr(contract, "SLOT_MOUNTS", tmp_path / "slots")
+    ex = executor.Executor({"vg": "lvm", "bridge": "br0", "node": {"object_id": NODE}}, {})
+    root = contract.slot_mount(5, 0)
+    root.mkdir(parents=True)
+    ex._make_targets(5, [0, 1, 2])
+    assert (root / "srv/volume1").is_dir() and (root / "srv/volume2").is_dir()
+    # The slot's root is the slot's to write: a link where a mount point goes leads nowhere.
+    elsewhere = tmp_path / "node"
+    elsewhere.mkdir()
+    (root / "srv/volume2").rmdir()
+    (root / "srv/volume2").symlink_to(elsewhere)
+    with pytest.raises(Invalid, match=r"slot5-0: /srv/volume2: 'volume2' is not a directory of the volume"):
+        ex._make_targets(5, [0, 2])
+    assert not list(elsewhere.iterdir())

@@ -5,7 +5,9 @@ The operator sets it on each management node (`cbios cluster set-key`); no build
 it, so no image, bundle or release holds it. `cbios cluster rotate-key` hands a new one
 to every member over the cluster itself (cluster.py), and each node keeps the key it
 replaced as the previous one: a member that missed a rotation is still understood, and
-the next rotation reaches it. Files are 0600 in a 0700 directory, replaced by rename."""
+the next rotation reaches it. Files are 0640 in a 2770 directory of the node's root and
+the group of CB-Manager's root (contract.MANAGER_USER; tmpfiles.d makes it), replaced by
+rename: the node's root and CB-Manager read and replace them, no one else."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ KEY_BYTES = 32  # a new key; a key set by hand has at least MIN_BYTES
 MIN_BYTES = 32
 MAX_BYTES = 4096
 PREVIOUS_SUFFIX = ".previous"
+MODE = 0o640  # the directory's group reads: CB-Manager, from its container
 
 
 class BadKey(ValueError):
@@ -61,11 +64,11 @@ class Keyring:
         """KEY becomes the current key; the current one (if another) becomes the previous.
         KEY's fingerprint."""
         key = check(key, "the new key")
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=0o2770, parents=True, exist_ok=True)
         old = self.current()
         if old is not None and old != key:
-            files.replace_path(self.previous_path, old, 0o600)
-        files.replace_path(self.path, key, 0o600)
+            files.replace_path(self.previous_path, old, MODE)
+        files.replace_path(self.path, key, MODE)
         return fingerprint(key)
 
     @staticmethod

@@ -8,6 +8,7 @@ done, and logged to the journal."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -133,6 +134,16 @@ class Executor:
             if not os.path.ismount(target):
                 _run(["mount", "-o", "nodev", self._device(contract.volume_name(eid, iid)), str(target)])
 
+    def _make_targets(self, eid: int, volumes: list[int]) -> None:
+        """An lxc-system slot's mount points for its further volumes, in its own root (LXC
+        binds an idmapped mount only onto a directory that is there), made without following
+        a link the slot may have planted on the way."""
+        root = contract.slot_mount(eid, 0)
+        for iid in volumes:
+            if iid != 0:
+                os.close(_directory(root, contract.volume_target("lxc-system", iid).split("/"),
+                                    f"{contract.volume_name(eid, 0)}: /{contract.volume_target('lxc-system', iid)}"))
+
     def _release(self, eid: int) -> None:
         for target in sorted((contract.SLOT_MOUNTS / contract.container_name(eid)).glob("volume*")):
             if os.path.ismount(target):
@@ -196,19 +207,8 @@ class Executor:
         self._stopped(int(volume[4]), f"writing into {volume}")
         with self._mounted(volume) as root:
             parts = path.split("/")
-            fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+            fd = _directory(root, parts[:-1], f"{volume}: {path}")
             try:
-                for part in parts[:-1]:
-                    try:
-                        os.mkdir(part, 0o755, dir_fd=fd)
-                    except FileExistsError:
-                        pass
-                    try:
-                        nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
-                    except OSError:
-                        raise Invalid(f"{volume}: {path}: '{part}' is not a directory of the volume") from None
-                    os.close(fd)
-                    fd = nfd
                 _replace(fd, parts[-1], content.encode(), f"{volume}: {path}")
             finally:
                 os.close(fd)
@@ -299,6 +299,8 @@ class Executor:
             kvm.start(self._vm(d))
             return self._state(eid)
         self._mount_volumes(eid, d["volumes"])
+        if d["kind"] == "lxc-system":
+            self._make_targets(eid, d["volumes"])
         _run(["lxc-start", "-n", name], timeout=60)
         _run(["lxc-wait", "-n", name, "-s", "RUNNING", "-t", "30"], timeout=40)
         return self._state(eid)
@@ -352,7 +354,7 @@ class Executor:
                          "device": f"/dev/mapper/{self.vg}-{contract.volume_name(eid, i)}",
                          "size": vols.get(contract.volume_name(eid, i), {}).get("size"),
                          "mount": "/" if (i == 0 and d["kind"] == "lxc-system")
-                         else "/" + lxcconf.mount_point(d["kind"], i)} for i in d["volumes"]],
+                         else "/" + contract.volume_target(d["kind"], i)} for i in d["volumes"]],
             "console_log": _console_log(eid),
         }
 
@@ -392,6 +394,26 @@ class Executor:
                     log.info("%s: past %d bytes, moved to %s.1", path, lxcconf.LOG_MAX, path.name)
             except OSError as e:
                 log.warning("%s: not trimmed: %s", path, e)
+
+
+def _directory(root: Path, parts: list[str], where: str) -> int:
+    """A descriptor of ROOT/PARTS, each directory on the way made if missing and opened
+    without following a symbolic link: a link planted in a volume cannot lead out of it."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for part in parts:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(part, 0o755, dir_fd=fd)
+            try:
+                nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            except OSError:
+                raise Invalid(f"{where}: '{part}' is not a directory of the volume") from None
+            os.close(fd)
+            fd = nfd
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _console_log(eid: int) -> str:

@@ -3,7 +3,10 @@
 Every lxc slot runs in a user namespace of its own (contract.slot_ids): its root is not the
 node's root, nor any other slot's. Its volumes are mounted on the node by CB-Executor
 (contract.slot_mount) and bound in idmapped (idmap=container), so the files on them belong
-to ids 0..65535 as the slot sees them and stay so on disk. A template that states why
+to ids 0..65535 as the slot sees them and stay so on disk. LXC binds an idmapped mount only
+onto a directory that is already there on the root's own file system (it makes none, and
+crosses no mount to reach one): contract.volume_target, made by the build in the CBIOS root
+and by CB-Executor in an lxc-system's. A template that states why
 (slot.yaml `privileged`) runs without one: the exception, nfs for the kernel's nfsd.
 
 lxc-service: the CBIOS root, read-only, shared as the container's root; its own pid, uts,
@@ -24,7 +27,7 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
-from cbios.node.contract import SLOT_IDS, TEMPLATES, container_name, slot_ids, slot_mount, volume_name
+from cbios.node.contract import SLOT_IDS, TEMPLATES, container_name, slot_ids, slot_mount, volume_name, volume_target
 
 LOG_DIR = "/var/log/cbios/slots"
 CONSOLE_LOG_MAX = "1MB"  # then rotated once (.1): at most twice this on /var a slot
@@ -102,15 +105,10 @@ def device(vg: str, eid: int, iid: int) -> str:
     return f"/dev/mapper/{vg}-{volume_name(eid, iid)}"
 
 
-def mount_point(kind: str, iid: int) -> str:
-    if iid == 0 and kind == "lxc-service":
-        return "var"
-    return f"srv/volume{iid}"
-
-
 def render(d: Definition) -> str:
     name = container_name(d.eid)
     idmap = "" if d.privileged else ",idmap=container"
+    bind = "bind,create=dir" if d.privileged else "bind,idmap=container"  # an idmapped target must be there
     lines = [
         f"# Slot {d.eid} ({d.template}), written by CB-Executor: redefined on every start of the slot.",
         f"lxc.uts.name = {d.hostname or name}",
@@ -138,8 +136,6 @@ def render(d: Definition) -> str:
             "lxc.rootfs.path = dir:/",
             "lxc.mount.entry = tmpfs run tmpfs rw,nosuid,nodev,mode=0755 0 0",
             "lxc.mount.entry = tmpfs tmp tmpfs rw,nosuid,nodev 0 0",
-            # The shared root is read-only: further volumes need mount points made on a tmpfs.
-            *(["lxc.mount.entry = tmpfs srv tmpfs rw,nosuid,nodev,mode=0755 0 0"] if len(d.volumes) > 1 else []),
             f"lxc.init.cmd = {TEMPLATES}/{d.template}/run",
             "lxc.signal.halt = SIGTERM",
         ]
@@ -150,8 +146,7 @@ def render(d: Definition) -> str:
     for iid in d.volumes:
         if iid == 0 and d.kind != "lxc-service":
             continue
-        lines.append(f"lxc.mount.entry = {slot_mount(d.eid, iid)} {mount_point(d.kind, iid)} none "
-                     f"bind,create=dir{idmap} 0 0")
+        lines.append(f"lxc.mount.entry = {slot_mount(d.eid, iid)} {volume_target(d.kind, iid)} none {bind} 0 0")
     lines += [
         "lxc.net.0.type = veth",
         f"lxc.net.0.link = {d.bridge}",
