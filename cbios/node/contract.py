@@ -29,6 +29,9 @@ MANAGER_SOCKET = Path("/run/cbios/manager/manager.sock")
 # CB-Manager's container binds it; an lxc-service slot's /var is its own volume.
 SECRETS = Path("/var/lib/cbios/secrets")
 CLUSTER_KEY = SECRETS / "cluster.key"
+# SECRETS as CB-Manager's container has it: bound under its /run, since its /var is its own
+# volume, which LXC mounts over any bind made beneath it (idmapped mounts come last).
+MANAGER_SECRETS = Path("/run/cbios/secrets")
 MANAGER_EID = 0
 MANAGER_TEMPLATE = "cb-manager"  # slot 0, and only slot 0: it holds CB-Executor's socket
 # An lxc slot runs in a user namespace of its own: its ids 0..SLOT_IDS-1 are the node's

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from cbios.build import cache_dir
-from cbios.node import cluster, manager, wire
+from cbios.node import cluster, contract, manager, wire
 from cbios.node.executor import lxcconf
 from cbios.node.wire import Failed, Invalid
 from cbios.profile import load_profile
@@ -246,8 +246,10 @@ def test_the_key_is_on_var_and_bound_into_cb_manager_alone(project: Project) -> 
     conf = lxcconf.render(definition())
     assert "secrets" not in conf and "dac_read_search" in conf
     template_conf = (project.slot_templates / "cb-manager" / "lxc.conf").read_text()
-    manager = lxcconf.render(definition(eid=0, template="cb-manager", extra=template_conf))
-    assert "lxc.mount.entry = /var/lib/cbios/secrets var/lib/cbios/secrets none bind,create=dir 0 0" in manager
+    slot0 = lxcconf.render(definition(eid=0, template="cb-manager", extra=template_conf))
+    assert (f"lxc.mount.entry = {contract.SECRETS} {str(contract.MANAGER_SECRETS).lstrip('/')} none bind,create=dir 0 0"
+            in slot0)
+    assert manager.Manager.__init__.__defaults__[-1] == contract.MANAGER_SECRETS / contract.CLUSTER_KEY.name
 
 
 def test_profiles_with_the_same_packages_share_mkosis_cache(project: Project) -> None:

@@ -512,7 +512,7 @@ CREDENTIALS_PROBE = r"""lxc-attach -n slot0 -- python3 - <<'EOF'
 import json, socket, sys
 sys.path.insert(0, "/usr/lib/cbios/python")
 from cbios.node import cluster
-KEY = open("/var/lib/cbios/secrets/cluster.key", "rb").read().strip()
+KEY = open("/run/cbios/secrets/cluster.key", "rb").read().strip()
 ME, PEER = "31000040010", "31000041010"
 
 def send(make):
@@ -560,10 +560,11 @@ def test_requests_without_the_clusters_credentials_are_refused(node: Machine, pe
     log = "/var/log/cbios/slots/slot0.console.log"
     peer.wait_until_succeeds(f"grep -c 'cluster: refused a request from 10.0.249.9: ' {log} | grep -qx 7", timeout=30)
     peer.succeed(f"grep -q 'cluster: refused a request from 10.0.249.10: not a member' {log}")
-    # The key: root's on the node's /var, CB-Manager's in slot 0, no other slot's; none in the firmware.
-    assert node.succeed("stat -c %a /var/lib/cbios/secrets /var/lib/cbios/secrets/cluster.key").split() == [
-        "700", "600"]
-    node.succeed("lxc-attach -n slot0 -- test -s /var/lib/cbios/secrets/cluster.key")
+    # The key: root's on the node's /var and CB-Manager's group's (slot 0, where it is under
+    # /run), no other slot's; none in the firmware.
+    assert node.succeed("stat -c %a:%U:%G /var/lib/cbios/secrets /var/lib/cbios/secrets/cluster.key").split() == [
+        "2770:root:cbios-manager", "640:root:cbios-manager"]
+    node.succeed("lxc-attach -n slot0 -- test -s /run/cbios/secrets/cluster.key")
     for eid in (2, 6):
         node.fail(f"lxc-attach -n slot{eid} -- cat /var/lib/cbios/secrets/cluster.key")
     node.fail("ls -A /usr/lib/cbios/secrets")

@@ -49,8 +49,9 @@ class Keyring:
     takes effect at once in every process that reads them (CB-Manager's container binds
     the directory)."""
 
-    def __init__(self, path: Path = contract.CLUSTER_KEY) -> None:
+    def __init__(self, path: Path = contract.CLUSTER_KEY, shown: Path = contract.CLUSTER_KEY) -> None:
         self.path = path
+        self.shown = shown  # PATH as the operator finds it on the node, for messages
         self.previous_path = path.with_name(path.name + PREVIOUS_SUFFIX)
 
     def current(self) -> bytes | None:

@@ -46,7 +46,7 @@ class Members:
         """PEER's answer; Invalid (it said the request is wrong) or Failed (anything else)."""
         keys = self.keys.keys()
         if not keys:
-            raise Failed(f"no cluster key on this node ({self.keys.path}): set one with `cbios cluster set-key`")
+            raise Failed(f"no cluster key on this node ({self.keys.shown}): set one with `cbios cluster set-key`")
         answer_timeout = self.timeout if op in PEER_QUERIES else PEER_WORK_TIMEOUT
         try:
             return cluster.call(peer, keys, self.node_id, op, args, timeout=self.timeout,
@@ -81,7 +81,7 @@ class Members:
             return
         if not self.keys.keys():
             log.error("cluster of %d nodes but no key at %s: refusing them until `cbios cluster set-key`",
-                      len(self.peers) + 1, self.keys.path)
+                      len(self.peers) + 1, self.keys.shown)
         members = {p.object_id for p in self.peers}
         log.info("cluster: answering %s on port %d", ", ".join(sorted(members)), self.port)
         try:
@@ -105,7 +105,7 @@ class Members:
         if not self.peers:
             raise Invalid("this node is in no cluster: no key to rotate")
         if not self.keys.keys():
-            raise Failed(f"no cluster key on this node ({self.keys.path}): set one with `cbios cluster set-key`")
+            raise Failed(f"no cluster key on this node ({self.keys.shown}): set one with `cbios cluster set-key`")
         new = keyring.new_key()
         rows = []
         with ThreadPoolExecutor(max_workers=min(len(self.peers), 16)) as pool:

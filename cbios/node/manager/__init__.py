@@ -83,7 +83,7 @@ class Manager:
     def __init__(self, config: dict[str, Any], catalogue: dict[str, dict[str, Any]],
                  executor: Executor = executor_client, registry_path: Any = registry.REGISTRY,
                  clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
-                 cluster_key: Path = contract.CLUSTER_KEY) -> None:
+                 cluster_key: Path = contract.MANAGER_SECRETS / contract.CLUSTER_KEY.name) -> None:
         self.config = config
         self.node_id: str = config["node"]["object_id"]
         self.catalogue = catalogue
