@@ -182,8 +182,11 @@ class Machine:
             raise self.error("no shell connection to the guest")
         self._seq += 1
         encoded = base64.b64encode(command.encode()).decode()
+        # The command reaches bash encoded: its text is in no process's argv, where a
+        # `pgrep -f` of the command itself would find it.
         line = (f'__o=$(cd / && timeout -k {KILL_GRACE} {math.ceil(timeout)} bash -c '
-                f'"set -euo pipefail; $(printf %s {encoded} | base64 -d)" </dev/null 2>&1); __r=$?; '
+                f'\'set -euo pipefail; eval "$(printf %s "$1" | base64 -d)"\' command {encoded} </dev/null 2>&1); '
+                f'__r=$?; '
                 f'printf "{MARK} {self._seq} %s %s\\n" "$__r" "$(printf %s "$__o" | base64 -w0)"\n')
         started = time.monotonic()
         self._shell.sendall(line.encode())

@@ -76,6 +76,8 @@ def test_machine_runs_commands_through_the_shell_port(fake_qemu: Path, tmp_path:
             m.succeed("test -e /nonexistent-file")
         # set -o pipefail holds in guest commands
         assert m.execute("false | true")[0] == 1
+        # The command's text is in no process's command line: a pgrep -f of it finds nothing.
+        assert m.succeed("pgrep -f 'fake-marker-[0-9]' || echo none; : fake-marker-7") == "none"
 
 
 def test_a_command_past_its_bound_is_killed_and_the_shell_goes_on(fake_qemu: Path, tmp_path: Path) -> None:
