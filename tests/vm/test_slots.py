@@ -391,6 +391,10 @@ def test_a_compromised_service_slot_cannot_reach_the_node_nor_exhaust_it(node: M
     assert node.succeed(f"stat -c %u /proc/{pid}") != "0"
     major, minor = node.succeed("cat /sys/block/$(basename $(readlink -f /dev/mapper/lvm-root))/dev").split(":")
     assert "Operation not permitted" in node.fail(f"{slot} mknod /tmp/root b {major} {minor} 2>&1")
+    # Its volumes as the node mounts them: the node's root's and the slot's root's alone.
+    assert node.succeed("stat -c %a:%u:%g /run/cbios/slots/slot2") == f"710:0:{contract.slot_ids(2)}"
+    assert "Permission denied" in node.fail("setpriv --reuid=65534 --regid=65534 --clear-groups "
+                                            "ls /run/cbios/slots/slot2/volume0 2>&1")
     # A device node the slot did not make, put on its volume by the node: opening it is refused.
     node.succeed(f"mknod /run/cbios/slots/slot2/volume0/cbios-root b {major} {minor}")
     assert "Permission denied" in node.fail(f"{slot} head -c 512 /var/cbios-root 2>&1")

@@ -123,11 +123,17 @@ class Executor:
             raise Invalid(f"slot {eid} is running: stop it before {what}")
         self._release(eid)
 
-    def _mount_volumes(self, eid: int, volumes: list[int]) -> None:
+    def _mount_volumes(self, eid: int, volumes: list[int], privileged: bool) -> None:
         """An lxc slot's volumes, mounted on the node for LXC to bind in (the kernel mounts
         no block device in a user namespace). nodev: no device node on a volume opens
         anything. They stay mounted while the slot runs, and after it stops by itself, until
-        something else needs the volume (_stopped)."""
+        something else needs the volume (_stopped). Their directory is the node's root's and
+        the slot's root's alone (0710, its group): what the slot wrote there, a setuid file
+        among them, is out of reach of every other user of the node."""
+        top = contract.SLOT_MOUNTS / contract.container_name(eid)
+        top.mkdir(parents=True, exist_ok=True)
+        os.chown(top, 0, 0 if privileged else contract.slot_ids(eid))
+        os.chmod(top, 0o710)
         for iid in volumes:
             target = contract.slot_mount(eid, iid)
             target.mkdir(parents=True, exist_ok=True)
@@ -298,7 +304,7 @@ class Executor:
                 raise Invalid(f"slot {eid} is still stopping")
             kvm.start(self._vm(d))
             return self._state(eid)
-        self._mount_volumes(eid, d["volumes"])
+        self._mount_volumes(eid, d["volumes"], bool(d.get("privileged")))
         if d["kind"] == "lxc-system":
             self._make_targets(eid, d["volumes"])
         _run(["lxc-start", "-n", name], timeout=60)
