@@ -79,8 +79,13 @@ def slot_ids(eid: int) -> int:
     return 1_000_000 + eid * SLOT_IDS
 
 
+def slot_mounts(eid: int) -> Path:
+    """The directory of slot EID's volumes as the node mounts them."""
+    return SLOT_MOUNTS / container_name(eid)
+
+
 def slot_mount(eid: int, iid: int) -> Path:
-    return SLOT_MOUNTS / container_name(eid) / f"volume{iid}"
+    return slot_mounts(eid) / f"volume{iid}"
 
 
 def volume_target(kind: str, iid: int) -> str:

@@ -130,7 +130,7 @@ class Executor:
         something else needs the volume (_stopped). Their directory is the node's root's and
         the slot's root's alone (0710, its group): what the slot wrote there, a setuid file
         among them, is out of reach of every other user of the node."""
-        top = contract.SLOT_MOUNTS / contract.container_name(eid)
+        top = contract.slot_mounts(eid)
         top.mkdir(parents=True, exist_ok=True)
         os.chown(top, 0, 0 if privileged else contract.slot_ids(eid))
         os.chmod(top, 0o710)
@@ -147,11 +147,11 @@ class Executor:
         root = contract.slot_mount(eid, 0)
         for iid in volumes:
             if iid != 0:
-                os.close(_directory(root, contract.volume_target("lxc-system", iid).split("/"),
-                                    f"{contract.volume_name(eid, 0)}: /{contract.volume_target('lxc-system', iid)}"))
+                target = contract.volume_target("lxc-system", iid)
+                os.close(_directory(root, target.split("/"), f"{contract.volume_name(eid, 0)}: /{target}"))
 
     def _release(self, eid: int) -> None:
-        for target in sorted((contract.SLOT_MOUNTS / contract.container_name(eid)).glob("volume*")):
+        for target in sorted(contract.slot_mounts(eid).glob("volume*")):
             if os.path.ismount(target):
                 _run(["umount", str(target)])
 
