@@ -5,7 +5,7 @@ A template is a directory:
   run         lxc-service: the one service, run as the container's PID 1;
   health      a check run inside the slot (by /bin/sh); exit 0 when the service serves;
   lxc.conf    optional: container configuration added to what CB-Executor writes
-              (${eid}, ${volume0}, ${idmap} ... substituted on the node);
+              (${eid}, ${volume0} ... substituted on the node);
   volume/     optional: the initial content of the slot's volume 0 (its /var);
   mkosi.conf  lxc-system: the image of the slot's own root file system;
   vm/         kvm-system: the VM's initrd (vm/init is its PID 1), made into its system

@@ -107,7 +107,6 @@ def device(vg: str, eid: int, iid: int) -> str:
 
 def render(d: Definition) -> str:
     name = container_name(d.eid)
-    idmap = "" if d.privileged else ",idmap=container"
     bind = "bind,create=dir" if d.privileged else "bind,idmap=container"  # an idmapped target must be there
     lines = [
         f"# Slot {d.eid} ({d.template}), written by CB-Executor: redefined on every start of the slot.",
@@ -158,7 +157,7 @@ def render(d: Definition) -> str:
     if d.address:
         lines.append(f"lxc.net.0.ipv4.address = {d.address}")
     if d.extra:
-        values = {"eid": str(d.eid), "name": name, "vg": d.vg, "cap_drop": CAP_DROP, "idmap": idmap}
+        values = {"eid": str(d.eid), "name": name, "vg": d.vg, "cap_drop": CAP_DROP}
         values.update({f"volume{iid}": device(d.vg, d.eid, iid) for iid in d.volumes})
         lines += ["", "# From the template:", string.Template(d.extra).substitute(values).strip()]
     return "\n".join(lines) + "\n"
