@@ -1,6 +1,7 @@
-"""`cbios release NAME`: one file that carries a build's update, for `cbios update FILE` on a
-node (a USB stick, scp): an uncompressed tar of manifest.json (and its signature), SHA256SUMS
-and root.img, the manifest first."""
+"""`cbios release NAME`: one file that carries a build, for `cbios update FILE` on a node (a
+USB stick, scp) and for `slot image add` on a management node, which boots its compute nodes
+from it: an uncompressed tar of manifest.json and its signature first (a reader checks them
+before it takes anything else), SHA256SUMS, the boot files, and root.img last."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ from pathlib import Path
 
 from cbios import manifest
 from cbios.errors import CbiosError
+from cbios.node import contract
 
 SUFFIX = ".cbios.tar"
-MEMBERS = [manifest.MANIFEST, manifest.SIGNATURE, "SHA256SUMS", "root.img"]
+# The store's files, in the order a reader takes them in one pass; SHA256SUMS is for people.
+MEMBERS = [*contract.STORE_FILES[:2], "SHA256SUMS", *contract.STORE_FILES[2:]]
 
 
 def write_release(out: Path, dest: Path | None = None) -> Path:
@@ -19,14 +22,16 @@ def write_release(out: Path, dest: Path | None = None) -> Path:
     if not (out / manifest.MANIFEST).is_file():
         raise CbiosError(f"{out}: no build there (no {manifest.MANIFEST})", hint="build the profile first")
     data = manifest.read(out / manifest.MANIFEST)
-    image = out / "root.img"
-    if not image.is_file() or manifest.sha256_file(image) != data["artifacts"][image.name]["sha256"]:
-        raise CbiosError(f"{image}: missing, or not what the manifest says", hint="rebuild: cbios build NAME --force")
+    for name in MEMBERS[3:]:
+        path = out / name
+        if not path.is_file() or manifest.sha256_file(path) != data["artifacts"][name]["sha256"]:
+            raise CbiosError(f"{path}: missing, or not what the manifest says",
+                             hint="rebuild: cbios build NAME --force")
     dest = dest or out / f"{data['profile']}-{data['version']}{SUFFIX}"
     tmp = dest.with_name(dest.name + ".tmp")
     with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
         for name in MEMBERS:
-            if (out / name).is_file():
+            if (out / name).is_file():  # SHA256SUMS and the signature of an older build may be missing
                 tar.add(out / name, arcname=name, recursive=False)
     tmp.replace(dest)
     return dest

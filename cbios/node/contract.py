@@ -98,6 +98,14 @@ def volume_target(kind: str, iid: int) -> str:
 
 FURTHER_VOLUMES = range(1, 10)  # the iids of VOLUME_NAME past 0
 
+# CB-Manager's store of compute-node firmware (`slot image add`): its volume IMAGE_STORE_IID,
+# one directory PROFILE/VERSION per image holding STORE_FILES: what `cbios release` puts in a
+# release, in this order (the signed manifest first, root.img last), and what a node booted
+# over the network asks for.
+IMAGE_STORE_IID = 1
+STORE_FILES = (MANIFEST, SIGNATURE, "grub.cfg", "vmlinuz", "initrd.img", "root.img")
+IMAGE_STORE = Path("/") / volume_target("lxc-service", IMAGE_STORE_IID)  # in CB-Manager's container
+
 
 def parse_object_id(node_id: str, text: str) -> tuple[str, int | None]:
     """('node', None) for this node's ObjectID, ('slot', eid) for one of its slots.

@@ -8,9 +8,16 @@ unknown ObjectID or slot type), 3 CB-Manager does not answer."""
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
+import os
+import re
+import stat
 import sys
+import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,7 +38,11 @@ the cluster's bound is a row of its own, UNREACHABLE. Every command takes the Ob
 of another node's slot too: its CB-Manager does the work (authenticated with the
 cluster's key).
 
-  slot image list                      the slot images (templates) this firmware carries
+  slot image list                      the images: compute-node firmware in CB-Manager's store,
+                                       and the slot templates this firmware carries
+  slot image add FILE|URL              a signed release (`cbios release`) of a compute profile
+                                       into the store, for the boot-server slots to serve
+  slot image remove NAME VERSION       an image out of the store
   slot list [<node ObjectID>]          the slots: ParentID Location Type Status
   slot show [<node ObjectID>]          the slots in detail: ParentID Location Type Version
                                        IP Hostname Status Description
@@ -58,8 +69,12 @@ COLUMNS = {
     "show": [("ParentID", "parent"), ("Location", "location"), ("Type", "type"), ("Version", "version"),
              ("IP", "ip"), ("Hostname", "hostname"), ("Status", "status"), ("Description", "description")],
     "list": [("ParentID", "parent"), ("Location", "location"), ("Type", "type"), ("Status", "status")],
-    "image": [("Image", "image"), ("Kind", "type"), ("Version", "version"), ("Description", "description")],
+    "image": [("Image", "image"), ("Kind", "type"), ("Version", "version"), ("Date", "date"), ("Size", "size"),
+              ("Signed-by", "signed_by"), ("Description", "description")],
 }
+
+
+URL_TIMEOUT = 30  # a read of a release from a URL
 
 
 class Usage(Exception):
@@ -121,8 +136,9 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _ask(op: str, **args: Any) -> Any:
-    return wire.call(contract.MANAGER_SOCKET, op, {k: v for k, v in args.items() if v is not None}, timeout=900)
+def _ask(op: str, upload: int | None = None, **args: Any) -> Any:
+    return wire.call(contract.MANAGER_SOCKET, op, {k: v for k, v in args.items() if v is not None}, timeout=900,
+                     upload=upload)
 
 
 def _one(words: list[str], command: str, what: str) -> str:
@@ -141,10 +157,7 @@ def run(args: argparse.Namespace) -> int:
     text: str
     unreachable: list[dict[str, Any]] = []
     if command == "image":
-        if rest != ["list"]:
-            raise Usage("slot image list")
-        out = _ask("images")
-        text = table(COLUMNS["image"], out)
+        out, text = _image(rest)
     elif command in ("list", "show"):
         if len(rest) > 1:
             raise Usage(f"slot {command} [<node ObjectID>]")
@@ -185,6 +198,67 @@ def run(args: argparse.Namespace) -> int:
         raise Usage(f"unknown command '{command}' (slot help)")
     sys.stdout.write(json.dumps(out, indent=2) + "\n" if args.json else text)
     return 1 if command in ("list", "show") and unreachable else 0
+
+
+IMAGE_USAGE = "slot image list | add FILE|URL | remove NAME VERSION"
+
+
+def _image(rest: list[str]) -> tuple[Any, str]:
+    verb, words = (rest[0], rest[1:]) if rest else ("", [])
+    if verb == "list" and not words:
+        out = _ask("images")
+        return out, table(COLUMNS["image"], [{**r, "size": _mib(r.get("size"))} for r in out])
+    if verb == "add" and len(words) == 1:
+        out = _add(words[0])
+        done = "already in the store" if out["already"] else "stored"
+        return out, (f"{out['image']} {out['version']}: {done} ({_mib(out['size'])}, signed by {out['signed_by']}, "
+                     f"root {out['root_sha256'][:12]})\n")
+    if verb == "remove" and len(words) == 2:
+        out = _ask("image_remove", image=words[0], version=words[1])
+        return out, f"{out['image']} {out['version']}: removed from the store\n"
+    raise Usage(IMAGE_USAGE)
+
+
+def _mib(size: int | None) -> str:
+    return "-" if size is None else f"{size / (1 << 20):.0f} MiB"
+
+
+def _add(source: str) -> Any:
+    """SOURCE opened here, with this caller's access, and handed to CB-Manager to read: a
+    file as it is; a URL through a pipe that a thread here fills as CB-Manager reads."""
+    if not re.match(r"^https?://", source):
+        try:
+            with open(source, "rb") as f:
+                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                    raise Usage(f"{source}: not a file (a release from 'cbios release')")
+                return _ask("image_add", where=os.path.abspath(source), upload=f.fileno())
+        except OSError as e:
+            raise Usage(f"{source}: {e.strerror or e}") from None
+    try:
+        response = urllib.request.urlopen(source, timeout=URL_TIMEOUT)
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
+        raise Usage(f"{source}: {getattr(e, 'reason', None) or e}") from None
+    broke: list[str] = []
+    read_end, write_end = os.pipe()
+
+    def pump() -> None:
+        try:
+            with response, open(write_end, "wb") as out:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+        except (OSError, http.client.HTTPException) as e:  # CB-Manager stopped reading, or the server
+            broke.append(str(e))
+
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    try:
+        return _ask("image_add", where=source, upload=read_end)
+    except wire.RemoteError as e:
+        if broke:
+            raise wire.RemoteError(e.code, f"{e} (the download broke off: {broke[0]})") from None
+        raise
+    finally:
+        os.close(read_end)
 
 
 def _wait_ready(timeout: int) -> int:

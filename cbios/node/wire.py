@@ -3,7 +3,11 @@
 A client connects to a UNIX socket, sends {"v": 1, "op": "...", "args": {...}} on one
 line and reads one line back: {"ok": true, "result": ...} or
 {"ok": false, "code": "invalid" | "failed", "error": "..."}. "invalid" means the request
-was refused and nothing was done; "failed" means the work was tried and did not succeed."""
+was refused and nothing was done; "failed" means the work was tried and did not succeed.
+
+A request may hand over one open file with its line (SCM_RIGHTS): its args then say
+"upload": true, and the handler reads the file from args["upload"] (`slot image add` gives
+CB-Manager a release so, which it reads with the caller's access, not its own)."""
 
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ import socketserver
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 PROTOCOL = 1
 MAX_REQUEST = 1 << 20
@@ -79,26 +83,49 @@ def answer(handler: Handler, op: str, args: dict[str, Any]) -> dict[str, Any]:
         return {"ok": False, "code": "failed", "error": f"internal error: {e}"}
 
 
-def read_line(sock: socket.socket, timeout: float | None = None) -> bytes | None:
+def read_line(sock: socket.socket, timeout: float | None = None, fds: list[int] | None = None) -> bytes | None:
     """One request line, whole within TIMEOUT (not TIMEOUT a read); None if cut off or too
-    slow. One longer than MAX_REQUEST comes back as it is, for decode() to refuse."""
+    slow. One longer than MAX_REQUEST comes back as it is, for decode() to refuse. A file
+    handed over with it goes into FDS (given: the caller closes them); else it is closed."""
     timeout = READ_TIMEOUT if timeout is None else timeout
     deadline = time.monotonic() + timeout
     data = b""
+    received: list[int] = []
     while not data.endswith(b"\n") and len(data) <= MAX_REQUEST:
         remaining = deadline - time.monotonic()
         try:
             if remaining <= 0:
                 raise TimeoutError
             sock.settimeout(remaining)
-            chunk = sock.recv(65536)
+            chunk, got, _, _ = socket.recv_fds(sock, 65536, 1)
+            received += got
         except OSError:  # TimeoutError among them
             chunk = b""
         if not chunk:
             log.warning("refused: no complete request line within %d s", timeout)
-            return None
+            data = b""
+            break
         data += chunk
-    return data
+    if fds is None or not data:
+        for fd in received:
+            os.close(fd)
+    else:
+        fds += received
+    return data or None
+
+
+def _with_upload(args: dict[str, Any], fds: list[int], taken: bool) -> tuple[dict[str, Any], BinaryIO | None]:
+    """ARGS with the file handed over in place of "upload": true, or Invalid."""
+    if "upload" in args and not taken:
+        raise Invalid("this service takes no file handed over (\"upload\")")
+    if args.get("upload") is not True:
+        if fds or "upload" in args:
+            raise Invalid("a file handed over comes with \"upload\": true, and nothing else says \"upload\"")
+        return args, None
+    if len(fds) != 1:
+        raise Invalid("\"upload\": true, and no file handed over with the request")
+    upload = os.fdopen(fds.pop(), "rb")
+    return {**args, "upload": upload}, upload
 
 
 SD_LISTEN_FDS_START = 3
@@ -108,22 +135,33 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
 
 
-def serve(path: Path, handler: Handler, *, mode: int = 0o600, ready: Callable[[], None] | None = None) -> None:
+def serve(path: Path, handler: Handler, *, mode: int = 0o600, ready: Callable[[], None] | None = None,
+          uploads: bool = False) -> None:
     """Answer requests on PATH (replaced if stale), or on the socket systemd made for it, until
-    the process ends."""
+    the process ends. UPLOADS: requests may hand over a file (else one handed over is closed
+    unread, and the request refused)."""
 
     class _Request(socketserver.BaseRequestHandler):
         def handle(self) -> None:
-            line = read_line(self.request)  # a caller that never finishes its line does not hold a thread
+            fds: list[int] = []
+            # a caller that never finishes its line does not hold a thread
+            line = read_line(self.request, fds=fds if uploads else None)
             if line is None:
                 return
+            upload = None
             try:
                 op, args = decode(line)
+                args, upload = _with_upload(args, fds, uploads)
             except Invalid as e:
                 log.warning("refused: %s", e)
                 reply = {"ok": False, "code": "invalid", "error": str(e)}
             else:
                 reply = answer(handler, op, args)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+                if upload is not None:
+                    upload.close()
             try:
                 self.request.sendall(json.dumps(reply).encode() + b"\n")
             except OSError:
@@ -158,12 +196,20 @@ def listen_fd() -> int | None:
     return SD_LISTEN_FDS_START
 
 
-def call(path: Path, op: str, args: dict[str, Any] | None = None, *, timeout: float = 120.0) -> Any:
-    """Send one request; return its result or raise RemoteError (or OSError: no daemon)."""
+def call(path: Path, op: str, args: dict[str, Any] | None = None, *, timeout: float = 120.0,
+         upload: int | None = None) -> Any:
+    """Send one request; return its result or raise RemoteError (or OSError: no daemon).
+    UPLOAD: a file descriptor handed over with it, for the other side to read."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         s.connect(str(path))
-        s.sendall(json.dumps({"v": PROTOCOL, "op": op, "args": args or {}}).encode() + b"\n")
+        line = json.dumps({"v": PROTOCOL, "op": op, "args": {**(args or {}), **(
+            {"upload": True} if upload is not None else {})}}).encode() + b"\n"
+        if upload is None:
+            s.sendall(line)
+        else:  # the descriptor rides on the line's first bytes; the rest follows
+            sent = socket.send_fds(s, [line], [upload])
+            s.sendall(line[sent:])
         data = b""
         while not data.endswith(b"\n"):
             chunk = s.recv(65536)

@@ -249,7 +249,7 @@ def test_the_key_is_on_var_and_bound_into_cb_manager_alone(project: Project) -> 
     slot0 = lxcconf.render(definition(eid=0, template="cb-manager", extra=template_conf))
     assert (f"lxc.mount.entry = {contract.SECRETS} {str(contract.MANAGER_SECRETS).lstrip('/')} none bind,create=dir 0 0"
             in slot0)
-    assert manager.Manager.__init__.__defaults__[-1] == contract.MANAGER_SECRETS / contract.CLUSTER_KEY.name
+    assert manager.Manager.__init__.__defaults__[-3] == contract.MANAGER_SECRETS / contract.CLUSTER_KEY.name
 
 
 def test_profiles_with_the_same_packages_share_mkosis_cache(project: Project) -> None:

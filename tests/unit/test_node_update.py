@@ -48,14 +48,17 @@ def with_tree(tmp: Path, data: bytes) -> tuple[bytes, verity.Verity]:
 
 
 def make_release(directory: Path, key: Path | None, *, data: bytes = DATA, **fields: Any) -> Path:
-    """A build directory as `cbios build` leaves it: root.img, manifest.json (signed with KEY)."""
+    """A build directory as `cbios build` leaves it: root.img, the boot files, manifest.json
+    (signed with KEY)."""
     directory.mkdir(parents=True, exist_ok=True)
     root, v = with_tree(directory, data)
+    boot = {"vmlinuz": b"kernel", "initrd.img": b"initrd", "grub.cfg": b"menuentry"}
+    for name, content in boot.items():
+        (directory / name).write_bytes(content)
     doc = {"format": 1, "profile": "qemu-test", "version": "2.0.0", "architecture": "x86-64",
            "boot": {"tries": 2, "ready_timeout": 300}, "verity": {"param": v.param},
            "artifacts": {"root.img": {"sha256": sha256(root), "size": len(root)},
-                         "vmlinuz": {"sha256": sha256(b"kernel"), "size": 6},
-                         "initrd.img": {"sha256": sha256(b"initrd"), "size": 6}}}
+                         **{n: {"sha256": sha256(c), "size": len(c)} for n, c in boot.items()}}}
     doc.update(fields)
     (directory / "manifest.json").write_text(json.dumps(doc))
     if key is not None:
@@ -359,7 +362,8 @@ def test_an_update_from_a_release_file(node: FakeNode, keys: tuple[Path, Path], 
     (release / "SHA256SUMS").write_text("")
     path = write_release(release, tmp_path / "qemu-test-2.0.0.cbios.tar")
     with tarfile.open(path) as tar:
-        assert tar.getnames() == ["manifest.json", "manifest.json.sig", "SHA256SUMS", "root.img"]
+        assert tar.getnames() == ["manifest.json", "manifest.json.sig", "SHA256SUMS", "grub.cfg", "vmlinuz",
+                                  "initrd.img", "root.img"]
     assert run(node, path)["copy"] == "spare"
     assert written(node, release)
 

@@ -1,4 +1,5 @@
-"""`cbios update` on a running node, in order, on one disk: releases not signed for this node
+"""`cbios update` on a running node, in order, on one disk: CB-Manager's image store taking a
+release and refusing damaged ones; releases not signed for this node
 refused with nothing written, a corrupted image never made bootable; the power cut in the
 middle of writing; a release whose CB-Manager cannot
 start, rolled back with no input; a new copy whose kernel panics, fallen back from by
@@ -11,11 +12,14 @@ reached from the node through QEMU's guestfwd at http://10.0.2.100/ on its ctl l
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
 import json
 import logging
 import os
 import shutil
 import subprocess
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,12 +30,14 @@ from cbios import manifest
 from cbios.boot import disk_boot_spec
 from cbios.disk import overlay
 from cbios.machine import Machine
+from cbios.node import contract
 from cbios.node.update import IMAGE
 from cbios.powercut import KEPT, MARK
 from cbios.profile import Profile
 from cbios.project import Project
-from cbios.pxe.bundle import PXE_DIR
+from cbios.pxe.bundle import FILES, PXE_DIR
 from cbios.pxe.lab import GUEST_SERVER, JOIN_NODE, PxeLab
+from cbios.release import write_release
 from tests.vm.images import BROKEN_VERSION, NEXT_MARK, NEXT_VERSION
 
 log = logging.getLogger("cbios")
@@ -55,8 +61,10 @@ class Node:
     slots: str = ""
     figures: dict[str, float] = dataclasses.field(default_factory=dict)
 
-    def serve(self, bundle: Path) -> None:
+    def serve(self, bundle: Path, files: list[str] | None = None) -> None:
+        """BUNDLE's FILES over HTTP (default: a PXE bundle's)."""
         self.lab.server.bundle = bundle
+        self.lab.server.files = set(files or FILES)
 
     def up(self, name: str) -> Machine:
         """The node running and ready: as it is, or booted from its disk (a fresh QEMU)."""
@@ -119,6 +127,49 @@ def tampered(source: Path, work: Path, how: str) -> Path:
         subprocess.run(["openssl", "pkeyutl", "-sign", "-rawin", "-inkey", str(KEY), "-in",
                         str(bundle / manifest.MANIFEST), "-out", str(bundle / manifest.SIGNATURE)], check=True)
     return bundle
+
+
+def test_cb_managers_image_store_takes_signed_whole_releases_only(next_build: Path, node: Node,
+                                                                  tmp_path: Path) -> None:
+    """`slot image add` of a release over HTTP (read by CB-Manager as it arrives) and of a
+    file on the node; a release with a bad signature, or cut short, leaves the store as it was."""
+    m = node.up("v1")
+    good = write_release(next_build, tmp_path / "good.cbios.tar")
+    (tmp_path / "cut.cbios.tar").write_bytes(good.read_bytes()[:good.stat().st_size // 2])
+    with tarfile.open(good) as src, tarfile.open(tmp_path / "forged.cbios.tar", "w") as forged:
+        for member in src.getmembers():  # the version raised after signing
+            body = src.extractfile(member)
+            assert body is not None
+            data = body.read()
+            if member.name == manifest.MANIFEST:
+                data = data.replace(f'"version": "{NEXT_VERSION}"'.encode(), b'"version": "9.0.0"')
+                member.size = len(data)
+            forged.addfile(member, io.BytesIO(data))
+    node.serve(tmp_path, ["good.cbios.tar", "cut.cbios.tar", "forged.cbios.tar"])
+    store = f"/run/cbios/slots/slot0/volume{contract.IMAGE_STORE_IID}"
+    empty = m.succeed(f"ls -A {store}")
+    added = m.succeed(f"slot image add {URL}good.cbios.tar", timeout=600)
+    assert added.startswith(f"qemu-test {NEXT_VERSION}: stored (")
+    rows = json.loads(m.succeed("slot image list --json"))
+    assert (rows[0]["image"], rows[0]["type"], rows[0]["version"]) == ("qemu-test", "compute", NEXT_VERSION)
+    held = m.succeed(f"cd {store}/qemu-test/{NEXT_VERSION} && sha256sum {' '.join(contract.STORE_FILES)}")
+    with tarfile.open(good) as tar:
+        for line in held.splitlines():
+            digest, name = line.split()
+            body = tar.extractfile(name)
+            assert body is not None and digest == hashlib.sha256(body.read()).hexdigest(), name
+    before = m.succeed(f"find {store} | sort")
+    m.succeed(f"curl -fsS -o /var/tmp/forged.cbios.tar {URL}forged.cbios.tar")
+    for source, message in [("/var/tmp/forged.cbios.tar", "its signature does not verify with this firmware's key"),
+                            (f"{URL}cut.cbios.tar", "not a whole release file")]:
+        rc, out = m.execute(f"slot image add {source}", timeout=600)
+        assert rc == 2 and out.strip().count("\n") == 0 and out.startswith(f"slot: {source}") and message in out, out
+        assert m.succeed(f"find {store} | sort") == before
+    removed = m.succeed(f"slot image remove qemu-test {NEXT_VERSION}")
+    assert removed == f"qemu-test {NEXT_VERSION}: removed from the store"
+    assert m.succeed(f"ls -A {store}") == empty
+    m.succeed("rm /var/tmp/forged.cbios.tar")
+    node.serve(node.built / PXE_DIR)
 
 
 def test_releases_not_signed_for_this_node_are_refused_before_anything_is_written(

@@ -17,11 +17,11 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from cbios.node import contract, slotparams, wire
 from cbios.node.cluster import keyring, members
-from cbios.node.manager import registry
+from cbios.node.manager import registry, store
 from cbios.node.wire import Failed, Invalid, RemoteError
 
 log = logging.getLogger("cbios")
@@ -83,7 +83,8 @@ class Manager:
     def __init__(self, config: dict[str, Any], catalogue: dict[str, dict[str, Any]],
                  executor: Executor = executor_client, registry_path: Any = registry.REGISTRY,
                  clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
-                 cluster_key: Path = contract.MANAGER_SECRETS / contract.CLUSTER_KEY.name) -> None:
+                 cluster_key: Path = contract.MANAGER_SECRETS / contract.CLUSTER_KEY.name,
+                 image_store: Path = contract.IMAGE_STORE, update_key: Path = contract.UPDATE_KEY) -> None:
         self.config = config
         self.node_id: str = config["node"]["object_id"]
         self.catalogue = catalogue
@@ -96,6 +97,9 @@ class Manager:
         self.lock = threading.RLock()
         self.clock = clock
         self.sleep = sleep
+        self.store = image_store
+        self.update_key = update_key
+        self.store_lock = threading.Lock()  # one release unpacked at a time: the volume's room is checked once
         self.cluster = members.Members(self.node_id, config.get("cluster", {}), keyring.Keyring(cluster_key))
 
     # -- startup -------------------------------------------------------------------
@@ -179,6 +183,7 @@ class Manager:
             "restart": self.op_restart, "startall": self.op_startall, "stopall": self.op_stopall,
             "install": self.op_install, "remove": self.op_remove, "ready": self.op_ready,
             "update": self.op_update, "rotate_key": self.op_rotate_key,
+            "image_add": self.op_image_add, "image_remove": self.op_image_remove,
         }
         if op not in handlers:
             raise Invalid(f"unknown request '{op}' (known: {', '.join(sorted(handlers))})")
@@ -200,8 +205,27 @@ class Manager:
         return {"protocol": wire.PROTOCOL, "node": self.node_id, "reconciled": self.reconciled}
 
     def op_images(self) -> list[dict[str, Any]]:
-        return [{"image": name, "type": t["type"], "version": contract.version_text(t),
-                 "description": t["description"]} for name, t in sorted(self.catalogue.items())]
+        """The store's compute images, then the slot templates this firmware carries."""
+        templates = [{"image": name, "type": t["type"], "version": t["version"], "date": t.get("released") or "-",
+                      "size": None, "signed_by": "firmware", "description": t["description"]}
+                     for name, t in sorted(self.catalogue.items())]
+        return [*store.images(self.store), *templates]
+
+    def op_image_add(self, upload: BinaryIO, where: str) -> dict[str, Any]:
+        """A signed release, read from the file the caller handed over, into the store."""
+        if not isinstance(where, str) or not where:
+            raise Invalid("image_add: 'where' names the release (a path or URL)")
+        with self.store_lock:
+            row = store.add(upload, self.store, self.update_key, where[:200])
+        log.info("image %s %s %s (%s)", row["image"], row["version"], "already stored" if row["already"] else "stored",
+                 where[:200])
+        return row
+
+    def op_image_remove(self, image: str, version: str) -> dict[str, Any]:
+        with self.store_lock:
+            row = store.remove(self.store, str(image), str(version))
+        log.info("image %s %s removed", row["image"], row["version"])
+        return row
 
     def op_slots(self, object_id: str | None = None, by_type: str | None = None) -> list[dict[str, Any]]:
         if object_id is not None:
@@ -433,6 +457,6 @@ def main() -> int:
     threading.Thread(target=manager.monitor, name="monitor", daemon=True).start()
     threading.Thread(target=manager.cluster.serve, args=(manager.handle_peer,), name="cluster", daemon=True).start()
     log.info("node %s, %d templates; socket %s", manager.node_id, len(manager.catalogue), contract.MANAGER_SOCKET)
-    wire.serve(contract.MANAGER_SOCKET, manager.handle)
+    wire.serve(contract.MANAGER_SOCKET, manager.handle, uploads=True)
     return 0
 
