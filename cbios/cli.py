@@ -14,6 +14,7 @@ import yaml
 
 from cbios import __version__
 from cbios.errors import CbiosError, ProfileError
+from cbios.node import contract
 from cbios.project import Project
 
 if TYPE_CHECKING:
@@ -160,7 +161,7 @@ def parser() -> argparse.ArgumentParser:
     ps.add_argument("--bundle", metavar="DIR", help="serve this bundle folder instead (a copy of build/NAME/pxe)")
     ps.add_argument("--interface", required=True, metavar="IF", help="the interface on the nodes' network")
     ps.add_argument("--http-port", type=int, default=8080, metavar="PORT", help="HTTP port (default 8080)")
-    ps.add_argument("--mode", choices=["boot", "update", "install"],
+    ps.add_argument("--mode", choices=list(contract.BOOT_MODES),
                     help="what every node does, with no menu (default: iPXE's menu, which boots after 10 s)")
     ps.add_argument("--receipts", metavar="DIR", help="where the flasher's receipts go (default: beside the bundle)")
     ps.set_defaults(func=cmd_pxe_serve)

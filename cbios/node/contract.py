@@ -103,8 +103,16 @@ FURTHER_VOLUMES = range(1, 10)  # the iids of VOLUME_NAME past 0
 # release, in this order (the signed manifest first, root.img last), and what a node booted
 # over the network asks for.
 IMAGE_STORE_IID = 1
-STORE_FILES = (MANIFEST, SIGNATURE, "grub.cfg", "vmlinuz", "initrd.img", "root.img")
+STORE_FILES = (MANIFEST, SIGNATURE, "boot.ipxe", "grub.cfg", "vmlinuz", "initrd.img", "root.img")
+# What a node booted over the network does: boot.ipxe's cbios-mode (`cbios pxe serve --mode`,
+# a boot-server slot's per-node choice).
+BOOT_MODES = ("boot", "update", "install", "diskless")
 IMAGE_STORE = Path("/") / volume_target("lxc-service", IMAGE_STORE_IID)  # in CB-Manager's container
+# A slot whose template says image_store (a boot server) has the store read-only here (in its
+# root), mounted on the node beside its volumes; its receipts are on its volume 0 (its /var).
+STORE_TARGET = "srv/images"
+STORE_MOUNT = "image-store"  # in slot_mounts(eid), beside its volumes
+BOOT_RECEIPTS = "lib/cbios-boot-server/receipts"
 
 
 def parse_object_id(node_id: str, text: str) -> tuple[str, int | None]:

@@ -117,8 +117,18 @@ def runtime_text(info: dict[str, Any]) -> str:
         size = f"{vol['size'] / (1 << 20):.0f} MiB" if vol.get("size") else "missing"
         rows.append((f"Volume {vol['volume']}", f"{vol['device']} {size} on {vol['mount']}"))
     rows.append(("Console log", info.get("console_log", "-")))
+    if "receipts" in info:  # a boot server: what each node it booted said last
+        rows += [(f"Receipt {r.get('mac', '?')}", receipt_text(r)) for r in info["receipts"]] or [("Receipts", "none")]
     width = max(len(k) for k, _ in rows)
     return "".join(f"{k.ljust(width)}  {v}\n" for k, v in rows)
+
+
+def receipt_text(r: dict[str, str]) -> str:
+    size = f", {int(r['bytes_received']) / (1 << 20):.1f} MiB received" if r.get("bytes_received", "").isdigit() else ""
+    took = f" in {r['seconds']} s" if r.get("seconds") else ""
+    text = (f"{r.get('result', '?')} {r.get('mode', '?')} {r.get('profile', '?')} {r.get('version', '?')}"
+            f" at {r.get('finished', '?')}{took}{size}")
+    return text + (f": {r['reason']}" if r.get("reason") else "")
 
 
 def _parser() -> argparse.ArgumentParser:

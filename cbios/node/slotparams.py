@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from cbios.node import contract
 
@@ -64,6 +65,46 @@ def _domain(text: str) -> str:
     return text
 
 
+# A boot server's choice for a node: IMAGE@VERSION:MODE, an image of CB-Manager's store and
+# what the node does with it (contract.BOOT_MODES).
+BOOT_CHOICE = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]{0,63})@(\d+(?:\.\d+){0,3}):([a-z]+)")
+MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+OBJECT_ID = re.compile(r"\d{11}")
+
+
+@dataclass(frozen=True)
+class BootChoice:
+    image: str
+    version: str
+    mode: str
+
+    def __str__(self) -> str:
+        return f"{self.image}@{self.version}:{self.mode}"
+
+
+def boot_choice(text: str) -> BootChoice:
+    m = BOOT_CHOICE.fullmatch(text)
+    if not m or m.group(3) not in contract.BOOT_MODES:
+        raise ValueError(f"IMAGE@VERSION:MODE, MODE one of {', '.join(contract.BOOT_MODES)} "
+                         "(e.g. compute@1.0.0:diskless)")
+    return BootChoice(*m.groups())
+
+
+def boot_nodes(text: str) -> dict[str, BootChoice]:
+    """{MAC or ObjectID: choice} of 'KEY=IMAGE@VERSION:MODE,...'."""
+    out: dict[str, BootChoice] = {}
+    for item in text.split(","):
+        key, sep, choice = item.partition("=")
+        key = key.lower()
+        if not sep or not (MAC.fullmatch(key) or OBJECT_ID.fullmatch(key)):
+            raise ValueError("NODE=IMAGE@VERSION:MODE separated by ',', NODE a MAC (52:54:00:c0:10:01) "
+                             "or an ObjectID (31000050010)")
+        if key in out:
+            raise ValueError(f"node {key} given twice")
+        out[key] = boot_choice(choice)
+    return out
+
+
 TYPES: dict[str, Callable[[str], str]] = {
     "ipv4": _ipv4,
     "ipv4-list": _ipv4_list,
@@ -71,6 +112,8 @@ TYPES: dict[str, Callable[[str], str]] = {
     "ipv4-network": _ipv4_network,
     "port": _port,
     "domain": _domain,
+    "boot-choice": lambda text: str(boot_choice(text)),
+    "boot-nodes": lambda text: ",".join(f"{k}={v}" for k, v in boot_nodes(text).items()),
 }
 
 

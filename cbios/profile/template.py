@@ -102,6 +102,8 @@ class SlotTemplate(Strict):
     stop_timeout: Annotated[int, Field(ge=1, le=300, description="s from the halt signal (the power button "
                                        "of a VM) to a kill")] = 30
     vm: VmSettings | None = Field(default=None, description="kvm-system: the VM")
+    image_store: bool = Field(default=False, description="lxc-service: serves CB-Manager's store of compute "
+                              "images, which it has read-only at /srv/images; its receipts are in show-runtime")
 
 
 def available(project: Project) -> list[str]:
@@ -128,6 +130,8 @@ def load_template(project: Project, name: str) -> SlotTemplate:
         missing.append("a vm: section in slot.yaml")
     elif template.type != "kvm-system" and template.vm is not None:
         raise ProfileError([f"{shown}: vm: is for kvm-system templates, this one is {template.type}"])
+    if template.image_store and template.type != "lxc-service":
+        raise ProfileError([f"{shown}: image_store: is for lxc-service templates, this one is {template.type}"])
     if template.type == "kvm-system" and template.privileged is not None:
         raise ProfileError([f"{shown}: privileged: is for lxc templates: a VM has no root on the node"])
     if missing:
@@ -213,7 +217,8 @@ def bake(project: Project, profile: Profile, dest: Path) -> None:
         shutil.copytree(src, target, symlinks=True, ignore=shutil.ignore_patterns("slot.yaml"))
         (target / "template.json").write_text(json.dumps(node_template(name, template), indent=2, sort_keys=True)
                                               + "\n")
-    for iid in contract.FURTHER_VOLUMES:  # mount points, in the root lxc-service slots share
-        (dest / contract.volume_target("lxc-service", iid)).mkdir(parents=True, exist_ok=True)
+    for mount in [*(contract.volume_target("lxc-service", iid) for iid in contract.FURTHER_VOLUMES),
+                  contract.STORE_TARGET]:  # mount points, in the root lxc-service slots share
+        (dest / mount).mkdir(parents=True, exist_ok=True)
     (dest / NODE_SLOTS).parent.mkdir(parents=True, exist_ok=True)
     (dest / NODE_SLOTS).write_text(json.dumps(node_slots(profile, templates), indent=2) + "\n")

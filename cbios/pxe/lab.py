@@ -13,8 +13,8 @@ from pathlib import Path
 from types import TracebackType
 
 from cbios.errors import StepError
+from cbios.node.httpd import BundleServer
 from cbios.pxe.bundle import FILES
-from cbios.pxe.httpd import BundleServer
 from cbios.qemu import GUEST_FORWARD
 
 GUEST_SERVER = GUEST_FORWARD

@@ -21,22 +21,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-import jinja2
-
 from cbios.errors import CbiosError, StepError
+from cbios.node import contract
+from cbios.node.bootserver import dnsmasq
+from cbios.node.httpd import BundleServer
 from cbios.pxe.bundle import FILES, check_bundle
-from cbios.pxe.httpd import BundleServer
 from cbios.qemu import GUEST_FORWARD
-from cbios.render import TEMPLATES
 
 log = logging.getLogger("cbios")
 
-IPXE_DIR = Path("/usr/lib/ipxe")
-IPXE_FILES = ["undionly.kpxe", "ipxe.efi"]  # BIOS and UEFI clients
+IPXE_DIR, IPXE_FILES = dnsmasq.IPXE_DIR, dnsmasq.IPXE_FILES
 DNSMASQ = "dnsmasq"
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
-MODES = ("boot", "update", "install")
+MODES = contract.BOOT_MODES
 RELEASE_PORT = 8086  # `cbios pxe publish`; QEMU VMs of `cbios boot` reach it at VM_RELEASE_SERVER
 VM_RELEASE_SERVER = GUEST_FORWARD
 
@@ -64,11 +62,9 @@ def interface_address(interface: str) -> Address:
 
 def dnsmasq_conf(*, profile: str, version: str, interface: str, network: str, tftp_root: Path,
                  script_url: str) -> str:
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
-                             keep_trailing_newline=True, autoescape=False)
-    return env.get_template("pxe/dnsmasq.conf.j2").render(
-        profile=profile, version=version, interface=interface, network=network, tftp_root=tftp_root,
-        script_url=script_url)
+    """Proxy-DHCP: the site's DHCP server keeps giving the addresses."""
+    return dnsmasq.conf(title=f"CBIOS {profile} {version}", interface=interface, network=network,
+                        tftp_root=tftp_root, script_url=script_url)
 
 
 def tftp_tree(dest: Path) -> None:

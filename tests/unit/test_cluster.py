@@ -61,7 +61,7 @@ def free_port() -> int:
 @pytest.fixture
 def catalogue(project: Project) -> dict[str, dict[str, Any]]:
     return {name: slot_template.node_template(name, slot_template.load_template(project, name))
-            for name in ("cb-manager", "dhcp", "dns_master", "service", "compute")}
+            for name in ("cb-manager", "dhcp", "dns_master", "service", "compute", "boot-server")}
 
 
 @pytest.fixture
@@ -101,7 +101,8 @@ def test_slot_show_covers_both_nodes_and_a_peers_slot_is_worked_there(
     a, _, ex_b = pair
     rows = a.handle("slots", {})
     assert [(r["parent"], r["location"], r["status"]) for r in rows] == [
-        (NODE, "31000040075", "ON"), (NODE, "31000040275", "ON"), (NODE, "31000040575", "OFF"),
+        (NODE, "31000040075", "ON"), (NODE, "31000040275", "ON"), (NODE, "31000040475", "OFF"),
+        (NODE, "31000040575", "OFF"),
         (NODE, "31000040675", "ON"), (NODE, "31000040775", "OFF"),
         (PEER, "31000041075", "ON"), (PEER, "31000041275", "OFF"), (PEER, PEER_DNS, "ON"),
         (PEER, "31000041775", "OFF")]
@@ -140,7 +141,7 @@ def test_a_node_that_does_not_answer_is_one_row_within_the_bound(
     assert took < 2.5, took  # cluster.timeout is 1 s here
     assert rows[-1]["location"] == PEER and rows[-1]["status"] == "UNREACHABLE"
     assert rows[-1]["description"].startswith(f"node {PEER} at 127.0.0.1:") and "no answer" in rows[-1]["description"]
-    assert [r["status"] for r in rows[:-1]] == ["ON", "ON", "OFF", "ON", "OFF"]
+    assert [r["status"] for r in rows[:-1]] == ["ON", "ON", "OFF", "OFF", "ON", "OFF"]
     a.cluster.peers = [cluster.Peer(PEER, "127.0.0.1", free_port())]  # nothing there: refused at once
     with pytest.raises(Failed, match=f"unreachable: node {PEER} at 127.0.0.1:.*Connection refused"):
         a.handle("stop", {"object_id": PEER_DNS})
@@ -328,7 +329,7 @@ def test_a_node_with_no_key_runs_its_slots_and_says_why_the_others_are_missing(
     a, _ = started(node_config(project, "qemu-test", free_port()), catalogue, tmp_path)
     (tmp_path / "key").unlink()
     rows = a.handle("slots", {})
-    assert [r["status"] for r in rows[:-1]] == ["ON", "ON", "OFF", "ON", "OFF"]
+    assert [r["status"] for r in rows[:-1]] == ["ON", "ON", "OFF", "OFF", "ON", "OFF"]
     assert rows[-1]["status"] == "UNREACHABLE"
     assert rows[-1]["description"].startswith("no cluster key on this node") and "cbios cluster set-key" in \
         rows[-1]["description"]

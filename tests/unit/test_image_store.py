@@ -101,7 +101,7 @@ def test_a_signed_release_is_stored_listed_and_removed(
 
 @pytest.mark.parametrize("damage, message", [
     ("other-key", "its signature does not verify with this firmware's key"),
-    ("no-signature", "grub.cfg comes before a signed manifest"),
+    ("no-signature", "boot.ipxe comes before a signed manifest"),
     ("truncated", "not a whole release file"),
     ("cut-at-a-member", "cut short or incomplete, no root.img"),
     ("tampered-kernel", "vmlinuz: its sha256 is not the one its signed manifest says"),

@@ -381,7 +381,7 @@ def config(project: Project) -> dict[str, Any]:
 @pytest.fixture
 def catalogue(project: Project) -> dict[str, dict[str, Any]]:
     out = {}
-    for name in ("cb-manager", "dhcp", "dns_master", "service", "sysmon", "compute"):
+    for name in ("cb-manager", "dhcp", "dns_master", "service", "sysmon", "compute", "boot-server"):
         out[name] = slot_template.node_template(name, slot_template.load_template(project, name))
     return out
 
@@ -399,21 +399,23 @@ def test_first_start_installs_the_firmwares_slots_and_starts_them(
     ex.states[0] = "RUNNING"  # CB-Manager itself, brought up by cbios-slots.service
     m = make_manager(config, catalogue, tmp_path, ex)
     m.start()
-    assert ex.volumes == {"slot2-0": 16 << 20, "slot5-0": 256 << 20, "slot6-0": 16 << 20, "slot7-0": 64 << 20}
+    assert ex.volumes == {"slot2-0": 16 << 20, "slot4-0": 16 << 20, "slot5-0": 256 << 20, "slot6-0": 16 << 20,
+                          "slot7-0": 64 << 20}
     assert ("volume.put", {"volume": "slot2-0", "path": "slot.env", "content": manager.slot_env(
         m.slots[2], config)}) in ex.calls
     rows = m.op_slots(NODE)
     assert [(r["location"], r["type"], r["ip"], r["hostname"], r["status"]) for r in rows] == [
         ("31000040075", "cb-manager", "10.0.249.9", "cbmanager", "ON"),
         ("31000040275", "dhcp", "10.0.249.52", "dhcpd52", "ON"),
-        ("31000040575", "service", "10.0.249.5", "service5", "OFF"),  # not autostart
+        ("31000040475", "boot-server", "10.0.249.4", "boot4", "OFF"),  # not autostart
+        ("31000040575", "service", "10.0.249.5", "service5", "OFF"),
         ("31000040675", "dns_master", "10.0.249.1", "dns-master", "ON"),
         ("31000040775", "compute", "10.0.249.70", "compute70", "OFF"),  # not autostart
     ]
     assert rows[1]["version"] == "0.901.25.28 2010-09-10" and rows[1]["description"] == "Sysmon Slot (DHCP)"
     assert m.op_ready()["ready"]
     saved = registry.load(tmp_path / "registry.json")
-    assert saved is not None and sorted(saved) == [0, 2, 5, 6, 7]
+    assert saved is not None and sorted(saved) == [0, 2, 4, 5, 6, 7]
     assert ("volume.put", {"volume": "slot5-0", "path": "etc/cbios/slot.env", "content": manager.slot_env(
         m.slots[5], config)}) in ex.calls
 
@@ -430,7 +432,7 @@ def test_a_second_start_keeps_the_registry_and_does_not_rewrite_data(
     ex.calls.clear()
     m = make_manager(config, catalogue, tmp_path, ex)
     m.start()
-    assert sorted(m.slots) == [0, 2, 5, 7]  # the removal survived
+    assert sorted(m.slots) == [0, 2, 4, 5, 7]  # the removal survived
     writes = [a for op, a in ex.calls if op == "volume.write"]
     assert writes and all(a["if_blank"] for a in writes)
     assert not [a for op, a in ex.calls if op == "volume.create"]
@@ -485,8 +487,8 @@ def test_install_remove_and_stop_start(
     assert {r["status"] for r in m.op_startall(NODE)} == {"ON"}
     m.op_remove("31000040175")
     assert "slot1-0" not in ex.volumes and 1 not in ex.states
-    assert [r["location"] for r in m.op_slots()] == ["31000040075", "31000040275", "31000040575", "31000040675",
-                                                     "31000040775"]
+    assert [r["location"] for r in m.op_slots()] == ["31000040075", "31000040275", "31000040475", "31000040575",
+                                                     "31000040675", "31000040775"]
     # A VM is given its template's bound for the power button before it is killed.
     m.op_start("31000040775")
     m.op_stop("31000040775")
@@ -499,7 +501,8 @@ def test_a_slot_that_never_gets_healthy_is_failed_with_its_reason(
     ex.healthy = False
     m = make_manager(config, catalogue, tmp_path, ex)
     m.start()  # does not raise: one bad slot must not keep the others down
-    assert {r["status"] for r in m.op_slots() if r["type"] not in ("cb-manager", "service", "compute")} == {"FAILED"}
+    autostart = [r for r in m.op_slots() if r["type"] not in ("cb-manager", "service", "compute", "boot-server")]
+    assert {r["status"] for r in autostart} == {"FAILED"}
     ready = m.op_ready()
     assert not ready["ready"] and "31000040275 dhcp FAILED" in ready["waiting"]
     assert "31000040275 dhcp: slot 31000040275 (dhcp) started but is not healthy 60 s after start: port 67 closed" \

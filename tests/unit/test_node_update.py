@@ -52,7 +52,7 @@ def make_release(directory: Path, key: Path | None, *, data: bytes = DATA, **fie
     (signed with KEY)."""
     directory.mkdir(parents=True, exist_ok=True)
     root, v = with_tree(directory, data)
-    boot = {"vmlinuz": b"kernel", "initrd.img": b"initrd", "grub.cfg": b"menuentry"}
+    boot = {"vmlinuz": b"kernel", "initrd.img": b"initrd", "grub.cfg": b"menuentry", "boot.ipxe": b"#!ipxe"}
     for name, content in boot.items():
         (directory / name).write_bytes(content)
     doc = {"format": 1, "profile": "qemu-test", "version": "2.0.0", "architecture": "x86-64",
@@ -362,8 +362,8 @@ def test_an_update_from_a_release_file(node: FakeNode, keys: tuple[Path, Path], 
     (release / "SHA256SUMS").write_text("")
     path = write_release(release, tmp_path / "qemu-test-2.0.0.cbios.tar")
     with tarfile.open(path) as tar:
-        assert tar.getnames() == ["manifest.json", "manifest.json.sig", "SHA256SUMS", "grub.cfg", "vmlinuz",
-                                  "initrd.img", "root.img"]
+        assert tar.getnames() == ["manifest.json", "manifest.json.sig", "SHA256SUMS", "boot.ipxe", "grub.cfg",
+                                  "vmlinuz", "initrd.img", "root.img"]
     assert run(node, path)["copy"] == "spare"
     assert written(node, release)
 

@@ -15,8 +15,8 @@ import pytest
 
 from cbios import manifest
 from cbios.errors import CbiosError
+from cbios.node.httpd import BundleServer
 from cbios.pxe.bundle import FILES, PXE_DIR, check_bundle, make_bundle
-from cbios.pxe.httpd import BundleServer
 from cbios.pxe.serve import dnsmasq_conf, publish
 
 BIG = 3 << 20

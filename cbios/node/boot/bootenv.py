@@ -123,9 +123,17 @@ def cmdline_value(name: str, cmdline: str | None = None) -> str | None:
     return values[-1] if values else None
 
 
+DISKLESS = "network (diskless)"
+
+
 def boot_source(netboot_source: Path = NETBOOT_SOURCE) -> str:
-    """'network' when the kernel and initrd came over PXE, else 'disk'."""
-    return "network" if netboot_source.is_file() else "disk"
+    """'disk'; 'network' when the kernel and initrd came over PXE and the copy from the disk;
+    DISKLESS when the firmware itself came over the network, into RAM (the initrd says which)."""
+    try:
+        said = netboot_source.read_text().strip()
+    except FileNotFoundError:
+        return "disk"
+    return DISKLESS if said == "diskless" else "network"
 
 
 # The block is 1024 bytes in all: what a reason may take of it.

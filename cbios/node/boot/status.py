@@ -42,7 +42,7 @@ def gather(env: dict[str, str] | None, running: str | None, own: dict[str, str],
         "version": own.get("CBIOS_VERSION"),
         "object_id": own.get("CBIOS_OBJECT_ID"),
         "running": running,
-        "booted_from": booted_from if running is not None else None,
+        "booted_from": booted_from if running is not None or booted_from == bootenv.DISKLESS else None,
         "next_boot": (env or {}).get("cbios_active") or None,
         "last_fallback": (env or {}).get("cbios_fallback") or None,
         "last_failure": (env or {}).get("cbios_failure") or None,
@@ -54,6 +54,9 @@ def gather(env: dict[str, str] | None, running: str | None, own: dict[str, str],
 
 def render_text(st: dict[str, Any]) -> str:
     lines = [f"CBIOS {st['profile']} {st['version']}, node {st['object_id']}"]
+    if st["booted_from"] == bootenv.DISKLESS:
+        lines.append(f"booted from:   {st['booted_from']}: the firmware runs from RAM, no disk is used")
+        return "\n".join(lines) + "\n"
     if st["running"] is None:
         lines.append("running from an image, not from a node disk: no copies, no boot state")
         return "\n".join(lines) + "\n"

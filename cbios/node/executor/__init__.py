@@ -27,7 +27,7 @@ from typing import Any
 from cbios.node import contract, files, wire
 from cbios.node.boot import bootenv
 from cbios.node.command import run as _run
-from cbios.node.executor import kvm, lxcconf, requests
+from cbios.node.executor import kvm, lxcconf, receipts, requests
 from cbios.node.wire import Failed, Invalid
 
 log = logging.getLogger("cbios")
@@ -150,8 +150,20 @@ class Executor:
                 target = contract.volume_target("lxc-system", iid)
                 os.close(_directory(root, target.split("/"), f"{contract.volume_name(eid, 0)}: /{target}"))
 
+    def _mount_store(self, eid: int) -> None:
+        """CB-Manager's image store, for a slot that serves it: its volume mounted again, this
+        mount read-only (the file system stays writable for CB-Manager, which mounts it too)."""
+        store = contract.volume_name(contract.MANAGER_EID, contract.IMAGE_STORE_IID)
+        target = contract.slot_mounts(eid) / contract.STORE_MOUNT
+        target.mkdir(exist_ok=True)
+        if os.path.ismount(target):
+            return
+        self._need(store)
+        _run(["mount", "-o", "nodev,nosuid,noexec", self._device(store), str(target)])
+        _run(["mount", "-o", "remount,bind,ro,nodev,nosuid,noexec", str(target)])
+
     def _release(self, eid: int) -> None:
-        for target in sorted(contract.slot_mounts(eid).glob("volume*")):
+        for target in sorted(contract.slot_mounts(eid).glob("*")):
             if os.path.ismount(target):
                 _run(["umount", str(target)])
 
@@ -240,7 +252,8 @@ class Executor:
         for iid in volumes:
             self._need(contract.volume_name(eid, iid))
         side = {"eid": eid, "template": template, "kind": tpl["type"], "hostname": hostname,
-                "address": address, "volumes": volumes, "privileged": tpl.get("privileged")}
+                "address": address, "volumes": volumes, "privileged": tpl.get("privileged"),
+                "image_store": bool(tpl.get("image_store"))}
         cdir = LXC_PATH / contract.container_name(eid)
         if tpl["type"] == "kvm-system":  # no LXC configuration: the VM's settings are the template's
             side["vm"] = {"memory": tpl["vm"]["memory"], "cpus": tpl["vm"]["cpus"]}
@@ -252,7 +265,7 @@ class Executor:
                                node_id=self.node_id, hostname=hostname, address=address, volumes=tuple(volumes),
                                extra=extra_file.read_text() if extra_file.is_file() else "",
                                memory=memory or lxcconf.MEMORY, pids=pids or lxcconf.PIDS,
-                               privileged=bool(tpl.get("privileged")))
+                               privileged=bool(tpl.get("privileged")), image_store=bool(tpl.get("image_store")))
         try:
             text = lxcconf.render(d)
         except (KeyError, ValueError) as e:
@@ -305,6 +318,8 @@ class Executor:
             kvm.start(self._vm(d))
             return self._state(eid)
         self._mount_volumes(eid, d["volumes"], bool(d.get("privileged")))
+        if d.get("image_store"):
+            self._mount_store(eid)
         if d["kind"] == "lxc-system":
             self._make_targets(eid, d["volumes"])
         _run(["lxc-start", "-n", name], timeout=60)
@@ -362,6 +377,8 @@ class Executor:
                          "mount": "/" if (i == 0 and d["kind"] == "lxc-system")
                          else "/" + contract.volume_target(d["kind"], i)} for i in d["volumes"]],
             "console_log": _console_log(eid),
+            **({"receipts": receipts.latest(contract.slot_mount(eid, 0), contract.BOOT_RECEIPTS)}
+               if d.get("image_store") and 0 in d["volumes"] else {}),
         }
 
     def op_container_health(self, eid: int) -> dict[str, Any]:

@@ -27,7 +27,18 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
-from cbios.node.contract import SLOT_IDS, TEMPLATES, container_name, slot_ids, slot_mount, volume_name, volume_target
+from cbios.node.contract import (
+    SLOT_IDS,
+    STORE_MOUNT,
+    STORE_TARGET,
+    TEMPLATES,
+    container_name,
+    slot_ids,
+    slot_mount,
+    slot_mounts,
+    volume_name,
+    volume_target,
+)
 
 LOG_DIR = "/var/log/cbios/slots"
 CONSOLE_LOG_MAX = "1MB"  # then rotated once (.1): at most twice this on /var a slot
@@ -58,6 +69,7 @@ class Definition:
     memory: int = MEMORY  # bytes: cgroup memory.max
     pids: int = PIDS  # cgroup pids.max
     privileged: bool = False  # no user namespace: the template says why
+    image_store: bool = False  # CB-Manager's image store, read-only (a boot server)
 
 
 def lxc_log(eid: int) -> Path:
@@ -146,6 +158,8 @@ def render(d: Definition) -> str:
         if iid == 0 and d.kind != "lxc-service":
             continue
         lines.append(f"lxc.mount.entry = {slot_mount(d.eid, iid)} {volume_target(d.kind, iid)} none {bind} 0 0")
+    if d.image_store:
+        lines.append(f"lxc.mount.entry = {slot_mounts(d.eid) / STORE_MOUNT} {STORE_TARGET} none {bind},ro 0 0")
     lines += [
         "lxc.net.0.type = veth",
         f"lxc.net.0.link = {d.bridge}",

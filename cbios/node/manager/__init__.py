@@ -74,6 +74,14 @@ def _checked_params(template: str, declared: dict[str, dict[str, str]], given: d
     return values
 
 
+def _boot_choices(params: dict[str, str]) -> dict[str, slotparams.BootChoice]:
+    """What a boot-server slot's params boot: {node (or 'default'): choice}."""
+    out = slotparams.boot_nodes(params["nodes"]) if params.get("nodes") else {}
+    if params.get("default"):
+        out["default"] = slotparams.boot_choice(params["default"])
+    return out
+
+
 def env_path(kind: str) -> str:
     """Where slot.env goes in volume 0: the slot's /var, or its own root's /etc."""
     return "slot.env" if kind == "lxc-service" else "etc/cbios/slot.env"
@@ -222,6 +230,16 @@ class Manager:
         return row
 
     def op_image_remove(self, image: str, version: str) -> dict[str, Any]:
+        """An image out of the store, unless a boot-server slot boots nodes from it."""
+        for entry in self.slots.values():
+            if not self.catalogue.get(entry["template"], {}).get("image_store"):
+                continue
+            users = [node for node, c in _boot_choices(entry.get("params", {})).items()
+                     if (c.image, c.version) == (image, version)]
+            if users:
+                raise Invalid(f"{image} {version}: boot server {entry['object_id']} boots "
+                              f"{', '.join(users)} from it: give them another image first "
+                              f"(slot remove {entry['object_id']}, then slot install it again)")
         with self.store_lock:
             row = store.remove(self.store, str(image), str(version))
         log.info("image %s %s removed", row["image"], row["version"])
@@ -311,6 +329,9 @@ class Manager:
             if hostname is not None and not contract.HOSTNAME.fullmatch(hostname):
                 raise Invalid(f"--hostname: '{hostname}' is not a host name")
             values = _checked_params(template, tpl["params"], params or {})
+            if tpl.get("image_store"):
+                for choice in _boot_choices(values).values():
+                    store.find(self.store, choice.image, choice.version)
             entry = self.entry_for({"eid": eid, "template": template, "address": address, "hostname": hostname,
                                  "autostart": autostart, "params": values,
                                  "volumes": tpl["volumes"]})

@@ -181,3 +181,53 @@ verity_check() {
     dmsetup remove --retry "$name" >/dev/null 2>&1 || true
     return $rc
 }
+
+# The signed manifest: what verifies it, and what the flasher and a diskless boot take from it.
+CBIOS_KEY=/usr/lib/cbios/update-key.pem
+# manifest_verify DIR: DIR/manifest.json's Ed25519 signature (DIR/manifest.json.sig) verifies
+# with the key this initrd carries. Nothing in a manifest is believed before.
+manifest_verify() {
+    [ -s "$CBIOS_KEY" ] && openssl pkeyutl -verify -pubin -inkey "$CBIOS_KEY" -rawin -in "$1/manifest.json" \
+        -sigfile "$1/manifest.json.sig" >/dev/null 2>&1
+}
+# VAR FILTER PATTERN: each value read in one jq pass and checked against its pattern.
+NUM='[0-9]{1,15}' SHA='[0-9a-f]{64}' NAME='[A-Za-z0-9][A-Za-z0-9._-]{0,63}'
+MANIFEST_TAKEN=(
+    CBIOS_PROFILE .profile "$NAME"
+    CBIOS_VERSION .version '[0-9]+(\.[0-9]+){0,3}'
+    CBIOS_OBJECT_ID .layout.object_id '[0-9]{11}'
+    CBIOS_VG .layout.vg '[a-z][a-z0-9_]{0,31}'
+    CBIOS_BOOT_SIZE .layout.boot_size "$NUM"
+    CBIOS_ROOT_SIZE .layout.root_size "$NUM"
+    CBIOS_VAR_SIZE .layout.var_size "$NUM"
+    CBIOS_SWAP_SIZE .layout.swap_size "$NUM"
+    CBIOS_TRIES .layout.tries '[1-9]'
+    root_sha '.artifacts["root.img"].sha256' "$SHA"
+    root_size '.artifacts["root.img"].size' "$NUM"
+    grub_sha '.artifacts["grub.cfg"].sha256' "$SHA"
+    kernel_sha '.artifacts["vmlinuz"].sha256' "$SHA"
+    initrd_sha '.artifacts["initrd.img"].sha256' "$SHA"
+    root_verity .verity.param "$SHA:[1-9][0-9]{0,9}"
+)
+# shellcheck disable=SC2034 # set for the scripts that source this
+CBIOS_PROFILE='' CBIOS_VERSION='' CBIOS_OBJECT_ID='' root_sha='' root_size='' root_verity='' grub_sha='' \
+    kernel_sha='' initrd_sha=''
+# manifest_take FILE: MANIFEST_TAKEN's variables from the (verified) manifest FILE; else 1,
+# with WHY saying what is wrong.
+why=''
+# shellcheck disable=SC2034
+manifest_take() {
+    local filters=() i value
+    for ((i = 1; i < ${#MANIFEST_TAKEN[@]}; i += 3)); do filters+=("${MANIFEST_TAKEN[i]}"); done
+    json_values "$1" "${filters[@]}" || { why="manifest.json: not a CBIOS manifest"; return 1; }
+    for ((i = 0; i < ${#MANIFEST_TAKEN[@]}; i += 3)); do
+        value=${JSON_VALUE[${MANIFEST_TAKEN[i + 1]}]}
+        [ "$value" != null ] || { why="manifest.json: no ${MANIFEST_TAKEN[i + 1]}"; return 1; }
+        if [[ $value =~ ^\"(.*)\"$ ]]; then value=${BASH_REMATCH[1]}; fi
+        if ! [[ $value =~ ^(${MANIFEST_TAKEN[i + 2]})$ ]]; then
+            why="manifest.json: ${MANIFEST_TAKEN[i + 1]} is not what a CBIOS manifest holds ('${value:0:40}')"
+            return 1
+        fi
+        printf -v "${MANIFEST_TAKEN[i]}" '%s' "$value"
+    done
+}

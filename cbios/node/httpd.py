@@ -1,5 +1,7 @@
 """The HTTP side of a PXE server: a bundle's files for iPXE and the flasher, and the
-flasher's receipts. Only the bundle's own files are served (no paths, no listing).
+flasher's receipts. Only the bundle's own files are served (no paths, no listing). The
+server of `cbios pxe serve` and of a boot-server slot (which serves many bundles, one
+chosen for each node: cbios/node/bootserver.py).
 
 boot.ipxe is served with `cbios-server` set to the URL the client used, so one bundle
 works behind any address. Every transfer is logged with the node's MAC (the clients put
@@ -97,6 +99,27 @@ class BundleServer(ThreadingHTTPServer):
                     pass
         self.server_close()
 
+    def locate(self, name: str) -> Path | None:
+        """The file to send for the path NAME, or None: not served here."""
+        path = self.bundle / name
+        return path if name in self.files and path.is_file() else None
+
+    def script(self, name: str, host: str, mac: str, query: dict[str, list[str]]) -> bytes | None:
+        """An iPXE script made for this request, or None: NAME is a plain file. HOST is the
+        server as the client named it."""
+        if name != "boot.ipxe" or (path := self.locate(name)) is None:
+            return None
+        preset = f"set cbios-server http://{host}/\n{self.preset}"
+        return path.read_bytes().replace(b"\n", b"\n" + preset.encode(), 1)
+
+    def keep_receipt(self, receipt: dict[str, object], name: str) -> Path:
+        """A receipt the flasher (or a diskless boot) sent to NAME, kept; where."""
+        self.receipts.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        path = self.receipts / f"{stamp}-{str(receipt['mac']).replace(':', '')}.json"
+        path.write_text(json.dumps(receipt, indent=2, sort_keys=True) + "\n")
+        return path
+
     def bytes_sent(self, name: str | None = None) -> int:
         with self._lock:
             return sum(t.sent for t in self.transfers if name is None or t.name == name)
@@ -142,18 +165,17 @@ class Handler(BaseHTTPRequestHandler):
 
     def _get(self, body: bool) -> None:
         name = self._name()
-        if name not in self.server.files or not (self.server.bundle / name).is_file():
-            self._reply(HTTPStatus.NOT_FOUND, b"not in this bundle\n")
-            log.info("  %s %s: %s not found", self._mac(), self.client_address[0], name or "/")
-            return
-        path = self.server.bundle / name
-        if name == "boot.ipxe":
-            host = self.headers.get("Host") or f"{self.server.server_address[0]!s}:{self.server.port}"
-            preset = f"set cbios-server http://{host}/\n{self.server.preset}"
-            text = path.read_bytes().replace(b"\n", b"\n" + preset.encode(), 1)
+        host = self.headers.get("Host") or f"{self.server.server_address[0]!s}:{self.server.port}"
+        text = self.server.script(name, host, self._mac(), parse_qs(urlsplit(self.path).query))
+        if text is not None:
             self._reply(HTTPStatus.OK, text, body=body, content_type="text/plain")
             if body:
-                log.info("  %s %s: boot.ipxe", self._mac(), self.client_address[0])
+                log.info("  %s %s: %s", self._mac(), self.client_address[0], name)
+            return
+        path = self.server.locate(name)
+        if path is None:
+            self._reply(HTTPStatus.NOT_FOUND, b"not served here\n")
+            log.info("  %s %s: %s not found", self._mac(), self.client_address[0], name or "/")
             return
         size = path.stat().st_size
         self.send_response(HTTPStatus.OK)
@@ -188,7 +210,7 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def do_POST(self) -> None:
-        if self._name() != "receipt":
+        if self._name().rsplit("/", 1)[-1] != "receipt":
             self._reply(HTTPStatus.NOT_FOUND, b"only receipts are taken here\n")
             return
         try:
@@ -208,10 +230,7 @@ class Handler(BaseHTTPRequestHandler):
             return
         receipt["client"] = self.client_address[0]
         self.server.received.append(receipt)
-        self.server.receipts.mkdir(parents=True, exist_ok=True)
-        stamp = time.strftime("%Y%m%dT%H%M%S")
-        path = self.server.receipts / f"{stamp}-{str(receipt['mac']).replace(':', '')}.json"
-        path.write_text(json.dumps(receipt, indent=2, sort_keys=True) + "\n")
+        path = self.server.keep_receipt(receipt, self._name())
         log.info("‣ Receipt from %s (%s): %s %s %s %s %s; %s", receipt["mac"], receipt.get("object_id"),
                  receipt.get("result"), receipt.get("mode"), receipt.get("profile"), receipt.get("version"),
                  receipt.get("reason") or f"root.img {str(receipt.get('root_sha256'))[:12]}", path)

@@ -1,0 +1,5 @@
+import sys
+
+from cbios.node.bootserver import main
+
+sys.exit(main())
