@@ -54,8 +54,11 @@ class PxeLab:
 
     def netdev_options(self) -> str:
         """Options for the PXE NIC's -netdev user,...: QEMU's TFTP, and the forward to HTTP."""
-        return (f"tftp={self.tftp},bootfile={CHAIN},"
-                f"guestfwd=tcp:{GUEST_SERVER}:80-cmd:socat - TCP:127.0.0.1:{self.server.port}")
+        return f"tftp={self.tftp},bootfile={CHAIN},{self.guestfwd()}"
+
+    def guestfwd(self) -> str:
+        """The -netdev user option that forwards GUEST_SERVER:80 to the HTTP server here."""
+        return f"guestfwd=tcp:{GUEST_SERVER}:80-cmd:socat - TCP:127.0.0.1:{self.server.port}"
 
     def __enter__(self) -> PxeLab:
         self.server.start()

@@ -1,6 +1,6 @@
 """The images the VM tests boot, each built once per run and shared by every pytest process
 of it: qemu-test and its node disk, the cluster's second node and its disk, the next release
-and a broken one. Made under one lock, so that two test processes never build at once (the
+and a broken one, and a compute node's release. Made under one lock, so that two test processes never build at once (the
 second finds the first's work up to date); the releases live at fixed places in build/tests/,
 so they are found again. `python -m tests.vm.images` makes them all before the tests run."""
 
@@ -16,11 +16,14 @@ from pathlib import Path
 
 from cbios.build import build
 from cbios.disk import make_disk
+from cbios.manifest import MANIFEST
 from cbios.profile import load_profile
 from cbios.project import Project
+from cbios.release import SUFFIX, write_release
 
 PROFILE = "qemu-test"
 PEER_PROFILE = "qemu-test-peer"  # the cluster's second node
+COMPUTE_PROFILE = "qemu-test-compute"  # booted by qemu-test's boot-server slot
 NEXT_VERSION = "2.0.1"  # qemu-test with a changed overlay file
 NEXT_MARK = f"# qemu-test {NEXT_VERSION}: journald as before"
 BROKEN_VERSION = "2.0.0"  # qemu-test whose CB-Manager cannot start
@@ -94,7 +97,18 @@ def broken_build(project: Project) -> Path:
     return release(project, "broken-release", BROKEN_VERSION, change)
 
 
-ALL = (built, node_disk, peer_disk, next_build, broken_build)
+def compute_release(project: Project) -> Path:
+    """qemu-test-compute, built, and its release file: what a management node's image store takes."""
+    with images_lock(project):
+        out = build(project, load_profile(project, COMPUTE_PROFILE))
+        path = out / "release" / f"{COMPUTE_PROFILE}{SUFFIX}"
+        if not path.is_file() or path.stat().st_mtime < (out / MANIFEST).stat().st_mtime:
+            path.parent.mkdir(exist_ok=True)
+            write_release(out, path)
+        return path
+
+
+ALL = (built, node_disk, peer_disk, next_build, broken_build, compute_release)
 
 
 def main() -> int:
