@@ -104,7 +104,7 @@ def build(project: Project, profile: Profile, *, force: bool = False) -> Path:
             config_dir=dirs.work / "mkosi" / name,
             output_dir=dirs.work / "out" / name,
             cache_dir=cache_dir(project, name, files),
-            package_cache_dir=project.cache / "packages",
+            package_cache_dir=package_cache_dir(project, slot_template.NODE_ARCHITECTURE),
         )
     mkosi.build(images["initrd"], log_file=dirs.logs / "initrd.log",
                 extra_trees=[project.initrd / "tree", initrd_extra], source_date_epoch=sde)
@@ -153,7 +153,7 @@ def build(project: Project, profile: Profile, *, force: bool = False) -> Path:
             {"template": s.template, "eid": s.eid, "object_id": profile.slot_object_id(s.eid)}
             for s in profile.slots
         ],
-        "slot_templates": {name: {"type": t.type, "version": t.version}
+        "slot_templates": {name: {"type": t.type, "version": t.version, "architecture": t.architecture}
                            for name, t in slot_template.templates_of(project, profile).items()},
         "packages": {
             "root": mkosi.packages(root_out / "root.manifest"),
@@ -181,6 +181,14 @@ def cache_dir(project: Project, name: str, files: dict[str, str]) -> Path:
     return project.cache / "mkosi" / f"{name}-{h.hexdigest()[:16]}"
 
 
+def package_cache_dir(project: Project, architecture: str) -> Path:
+    """Downloaded packages and the archive's indexes, one cache an architecture (as mkosi keys
+    its own default): an i386 image's apt never reads the amd64 indexes, nor the node's the i386."""
+    if architecture == slot_template.NODE_ARCHITECTURE:
+        return project.cache / "packages"
+    return project.cache / f"packages-{architecture}"
+
+
 def _slot_images(project: Project, profile: Profile, dirs: BuildDirs,
                  configs: dict[str, dict[str, str]], sde: int | None) -> dict[str, Path]:
     """Each lxc-system template's root file system, built by mkosi: {name: its tree}."""
@@ -193,7 +201,7 @@ def _slot_images(project: Project, profile: Profile, dirs: BuildDirs,
             config_dir=dirs.work / "mkosi" / f"slot-{name}",
             output_dir=dirs.work / "out" / f"slot-{name}",
             cache_dir=cache_dir(project, f"slot-{name}", files),
-            package_cache_dir=project.cache / "packages",
+            package_cache_dir=package_cache_dir(project, templates[name].architecture),
         )
         mkosi.build(img, log_file=dirs.logs / f"slot-{name}.log", source_date_epoch=sde)
         _check_room(profile, templates[name], name, image.ext4_size(img.output_dir / name, 16 << 20))

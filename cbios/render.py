@@ -113,11 +113,22 @@ def slot_image_configs(project: Project, profile: Profile) -> dict[str, dict[str
         if template.type != "lxc-system":
             continue
         out[name] = {
-            "mkosi.conf": render_string(env, "mkosi/slot.conf.j2", {**ctx, "template": name}),
+            "mkosi.conf": render_string(env, "mkosi/slot.conf.j2", {
+                **ctx, "template": name, "slot_architecture": template.architecture,
+                "mkosi_architecture": slot_template.ARCHITECTURES[template.architecture]}),
             "mkosi.conf.d/50-template.conf": (project.slot_templates / name / "mkosi.conf").read_text(),
             "mkosi.pkgmngr/etc/apt/sources.list.d/mkosi.sources": sources,
+            **_template_extra(project.slot_templates / name / "mkosi.extra"),
         }
     return out
+
+
+def _template_extra(tree: Path) -> dict[str, str]:
+    """A template's mkosi.extra/ (text files: units, presets, configuration), copied into its
+    image by mkosi: {path: text}."""
+    if not tree.is_dir():
+        return {}
+    return {f"mkosi.extra/{p.relative_to(tree)}": p.read_text() for p in sorted(tree.rglob("*")) if p.is_file()}
 
 
 IPXE_MENU_TIMEOUT_MS = 10000  # then the menu's default: netboot, which changes nothing

@@ -46,6 +46,10 @@ VOLUME_NAME = re.compile(r"slot([0-9])-([0-9])")  # fullmatch
 # A slot's cgroup limits (its template's, its profile's): pids.max within these.
 PIDS_MIN, PIDS_MAX = 16, 65536
 HOSTNAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")  # a node's or slot's; fullmatch
+# A slot template's architecture (Debian's names): the node's, or i386 for an lxc-system slot,
+# whose root is its own; template.json without one (an older firmware's) is the node's.
+NODE_ARCHITECTURE = "amd64"
+ARCHITECTURES = (NODE_ARCHITECTURE, "i386")
 
 
 def node_config(path: Path = SLOTS) -> dict[str, Any]:

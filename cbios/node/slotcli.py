@@ -93,7 +93,8 @@ def runtime_text(info: dict[str, Any]) -> str:
     health = info.get("health") or {}
     rows = [
         ("ObjectID", info["location"]), ("ParentID", info["parent"]), ("Type", info["type"]),
-        ("Kind", info["kind"]), ("Version", info["version"]), ("Status", info["status"]),
+        ("Kind", info["kind"]), ("Architecture", info.get("architecture") or "-"), ("Version", info["version"]),
+        ("Status", info["status"]),
         ("State", info["state"]), ("PID", info.get("pid") or "-"),
         ("Hostname", info.get("hostname") or "-"), ("Address", info.get("address") or "-"),
         *([("Root", f"the node's root (privileged: {info['privileged']})" if info.get("privileged")
@@ -108,7 +109,7 @@ def runtime_text(info: dict[str, Any]) -> str:
          if health else "-"),
     ]
     if info.get("kind") == "kvm-system":  # the VM: what QEMU was given, and how it runs
-        rows[7:8] = [("PID", f"{info['pid']} (qemu-system-x86_64, {info['unit']})" if info.get("pid") else "-"),
+        rows[8:9] = [("PID", f"{info['pid']} (qemu-system-x86_64, {info['unit']})" if info.get("pid") else "-"),
                      ("vCPUs", str(info["vcpus"])), ("VM memory", f"{info['memory_mib']} MiB"),
                      ("Acceleration", info["accel"].upper())]
     if info.get("error"):

@@ -31,6 +31,9 @@ from cbios.profile.yamlload import YamlError, format_path, load_yaml
 from cbios.project import Project
 
 SLOT_TYPES = ("lxc-service", "lxc-system", "kvm-system")
+# A template's architecture (contract.ARCHITECTURES): mkosi's name of each.
+NODE_ARCHITECTURE = contract.NODE_ARCHITECTURE
+ARCHITECTURES = {NODE_ARCHITECTURE: "x86-64", "i386": "x86"}
 MANAGER = contract.MANAGER_TEMPLATE
 MANAGER_EID = contract.MANAGER_EID
 # Where the node finds them (cbios/node/contract.py), relative to the root being built.
@@ -88,6 +91,10 @@ class SlotTemplate(Strict):
                                  "runs from the root it shares, what the node needs to run a kvm-system slot")
     volumes: list[TemplateVolume] = Field(default_factory=lambda: [TemplateVolume(iid=0, size="16M")])
     address: Literal["required", "optional"] = "optional"
+    architecture: str = Field(
+        default=NODE_ARCHITECTURE, json_schema_extra={"enum": list(contract.ARCHITECTURES)},
+        description="Debian's name; i386 for lxc-system only: an lxc-service slot runs from the node's root, "
+        "a kvm-system VM boots the node's kernel")
     params: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")], TemplateParam] = Field(
         default={}, description="parameters a profile or `slot install` may set: their types and defaults")
 
@@ -104,6 +111,13 @@ class SlotTemplate(Strict):
     vm: VmSettings | None = Field(default=None, description="kvm-system: the VM")
     image_store: bool = Field(default=False, description="lxc-service: serves CB-Manager's store of compute "
                               "images, which it has read-only at /srv/images; its receipts are in show-runtime")
+
+    @pydantic.field_validator("architecture")
+    @classmethod
+    def _known_architecture(cls, value: str) -> str:
+        if value not in contract.ARCHITECTURES:
+            raise ValueError(f"'{value}' is none of {', '.join(contract.ARCHITECTURES)}")
+        return value
 
 
 def available(project: Project) -> list[str]:
@@ -134,6 +148,12 @@ def load_template(project: Project, name: str) -> SlotTemplate:
         raise ProfileError([f"{shown}: image_store: is for lxc-service templates, this one is {template.type}"])
     if template.type == "kvm-system" and template.privileged is not None:
         raise ProfileError([f"{shown}: privileged: is for lxc templates: a VM has no root on the node"])
+    if template.architecture != NODE_ARCHITECTURE and template.type == "lxc-service":
+        raise ProfileError([f"{shown}: architecture: {template.architecture} is for lxc-system templates: an "
+                            f"lxc-service slot runs from the node's root, so it is the node's ({NODE_ARCHITECTURE})"])
+    if template.architecture != NODE_ARCHITECTURE and template.type == "kvm-system":
+        raise ProfileError([f"{shown}: architecture: {template.architecture} is not supported for kvm-system "
+                            f"templates: the VM boots the node's {NODE_ARCHITECTURE} kernel"])
     if missing:
         raise ProfileError([f"{project.display(path.parent)}: a {template.type} template needs "
                             f"{' and '.join(missing)}"])

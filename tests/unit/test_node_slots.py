@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from cbios import render
+from cbios.errors import ProfileError
 from cbios.node import contract, manager, slotcli, wire
 from cbios.node.executor import lxcconf, requests
 from cbios.node.manager import registry
@@ -235,6 +236,75 @@ def test_a_privileged_template_is_the_stated_exception(project: Project) -> None
     stated = {name: slot_template.load_template(project, name).privileged for name in slot_template.available(project)}
     assert [name for name, why in stated.items() if why] == ["nfs"]
     assert "nfsd" in str(stated["nfs"])
+
+
+def test_an_i386_slot_has_lxcs_32_bit_personality_and_a_node_architecture_slot_none() -> None:
+    text = lxcconf.render(definition(kind="lxc-system", template="legacy32", architecture="i386"))
+    assert "lxc.arch = i686" in text.splitlines()
+    for kind in ("lxc-service", "lxc-system"):
+        assert "lxc.arch" not in lxcconf.render(definition(kind=kind))
+
+
+def test_cb_executor_defines_a_slot_with_its_templates_architecture_and_shows_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import cbios.node.executor as executor
+
+    monkeypatch.setattr(executor, "LXC_PATH", tmp_path / "lxc")
+    monkeypatch.setattr(executor, "_run", lambda argv, **kw: "")  # no LVM, no LXC here: nothing runs
+    monkeypatch.setattr(lxcconf, "LOG_DIR", str(tmp_path / "logs"))
+    catalogue = {"legacy32": {"type": "lxc-system", "architecture": "i386"}, "service": {"type": "lxc-system"}}
+    ex = executor.Executor({"vg": "lvm", "bridge": "br0", "node": {"object_id": NODE}}, catalogue,
+                           templates=tmp_path / "templates")
+    monkeypatch.setattr(ex, "_stopped", lambda eid, what: None)
+    monkeypatch.setattr(ex, "_need", lambda volume: None)
+    for eid, template in ((8, "legacy32"), (5, "service")):
+        ex.handle("container.define", {"eid": eid, "template": template, "volumes": [0]})
+    config = (tmp_path / "lxc/slot8/config").read_text().splitlines()
+    assert "lxc.arch = i686" in config
+    assert "lxc.arch" not in (tmp_path / "lxc/slot5/config").read_text()
+    # template.json without an architecture (an older firmware's) is the node's.
+    assert ex.handle("container.runtime", {"eid": 8})["architecture"] == "i386"
+    assert ex.handle("container.runtime", {"eid": 5})["architecture"] == contract.NODE_ARCHITECTURE
+
+
+def test_show_runtime_names_the_slots_architecture() -> None:
+    info = {"location": "31000040875", "parent": NODE, "type": "legacy32", "kind": "lxc-system",
+            "architecture": "i386", "version": "1.0", "status": "ON", "state": "RUNNING", "pid": 42,
+            "veth": "veth8", "bridge": "br0", "root_ids": contract.slot_ids(8), "ips": ["10.0.249.8"],
+            "health": {"ok": True, "output": "legacy32 runs on i686 i386"}, "volumes": [], "console_log": "x"}
+    rows = dict(line.split(None, 1) for line in slotcli.runtime_text(info).splitlines() if line.strip())
+    assert rows["Architecture"] == "i386" and rows["PID"] == "42" and rows["Kind"] == "lxc-system"
+    del info["architecture"]  # a node whose CB-Executor is older than architectures
+    assert "Architecture  -" in slotcli.runtime_text(info)
+
+
+@pytest.mark.parametrize(("kind", "architecture", "message"), [
+    ("lxc-service", "i386", "architecture: i386 is for lxc-system templates: an lxc-service slot runs from "
+     "the node's root, so it is the node's (amd64)"),
+    ("kvm-system", "i386", "architecture: i386 is not supported for kvm-system templates: the VM boots "
+     "the node's amd64 kernel"),
+    ("lxc-system", "arm64", "slot.yaml:4: architecture: Value error, 'arm64' is none of amd64, i386"),
+])
+def test_only_an_lxc_system_template_names_another_architecture(
+        tmp_path: Path, kind: str, architecture: str, message: str) -> None:
+    fake = Project(tmp_path, build_dir=tmp_path / "build")
+    d = fake.slot_templates / "old"
+    (d / "vm").mkdir(parents=True)
+    for f in ("health", "run", "mkosi.conf", "vm/init"):
+        (d / f).write_text("")
+    vm = "vm: {memory: 128}\n" if kind == "kvm-system" else ""
+    (d / "slot.yaml").write_text(f"type: {kind}\nversion: '1'\ndescription: x\narchitecture: {architecture}\n{vm}")
+    with pytest.raises(ProfileError) as err:
+        slot_template.load_template(fake, "old")
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_templates_name_their_architecture_the_nodes_unless_they_say_otherwise(project: Project) -> None:
+    archs = {name: slot_template.load_template(project, name).architecture for name in slot_template.available(project)}
+    assert archs.pop("legacy32") == "i386"
+    assert set(archs.values()) == {"amd64"}
+    baked = slot_template.node_template("legacy32", slot_template.load_template(project, "legacy32"))
+    assert baked["architecture"] == "i386" and baked["type"] == "lxc-system"
 
 
 @pytest.mark.parametrize("kind", ["lxc-service", "lxc-system"])

@@ -251,9 +251,10 @@ class Executor:
         self._stopped(eid, "redefining it")
         for iid in volumes:
             self._need(contract.volume_name(eid, iid))
+        arch = tpl.get("architecture", contract.NODE_ARCHITECTURE)
         side = {"eid": eid, "template": template, "kind": tpl["type"], "hostname": hostname,
                 "address": address, "volumes": volumes, "privileged": tpl.get("privileged"),
-                "image_store": bool(tpl.get("image_store"))}
+                "image_store": bool(tpl.get("image_store")), "architecture": arch}
         cdir = LXC_PATH / contract.container_name(eid)
         if tpl["type"] == "kvm-system":  # no LXC configuration: the VM's settings are the template's
             side["vm"] = {"memory": tpl["vm"]["memory"], "cpus": tpl["vm"]["cpus"]}
@@ -265,7 +266,8 @@ class Executor:
                                node_id=self.node_id, hostname=hostname, address=address, volumes=tuple(volumes),
                                extra=extra_file.read_text() if extra_file.is_file() else "",
                                memory=memory or lxcconf.MEMORY, pids=pids or lxcconf.PIDS,
-                               privileged=bool(tpl.get("privileged")), image_store=bool(tpl.get("image_store")))
+                               privileged=bool(tpl.get("privileged")), image_store=bool(tpl.get("image_store")),
+                               architecture=arch)
         try:
             text = lxcconf.render(d)
         except (KeyError, ValueError) as e:
@@ -346,6 +348,7 @@ class Executor:
             raise Invalid(f"slot {eid} is not defined")
         name = contract.container_name(eid)
         vols = {v["volume"]: v for v in self.op_volume_list()}
+        d = {"architecture": contract.NODE_ARCHITECTURE, **d}  # a definition from before architectures
         if d["kind"] == "kvm-system":
             vm = self._vm(d)
             rt = kvm.runtime(vm)

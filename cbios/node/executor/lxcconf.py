@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cbios.node.contract import (
+    NODE_ARCHITECTURE,
     SLOT_IDS,
     STORE_MOUNT,
     STORE_TARGET,
@@ -52,6 +53,9 @@ SECCOMP = "/usr/lib/cbios/slot.seccomp"
 DEVICES = ("c 1:3 rwm", "c 1:5 rwm", "c 1:7 rwm", "c 1:8 rwm", "c 1:9 rwm",  # null zero full random urandom
            "c 5:0 rwm", "c 5:1 rwm", "c 5:2 rwm", "c 136:* rwm")  # tty console ptmx pts/*
 MEMORY, PIDS = 512 << 20, 512  # when a definition names none (the template's defaults)
+# lxc.arch of a slot whose architecture is not the node's: the personality its processes
+# start with, so that uname -m inside says what its packages were built for.
+LXC_ARCH = {"i386": "i686"}
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,7 @@ class Definition:
     pids: int = PIDS  # cgroup pids.max
     privileged: bool = False  # no user namespace: the template says why
     image_store: bool = False  # CB-Manager's image store, read-only (a boot server)
+    architecture: str = NODE_ARCHITECTURE  # the template's (Debian's name)
 
 
 def lxc_log(eid: int) -> Path:
@@ -123,6 +128,7 @@ def render(d: Definition) -> str:
     lines = [
         f"# Slot {d.eid} ({d.template}), written by CB-Executor: redefined on every start of the slot.",
         f"lxc.uts.name = {d.hostname or name}",
+        *([f"lxc.arch = {LXC_ARCH[d.architecture]}"] if d.architecture != NODE_ARCHITECTURE else []),
         *([] if d.privileged else [f"lxc.idmap = {kind} 0 {slot_ids(d.eid)} {SLOT_IDS}" for kind in "ug"]),
         "lxc.apparmor.profile = unconfined",
         f"lxc.cap.drop = {CAP_DROP}" + (" sys_admin" if d.kind == "lxc-service" else ""),
