@@ -41,6 +41,7 @@ LEASES = Path("/var/lib/cbios-boot-server/dhcp/leases")
 ENTRY = "boot.ipxe"
 PER_NODE = "node.ipxe"
 HTTP_PORT = 80
+DNSMASQ = "/usr/sbin/dnsmasq"  # PID 1 of a container has no sbin in its PATH
 
 
 class StoreServer(BundleServer):
@@ -154,7 +155,7 @@ def main() -> int:
     proxy = "proxy-DHCP" if not s["range"] else f"DHCP {s['range']}"
     log.info("%s on %s (%s): %d nodes set, default %s; store %s", s["name"], ip, proxy, len(s["nodes"]),
              s["default"] or "none", STORE)
-    dns = subprocess.Popen(["dnsmasq", "--keep-in-foreground", "--log-facility=-", f"--conf-file={conf}",
+    dns = subprocess.Popen([DNSMASQ, "--keep-in-foreground", "--log-facility=-", f"--conf-file={conf}",
                             "--pid-file"], stdin=subprocess.DEVNULL)
     # PID 1 of its container: a stop signal ends both.
     def stop(*_: object) -> None:
