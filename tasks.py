@@ -100,9 +100,10 @@ def boot(c: Context, profile: str = "qemu-test", check: bool = False, timeout: i
 
 
 # The whole run, in phases: the VM modules that need the machine to themselves (test_slots'
-# two nodes, each with a VM inside, meet bounds of seconds), then two processes side by side
-# (a VM under TCG is one core's work; the machine has two). Every VM module is in one.
-VM_ALONE = ["tests/vm/test_slots.py"]
+# two nodes, each with a VM inside, meet bounds of seconds; test_compute's management node
+# and a compute node at a time), then two processes side by side (a VM under TCG is one
+# core's work; the machine has two). Every VM module is in one.
+VM_ALONE = ["tests/vm/test_slots.py", "tests/vm/test_compute.py"]
 VM_SIDE_BY_SIDE = [["tests/vm/test_disk.py", "tests/vm/test_pxe.py"],
                    ["tests/vm/test_update.py", "tests/vm/test_boot.py", "tests/vm/test_build_and_check.py",
                     "tests/vm/test_pxe_serve.py"]]

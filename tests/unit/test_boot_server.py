@@ -126,14 +126,15 @@ def test_receipts_a_slot_planted_are_read_as_data_or_not_at_all(tmp_path: Path) 
 def test_dnsmasq_is_a_proxy_or_the_dhcp_server() -> None:
     proxy = dnsmasq.conf(title="CBIOS boot", interface="eth0", network="10.0.249.0", tftp_root=Path("/usr/lib/ipxe"),
                          script_url="http://10.0.249.4/boot.ipxe").splitlines()
-    assert {"dhcp-range=10.0.249.0,proxy", "leasefile-ro", "dhcp-boot=tag:ipxe,http://10.0.249.4/boot.ipxe"} <= set(
-        proxy)
+    assert {"dhcp-range=10.0.249.0,proxy", "leasefile-ro", "dhcp-boot=tag:ipxe,http://10.0.249.4/boot.ipxe",
+            'pxe-service=tag:ipxe,x86PC,"CBIOS boot (script)",http://10.0.249.4/boot.ipxe',
+            'pxe-prompt=tag:!ipxe,"CBIOS boot",0'} <= set(proxy)
     server = dnsmasq.conf(title="CBIOS boot", interface="eth0", network="10.0.249.0", tftp_root=Path("/x"),
                           script_url="http://10.0.249.4/boot.ipxe", dhcp_range="10.0.249.100,10.0.249.150",
                           leases=Path("/var/lib/l")).splitlines()
     assert {"dhcp-range=10.0.249.100,10.0.249.150,12h", "dhcp-authoritative", "dhcp-leasefile=/var/lib/l"} <= set(
         server)
-    assert not any("proxy" in line for line in server)
+    assert not any("proxy" in line for line in server if not line.startswith("#"))
 
 
 def test_the_slot_s_settings_come_from_its_slot_env(tmp_path: Path) -> None:

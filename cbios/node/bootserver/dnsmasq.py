@@ -11,6 +11,8 @@ from pathlib import Path
 
 IPXE_DIR = Path("/usr/lib/ipxe")
 IPXE_FILES = ["undionly.kpxe", "ipxe.efi"]  # BIOS and UEFI clients
+# PXE's client system architectures, and the iPXE each gets.
+CLIENTS = [("x86PC", IPXE_FILES[0]), ("X86-64_EFI", IPXE_FILES[1]), ("BC_EFI", IPXE_FILES[1])]
 
 
 def conf(*, title: str, interface: str, network: str, tftp_root: Path, script_url: str,
@@ -34,11 +36,12 @@ def conf(*, title: str, interface: str, network: str, tftp_root: Path, script_ur
         "enable-tftp",
         f"tftp-root={tftp_root}",
         "# iPXE says so in its user class: it gets the script, the firmware's PXE gets iPXE.",
+        "# As a proxy, the script goes to iPXE as a PXE boot service too: iPXE asks the proxy",
+        "# for it on port 4011 and takes no file name from the proxy's first offer.",
         "dhcp-userclass=set:ipxe,iPXE",
-        f'pxe-prompt="{title}",0',
-        f'pxe-service=tag:!ipxe,x86PC,"{title} (iPXE)",{IPXE_FILES[0]}',
-        f'pxe-service=tag:!ipxe,X86-64_EFI,"{title} (iPXE)",{IPXE_FILES[1]}',
-        f'pxe-service=tag:!ipxe,BC_EFI,"{title} (iPXE)",{IPXE_FILES[1]}',
+        f'pxe-prompt=tag:!ipxe,"{title}",0',
+        *(f'pxe-service=tag:!ipxe,{csa},"{title} (iPXE)",{name}' for csa, name in CLIENTS),
+        *(f'pxe-service=tag:ipxe,{csa},"{title} (script)",{script_url}' for csa, _ in CLIENTS),
         f"dhcp-boot=tag:ipxe,{script_url}",
     ]
     return "\n".join(lines) + "\n"
