@@ -26,7 +26,8 @@ log = logging.getLogger("cbios")
 
 CHUNK = 1 << 16
 RECEIPT_MAX = 64 << 10
-MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+IDLE_TIMEOUT = 60
+MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")  # fullmatch
 
 
 @dataclass
@@ -145,6 +146,7 @@ class BundleServer(ThreadingHTTPServer):
 class Handler(BaseHTTPRequestHandler):
     server: BundleServer
     protocol_version = "HTTP/1.1"
+    timeout = IDLE_TIMEOUT  # a client that sends or reads nothing for this long is dropped
     server_version = "cbios-pxe"
 
     def log_message(self, format: str, *args: object) -> None:
@@ -152,7 +154,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _mac(self) -> str:
         mac = parse_qs(urlsplit(self.path).query).get("mac", ["?"])[0].lower()
-        return mac if MAC.match(mac) else "?"
+        return mac if MAC.fullmatch(mac) else "?"
 
     def _name(self) -> str:
         return urlsplit(self.path).path.lstrip("/")
@@ -225,7 +227,7 @@ class Handler(BaseHTTPRequestHandler):
             receipt = json.loads(self.rfile.read(length))
         except ValueError:
             receipt = None
-        if not isinstance(receipt, dict) or not MAC.match(str(receipt.get("mac", ""))):
+        if not isinstance(receipt, dict) or not MAC.fullmatch(str(receipt.get("mac", ""))):
             self._reply(HTTPStatus.BAD_REQUEST, b"a receipt is a JSON object with the node's mac\n")
             return
         receipt["client"] = self.client_address[0]

@@ -124,7 +124,12 @@ def _with_upload(args: dict[str, Any], fds: list[int], taken: bool) -> tuple[dic
         return args, None
     if len(fds) != 1:
         raise Invalid("\"upload\": true, and no file handed over with the request")
-    upload = os.fdopen(fds.pop(), "rb")
+    fd = fds.pop()
+    try:
+        upload = os.fdopen(fd, "rb")
+    except OSError:  # a directory, say
+        os.close(fd)
+        raise Invalid("the file handed over cannot be read") from None
     return {**args, "upload": upload}, upload
 
 

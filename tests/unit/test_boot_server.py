@@ -108,6 +108,25 @@ def test_an_installed_node_boots_from_its_disk_and_its_receipt_is_kept(server: S
            "disk full" in text
 
 
+def test_a_node_set_to_update_is_sent_to_its_disk_once_it_updated_or_was_refused(server: StoreServer) -> None:
+    other = "52:54:00:c0:10:09"
+    server.nodes[other] = slotparams.boot_choice("compute@1.0.0:update")
+    assert "set cbios-mode update" in get(server, f"node.ipxe?mac={other}")
+    receipt = {"result": "FAILED", "mode": "update", "mac": other, "profile": "compute", "version": "1.0.0",
+               "reason": "version 1.0.0 is not newer than 1.0.0"}
+    post(server, "images/compute/1.0.0/receipt", receipt)
+    script = get(server, f"node.ipxe?mac={other}")
+    assert "update refused (version 1.0.0 is not newer" in script and "sanboot --no-describe --drive 0x80" in script
+    post(server, "images/compute/1.0.0/receipt", {**receipt, "result": "FLASHED", "reason": ""})
+    assert "compute 1.0.0: updated: booting from its disk" in get(server, f"node.ipxe?mac={other}")
+    # A receipt of another version, or a MAC with a line break, changes nothing.
+    post(server, "images/compute/1.0.0/receipt", {**receipt, "version": "0.9.0"})
+    assert "set cbios-mode update" in get(server, f"node.ipxe?mac={other}")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        post(server, "images/compute/1.0.0/receipt", {**receipt, "mac": other + "\n"})
+    assert err.value.code == 400
+
+
 def test_receipts_a_slot_planted_are_read_as_data_or_not_at_all(tmp_path: Path) -> None:
     d = tmp_path / "vol" / "lib" / "r"
     d.mkdir(parents=True)
@@ -116,6 +135,7 @@ def test_receipts_a_slot_planted_are_read_as_data_or_not_at_all(tmp_path: Path) 
     (d / "link.json").symlink_to("/etc/shadow")
     os.mkfifo(d / "fifo.json")
     (d / "not.json").write_text("[1]")
+    (d / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
     assert receipts.latest(tmp_path / "vol", "lib/r") == [{"mac": "x?[2J", "mode": ("diskless" * 100)[:160]}]
     # A directory on the way that is a link is not followed.
     (tmp_path / "vol2").mkdir()

@@ -214,3 +214,25 @@ def test_cb_manager_takes_a_file_only_with_a_request_that_says_so(node: manager.
     with pytest.raises(BrokenPipeError):
         os.write(w, b"x")
     os.close(w)
+
+
+def test_a_release_whose_headers_would_fill_memory_is_refused_before_its_signature(
+        node: manager.Manager, keys: tuple[Path, Path, Path], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bomb.cbios.tar"
+    with tarfile.open(bad, "w", format=tarfile.PAX_FORMAT) as out:
+        info = tarfile.TarInfo(contract.MANIFEST)
+        info.pax_headers = {"comment": "x" * (6 << 20)}  # read whole by tarfile: bounded here
+        out.addfile(info, io.BytesIO(b""))
+    rc, _, err = slot(capsys, "image", "add", str(bad))
+    assert rc == 2 and "no signed manifest in its first 4 MiB" in err, err
+    twice = tmp_path / "twice.cbios.tar"
+    with tarfile.open(release(tmp_path, keys[0])) as src, tarfile.open(twice, "w") as out:
+        for member in src.getmembers():
+            out.addfile(member, src.extractfile(member))
+            if member.name == contract.SIGNATURE:
+                for _ in range(2):
+                    out.addfile(tarfile.TarInfo("SHA256SUMS"), io.BytesIO(b""))
+    rc, _, err = slot(capsys, "image", "add", str(twice))
+    assert rc == 2 and "'SHA256SUMS' is not what a release holds" in err, err
+    assert stored(node) == []

@@ -5,9 +5,14 @@ DHCP server, or as the DHCP server where the slot's `range` says so) and serves 
 TFTP; iPXE then asks this HTTP server for boot.ipxe, which sends it on to node.ipxe with
 the node's MAC and SMBIOS serial. node.ipxe is the node's choice, from the slot's `nodes`
 (by MAC, or by an ObjectID the node's SMBIOS serial carries) or its `default`: an image of
-the store and a mode (contract.BOOT_MODES). It chains that image's own boot.ipxe (signed
-with the rest: its kernel command line is the image's) with the mode set. A node set to
-install whose last receipt says it installed that image boots from its disk instead.
+the store and a mode (contract.BOOT_MODES). It chains that image's own boot.ipxe (its
+kernel command line is the image's) with the mode set. A node set to install whose last
+receipt says it installed that image boots from its disk instead; so does one set to update
+once its receipt says it updated to it, or was refused.
+
+Receipts are what nodes say, over the management network: anyone there can send one. They
+decide only whether a node set to install or update is sent to its disk instead, never that
+a disk is erased that the operator did not set to be.
 
 The store is CB-Manager's volume, read-only here (contract.STORE_TARGET); an image's files
 are served at images/NAME/VERSION/FILE, and nothing else. The flasher's and the diskless
@@ -84,9 +89,9 @@ class StoreServer(BundleServer):
             log.warning("  %s: %s is not in the store", mac, choice)
             return (f"{head}: its image {choice.image} {choice.version} is not in the store\n"
                     "sleep 30\nexit 1\n").encode()
-        if choice.mode == "install" and self.installed(mac, choice):
-            log.info("  %s: installed %s %s: boots from its disk", mac, choice.image, choice.version)
-            return (f"{head}: {choice.image} {choice.version} is installed: booting from its disk\n"
+        if (done := self.done(mac, choice)) is not None:
+            log.info("  %s: %s %s %s: boots from its disk", mac, done, choice.image, choice.version)
+            return (f"{head}: {choice.image} {choice.version}: {done}: booting from its disk\n"
                     "sanboot --no-describe --drive 0x80 || exit 1\n").encode()
         log.info("  %s: %s %s, %s", mac, choice.image, choice.version, choice.mode)
         return (f"{head}: {choice.image} {choice.version}, {choice.mode}\n"
@@ -94,10 +99,19 @@ class StoreServer(BundleServer):
                 f"set cbios-mode {choice.mode}\n"
                 f"chain ${{cbios-server}}{ENTRY}?mac=${{netX/mac}} || exit 1\n").encode()
 
-    def installed(self, mac: str, choice: slotparams.BootChoice) -> bool:
+    def done(self, mac: str, choice: slotparams.BootChoice) -> str | None:
+        """What the node's last receipt says it did with CHOICE, if that is done with: an
+        install that succeeded; an update that succeeded or was refused (the flasher reboots
+        after either, and would be sent round again). A failed install is tried again."""
         last = self.last_receipt(mac)
-        return bool(last and last.get("result") == "FLASHED" and last.get("mode") == "install"
-                    and last.get("profile") == choice.image and last.get("version") == choice.version)
+        if not last or (last.get("mode"), last.get("profile"), last.get("version")) != (
+                choice.mode, choice.image, choice.version):
+            return None
+        if choice.mode == "install" and last.get("result") == "FLASHED":
+            return "installed"
+        if choice.mode == "update" and last.get("result") in ("FLASHED", "FAILED"):
+            return "updated" if last.get("result") == "FLASHED" else f"update refused ({last.get('reason', '')})"[:120]
+        return None
 
     def last_receipt(self, mac: str) -> dict[str, Any] | None:
         try:

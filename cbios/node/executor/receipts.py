@@ -57,7 +57,7 @@ def _read(dir_fd: int, name: str) -> dict[str, str] | None:
         return None
     try:
         doc: Any = json.loads(data)
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: nested past Python's bound
         return None
     if not isinstance(doc, dict):
         return None

@@ -231,16 +231,16 @@ class Manager:
 
     def op_image_remove(self, image: str, version: str) -> dict[str, Any]:
         """An image out of the store, unless a boot-server slot boots nodes from it."""
-        for entry in self.slots.values():
-            if not self.catalogue.get(entry["template"], {}).get("image_store"):
-                continue
-            users = [node for node, c in _boot_choices(entry.get("params", {})).items()
-                     if (c.image, c.version) == (image, version)]
-            if users:
-                raise Invalid(f"{image} {version}: boot server {entry['object_id']} boots "
-                              f"{', '.join(users)} from it: give them another image first "
-                              f"(slot remove {entry['object_id']}, then slot install it again)")
-        with self.store_lock:
+        with self.lock:  # no boot server installed for it meanwhile (an add goes on: its own lock)
+            for entry in self.slots.values():
+                if not self.catalogue.get(entry["template"], {}).get("image_store"):
+                    continue
+                users = [node for node, c in _boot_choices(entry.get("params", {})).items()
+                         if (c.image, c.version) == (image, version)]
+                if users:
+                    raise Invalid(f"{image} {version}: boot server {entry['object_id']} boots "
+                                  f"{', '.join(users)} from it: give them another image first "
+                                  f"(slot remove {entry['object_id']}, then slot install it again)")
             row = store.remove(self.store, str(image), str(version))
         log.info("image %s %s removed", row["image"], row["version"])
         return row
@@ -329,7 +329,7 @@ class Manager:
             if hostname is not None and not contract.HOSTNAME.fullmatch(hostname):
                 raise Invalid(f"--hostname: '{hostname}' is not a host name")
             values = _checked_params(template, tpl["params"], params or {})
-            if tpl.get("image_store"):
+            if tpl.get("image_store"):  # under self.lock, as a removal's check
                 for choice in _boot_choices(values).values():
                     store.find(self.store, choice.image, choice.version)
             entry = self.entry_for({"eid": eid, "template": template, "address": address, "hostname": hostname,

@@ -44,11 +44,42 @@ def _image_dir(store: Path, name: str, version: str) -> Path:
     return store / name / version
 
 
+class _Bounded:
+    """SOURCE as tarfile reads it, within bounds: reads of a chunk at most, and no more than
+    UNSIGNED bytes before the manifest's signature has verified; then no more than the
+    files it names and their headers (`sign`). tarfile holds a tar header whole in memory:
+    one that claims gigabytes ends the read instead."""
+
+    UNSIGNED = 4 << 20
+    HEADERS = 16 << 20  # past the signed files' bytes: their tar headers and padding
+
+    def __init__(self, source: IO[bytes], where: str) -> None:
+        self.source = source
+        self.where = where
+        self.taken = 0
+        self.limit = self.UNSIGNED
+
+    def sign(self, files: int) -> None:
+        self.limit = self.taken + files + self.HEADERS
+
+    def read(self, size: int = -1) -> bytes:
+        if size < 0 or size > CHUNK:
+            raise Invalid(f"{self.where}: not a release file (a read of {size} bytes)")
+        data = self.source.read(size)
+        self.taken += len(data)
+        if self.taken > self.limit:
+            raise Invalid(f"{self.where}: more than its signed manifest names (or no signed manifest in its first "
+                          f"{self.UNSIGNED >> 20} MiB): not a release from 'cbios release'")
+        return data
+
+
 def add(source: IO[bytes], store: Path, key: Path, where: str) -> dict[str, Any]:
     """The release read from SOURCE, checked and stored; its row. Invalid when it is not a
     release signed with KEY, whole; nothing is left in STORE then."""
     if not key.is_file():
         raise Failed(f"this firmware carries no signing key ({key}): it stores no image")
+    for left in [*store.glob(".incoming-*"), *store.glob(".removing-*")]:  # of a CB-Manager that was killed
+        shutil.rmtree(left, ignore_errors=True)
     try:
         staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=store))
     except OSError as e:
@@ -85,11 +116,13 @@ def _unpack(source: IO[bytes], staging: Path, store: Path, key: Path, where: str
     firmware = None
     artifacts: dict[str, Any] = {}
     taken: set[str] = set()
+    bounded = _Bounded(source, where)
     try:
-        with tarfile.open(fileobj=source, mode="r|") as tar:
+        with tarfile.open(fileobj=bounded, mode="r|", bufsize=CHUNK) as tar:  # type: ignore[call-overload]
             for member in tar:
                 name = member.name
-                if name == "SHA256SUMS":  # for people (sha256sum -c); nothing trusts it
+                if name == "SHA256SUMS" and name not in taken:  # for people (sha256sum -c); nothing trusts it
+                    taken.add(name)
                     continue
                 if name not in contract.STORE_FILES or name in taken or not member.isfile():
                     raise Invalid(f"{where}: '{name[:60]}' is not what a release holds (a file from 'cbios release')")
@@ -103,6 +136,7 @@ def _unpack(source: IO[bytes], staging: Path, store: Path, key: Path, where: str
                     (staging / name).write_bytes(small[name])
                     if len(small) == 2:
                         firmware, artifacts = _signed(small, key, where)
+                        bounded.sign(sum(int(a["size"]) for a in artifacts.values()))
                         _room(store, artifacts, where)
                     continue
                 if firmware is None:
@@ -181,8 +215,15 @@ def _row(directory: Path) -> dict[str, Any]:
 
 
 def images(store: Path) -> list[dict[str, Any]]:
-    """The store's images, by name and version (none when it is not there)."""
-    found = [_row(path.parent) for path in store.glob(f"*/*/{ADDED}") if not path.parent.parent.name.startswith(".")]
+    """The store's images, by name and version (none when it is not there; one whose
+    added.json cannot be read, after a power cut, is left out)."""
+    found = []
+    for path in store.glob(f"*/*/{ADDED}"):
+        if not path.parent.parent.name.startswith("."):
+            try:
+                found.append(_row(path.parent))
+            except (OSError, ValueError, KeyError):
+                continue
     return sorted(found, key=lambda r: (r["image"], version_key(r["version"])))
 
 
