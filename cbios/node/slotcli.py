@@ -115,7 +115,7 @@ def runtime_text(info: dict[str, Any]) -> str:
     if info.get("error"):
         rows.append(("Error", info["error"]))
     for vol in info.get("volumes", []):
-        size = f"{vol['size'] / (1 << 20):.0f} MiB" if vol.get("size") else "missing"
+        size = _mib(vol["size"]) if vol.get("size") else "missing"
         rows.append((f"Volume {vol['volume']}", f"{vol['device']} {size} on {vol['mount']}"))
     rows.append(("Console log", info.get("console_log", "-")))
     if "receipts" in info:  # a boot server: what each node it booted said last

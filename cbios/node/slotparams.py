@@ -105,6 +105,12 @@ def boot_nodes(text: str) -> dict[str, BootChoice]:
     return out
 
 
+def boot_params(params: dict[str, str]) -> tuple[dict[str, BootChoice], BootChoice | None]:
+    """A boot server's choices from its params: by node (`nodes`), and for the rest (`default`)."""
+    nodes, default = params.get("nodes", ""), params.get("default", "")
+    return (boot_nodes(nodes) if nodes else {}), (boot_choice(default) if default else None)
+
+
 TYPES: dict[str, Callable[[str], str]] = {
     "ipv4": _ipv4,
     "ipv4-list": _ipv4_list,

@@ -135,11 +135,8 @@ def _receipt_name(mac: str) -> str:
 def settings(env: dict[str, str]) -> dict[str, Any]:
     """The slot's settings from its slot.env (checked by CB-Manager at install; again here)."""
     address = ipaddress.IPv4Interface(env["SLOT_ADDRESS"])
-    nodes = env.get("SLOT_PARAM_NODES", "")
-    default = env.get("SLOT_PARAM_DEFAULT", "")
-    return {"address": address, "range": env.get("SLOT_PARAM_RANGE", ""),
-            "nodes": slotparams.boot_nodes(nodes) if nodes else {},
-            "default": slotparams.boot_choice(default) if default else None,
+    nodes, default = slotparams.boot_params({k: env.get(f"SLOT_PARAM_{k.upper()}", "") for k in ("nodes", "default")})
+    return {"address": address, "range": env.get("SLOT_PARAM_RANGE", ""), "nodes": nodes, "default": default,
             "name": f"boot server {env.get('SLOT_OBJECT_ID', '')}".strip()}
 
 

@@ -76,10 +76,8 @@ def _checked_params(template: str, declared: dict[str, dict[str, str]], given: d
 
 def _boot_choices(params: dict[str, str]) -> dict[str, slotparams.BootChoice]:
     """What a boot-server slot's params boot: {node (or 'default'): choice}."""
-    out = slotparams.boot_nodes(params["nodes"]) if params.get("nodes") else {}
-    if params.get("default"):
-        out["default"] = slotparams.boot_choice(params["default"])
-    return out
+    nodes, default = slotparams.boot_params(params)
+    return {**nodes, **({"default": default} if default else {})}
 
 
 def env_path(kind: str) -> str:
