@@ -90,22 +90,30 @@ def compute_vm(vm_project: Project, compute_profile: Profile, switch: VlanSwitch
     return Machine(spec, logdir, name=name)
 
 
-def test_a_compute_release_goes_into_the_store_and_a_boot_server_serves_it(
-        manager: Machine, release: Path) -> None:
+@pytest.fixture(scope="module")
+def served(manager: Machine, release: Path) -> dict[str, str]:
+    """The release in the store, and the boot server installed with the two nodes: what
+    every test here needs, whichever runs first (or alone)."""
     manager.succeed(JOIN_SVN)
-    out = manager.succeed(f"slot image add http://{GUEST_SERVER}/{release.name}", timeout=900)
-    assert out.startswith(f"{COMPUTE_PROFILE} {VERSION}: stored (")
+    added = manager.succeed(f"slot image add http://{GUEST_SERVER}/{release.name}", timeout=900)
     nodes = f"{DISKLESS}={COMPUTE_PROFILE}@{VERSION}:diskless,{INSTALL}={COMPUTE_PROFILE}@{VERSION}:install"
     manager.succeed(f"slot remove {BOOT}", timeout=120)
-    out = manager.succeed(f"slot install boot-server {BOOT} --address 10.0.249.4/24 --hostname boot4 "
-                          f"--param nodes={nodes}", timeout=300)
-    assert re.search(rf"{BOOT}\s+boot-server .* ON ", out), out
+    installed = manager.succeed(f"slot install boot-server {BOOT} --address 10.0.249.4/24 --hostname boot4 "
+                                f"--param nodes={nodes}", timeout=300)
+    return {"added": added, "installed": installed}
+
+
+def test_a_compute_release_goes_into_the_store_and_a_boot_server_serves_it(
+        manager: Machine, served: dict[str, str]) -> None:
+    assert served["added"].startswith(f"{COMPUTE_PROFILE} {VERSION}: stored (")
+    assert re.search(rf"{BOOT}\s+boot-server .* ON ", served["installed"]), served["installed"]
     runtime = manager.succeed(f"slot show-runtime {BOOT}")
     assert re.search(r"^Receipts\s+none$", runtime, re.M), runtime
     store = contract.slot_mounts(int(BOOT[-3])) / contract.STORE_MOUNT
     assert manager.succeed(f"findmnt -no OPTIONS {store}").startswith("ro,")
 
 
+@pytest.mark.usefixtures("served")
 def test_a_compute_node_with_no_disk_boots_diskless_from_the_boot_server(
         vm_project: Project, compute_profile: Profile, manager: Machine, switch: VlanSwitch,
         tmp_path: Path) -> None:
@@ -123,6 +131,7 @@ def test_a_compute_node_with_no_disk_boots_diskless_from_the_boot_server(
     log.info("compute figures: diskless bytes received %s", [r.get("bytes_received") for r in sent])
 
 
+@pytest.mark.usefixtures("served")
 def test_a_compute_node_set_to_install_installs_and_then_boots_from_its_disk(
         vm_project: Project, compute_profile: Profile, manager: Machine, switch: VlanSwitch,
         tmp_path: Path) -> None:
