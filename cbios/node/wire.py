@@ -210,11 +210,15 @@ def call(path: Path, op: str, args: dict[str, Any] | None = None, *, timeout: fl
         s.connect(str(path))
         line = json.dumps({"v": PROTOCOL, "op": op, "args": {**(args or {}), **(
             {"upload": True} if upload is not None else {})}}).encode() + b"\n"
-        if upload is None:
-            s.sendall(line)
-        else:  # the descriptor rides on the line's first bytes; the rest follows
-            sent = socket.send_fds(s, [line], [upload])
-            s.sendall(line[sent:])
+        try:
+            if upload is None:
+                s.sendall(line)
+            else:  # the descriptor rides on the line's first bytes; the rest follows
+                sent = socket.send_fds(s, [line], [upload])
+                if sent < len(line):  # an empty send to a peer that has answered and closed is EPIPE
+                    s.sendall(line[sent:])
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the daemon answered before it read it all (a refusal): its answer says why
         data = b""
         while not data.endswith(b"\n"):
             chunk = s.recv(65536)

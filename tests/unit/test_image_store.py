@@ -202,6 +202,44 @@ def test_a_file_is_handed_over_only_to_a_server_that_takes_one(tmp_path: Path) -
     assert seen == [{}]
 
 
+def test_a_refusal_sent_before_the_caller_is_done_sending_is_what_the_caller_reports(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The daemon reads the line, answers and closes while the caller is still in its send:
+    # the caller is paced here (it sends on only once the daemon has closed), not raced.
+    sock = tmp_path / "s.sock"
+    closed = threading.Event()
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(sock))
+        listener.listen()
+
+        def daemon() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                fds: list[int] = []
+                assert wire.read_line(conn, fds=fds) is not None
+                for fd in fds:
+                    os.close(fd)
+                conn.sendall(b'{"ok": false, "code": "invalid", "error": "no uploads here"}\n')
+            closed.set()
+
+        threading.Thread(target=daemon, daemon=True).start()
+        real_send_fds = socket.send_fds
+
+        def send_fds_then_wait(s: socket.socket, *a: Any) -> int:
+            sent = real_send_fds(s, *a)
+            assert closed.wait(5)
+            return sent
+
+        monkeypatch.setattr(socket, "send_fds", send_fds_then_wait)
+        r, w = os.pipe()
+        try:
+            with pytest.raises(wire.RemoteError, match="no uploads here"):
+                wire.call(sock, "hello", upload=r)
+        finally:
+            os.close(r)
+            os.close(w)
+
+
 def test_cb_manager_takes_a_file_only_with_a_request_that_says_so(node: manager.Manager) -> None:
     with pytest.raises(wire.RemoteError, match="no file handed over with the request"):
         wire.call(contract.MANAGER_SOCKET, "image_add", {"where": "x", "upload": True})
