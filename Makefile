@@ -7,7 +7,7 @@ INVOKE  := $(VENV)/bin/invoke
 # Host packages: mkosi 24 comes from bookworm-backports (DESIGN.md section 9).
 APT_PACKAGES := mkosi bubblewrap systemd-container qemu-system-x86 qemu-utils zstd e2fsprogs \
                 cpio kmod debian-archive-keyring python3-venv shellcheck grub-common \
-                ipxe dnsmasq-base socat squashfs-tools cryptsetup-bin openssl xz-utils jq
+                ipxe dnsmasq-base nginx-light socat squashfs-tools cryptsetup-bin openssl xz-utils jq
 BACKPORTS    := /etc/apt/sources.list.d/cbios-bookworm-backports.sources
 
 .PHONY: deps deps-apt deps-python image test test-unit test-vm bench clean distclean

@@ -12,12 +12,14 @@ import contextlib
 import json
 import logging
 import math
+import re
 import shlex
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -259,6 +261,20 @@ class Machine:
                 raise self.error(f"no {text!r} on the console within {timeout:.0f} s")
             if not self.running():
                 raise self.error(f"QEMU exited while waiting for {text!r} on the console")
+            time.sleep(0.5)
+
+    def wait_console_match(self, pattern: str, timeout: float, accept: Callable[[re.Match[str]], bool] | None = None,
+                           offset: int = 0) -> re.Match[str]:
+        """The first match of PATTERN on the console past OFFSET that ACCEPT takes, within TIMEOUT."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for found in re.finditer(pattern, self.console(offset)):
+                if accept is None or accept(found):
+                    return found
+            if time.monotonic() > deadline:
+                raise self.error(f"no line matching {pattern!r} on the console within {timeout:.0f} s")
+            if not self.running():
+                raise self.error(f"QEMU exited while waiting for {pattern!r} on the console")
             time.sleep(0.5)
 
     # -- helpers --------------------------------------------------------------------

@@ -48,6 +48,7 @@ class VmSpec:
     no_reboot: bool = True  # a guest reboot ends QEMU (kernel boots); disk boots may reboot
     pxe: str = ""  # extra options of netdev n0 (tftp=, bootfile=, guestfwd=): the first NIC boots over PXE
     boot: str = ""  # -boot value, e.g. "once=n": PXE first, the disk after a reboot
+    pxe_rom: Path | None = None  # the first NIC's iPXE ROM, if not QEMU's own (cbios/pxe/newer_ipxe.py)
     links: dict[int, str] = field(default_factory=dict)  # NIC index -> its own netdev, e.g. "socket,udp=..."
 
     def argv(self) -> list[str]:
@@ -61,7 +62,8 @@ class VmSpec:
         for i, mac in enumerate(self.macs or [""]):
             netdev = f"{self.links[i]},id=n{i}" if i in self.links else self.netdev.replace("id=n0", f"id=n{i}")
             argv += ["-netdev", netdev + (f",{self.pxe}" if self.pxe and i == 0 and 0 not in self.links else "")]
-            argv += ["-device", f"virtio-net-pci,netdev=n{i}" + (f",mac={mac}" if mac else "")]
+            argv += ["-device", f"virtio-net-pci,netdev=n{i}" + (f",mac={mac}" if mac else "")
+                     + (f",romfile={self.pxe_rom}" if self.pxe_rom and i == 0 else "")]
         if self.boot:
             argv += ["-boot", self.boot]
         if self.kernel:

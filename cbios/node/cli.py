@@ -23,11 +23,12 @@ UPDATE_TIMEOUT = 1800 + 60  # through CB-Manager, which gives CB-Executor 1800 s
 def cmd_status(args: argparse.Namespace) -> int:
     own = status.release(status.RELEASE.read_text())
     running = bootenv.running_copy()
-    env = None
+    env = receipt = None
     if running is not None:
         with bootenv.boot_partition() as path:
             env = bootenv.read(path)
-    st = status.gather(env, running, own, bootenv.boot_source())
+            receipt = bootenv.flash_receipt(path)
+    st = status.gather(env, running, own, bootenv.boot_source(), receipt)
     print(json.dumps(st, indent=2) if args.json else status.render_text(st), end="\n" if args.json else "")
     return 0
 

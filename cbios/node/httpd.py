@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import socket
 import threading
@@ -20,13 +21,15 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import parse_qs, urlsplit
 
 log = logging.getLogger("cbios")
 
-CHUNK = 1 << 16
+SLICE = 1 << 20  # sendfile's bytes per call: a stop or a hold is seen within one
 RECEIPT_MAX = 64 << 10
 IDLE_TIMEOUT = 60
+RANGE = re.compile(r"bytes=(\d{1,19})-(\d{1,19})?")
 MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")  # fullmatch
 
 
@@ -37,6 +40,7 @@ class Transfer:
     name: str
     size: int
     sent: int = 0
+    offset: int = 0  # where in the file it starts (a Range request)
     done: bool = False  # every byte sent; decided once the transfer has ended
     started: float = field(default_factory=time.monotonic)
     # Set when the server is through with it: a client can have read the last byte before then.
@@ -143,6 +147,19 @@ class BundleServer(ThreadingHTTPServer):
         super().shutdown_request(request)
 
 
+def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """The bytes [start, end) a Range header asks of a file of SIZE: the whole file without
+    one (or with one this server does not read: several ranges, a suffix); None if it asks
+    for bytes past the end (416)."""
+    if header is None or not (m := RANGE.fullmatch(header.strip())):
+        return 0, size
+    start = int(m[1])
+    end = size if m[2] is None else min(int(m[2]) + 1, size)
+    if start >= size or end <= start:
+        return None if start >= size else (0, size)
+    return start, end
+
+
 class Handler(BaseHTTPRequestHandler):
     server: BundleServer
     protocol_version = "HTTP/1.1"
@@ -179,36 +196,56 @@ class Handler(BaseHTTPRequestHandler):
             self._reply(HTTPStatus.NOT_FOUND, b"not served here\n")
             log.info("  %s %s: %s not found", self._mac(), self.client_address[0], name or "/")
             return
-        size = path.stat().st_size
-        self.send_response(HTTPStatus.OK)
-        self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Length", str(size))
-        self.end_headers()
-        if not body:
-            return
-        transfer = Transfer(self.client_address[0], self._mac(), name, size)
-        self.server.track(transfer)
-        log.info("  %s %s: %s (%d MiB) ...", transfer.mac, transfer.client, name, size >> 20)
-        hold = self.server.hold_after[1] if self.server.hold_after and self.server.hold_after[0] == name else None
         with open(path, "rb") as f:
-            while not self.server.stopping.is_set() and (chunk := f.read(CHUNK)):
-                if hold is not None and transfer.sent + len(chunk) > hold:
+            size = os.fstat(f.fileno()).st_size
+            span = byte_range(self.headers.get("Range"), size)
+            if span is None:
+                self._reply(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE, b"no such range\n",
+                            headers={"Content-Range": f"bytes */{size}"})
+                return
+            start, end = span
+            self.send_response(HTTPStatus.PARTIAL_CONTENT if end - start < size else HTTPStatus.OK)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Accept-Ranges", "bytes")
+            self.send_header("Content-Length", str(end - start))
+            if end - start < size:
+                self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
+            self.end_headers()
+            if body:
+                self._send_file(f, name, size, start, end)
+
+    def _send_file(self, f: BinaryIO, name: str, size: int, start: int, end: int) -> None:
+        """Bytes START..END of F from the page cache to the socket (sendfile), a slice at a
+        time so that stop() and a hold are seen between slices."""
+        transfer = Transfer(self.client_address[0], self._mac(), name, end - start, offset=start)
+        self.server.track(transfer)
+        log.info("  %s %s: %s (%d MiB%s) ...", transfer.mac, transfer.client, name, size >> 20,
+                 f", from byte {start}" if start else "")
+        hold = self.server.hold_after[1] if self.server.hold_after and self.server.hold_after[0] == name else None
+        while not self.server.stopping.is_set() and (left := end - start - transfer.sent) > 0:
+            count = min(SLICE, left)
+            if hold is not None and start + transfer.sent + count > hold:
+                count = hold - start - transfer.sent
+                if count <= 0:
                     self.server.held.set()
                     self.server.released.wait()
                     break
-                try:
-                    self.wfile.write(chunk)
-                except OSError:
-                    break
-                transfer.sent += len(chunk)
-        transfer.done = transfer.sent == size
+            try:
+                sent = self.connection.sendfile(f, start + transfer.sent, count)
+            except OSError:
+                break
+            if sent == 0:
+                break
+            transfer.sent += sent
+        transfer.done = transfer.sent == transfer.size
         transfer.ended.set()
         seconds = time.monotonic() - transfer.started
         if transfer.done:
-            log.info("  %s %s: %s sent, %d bytes in %.1f s", transfer.mac, transfer.client, name, size, seconds)
+            log.info("  %s %s: %s sent, %d bytes in %.1f s", transfer.mac, transfer.client, name, transfer.size,
+                     seconds)
         else:
             log.info("  %s %s: %s broken off after %d of %d bytes", transfer.mac, transfer.client, name,
-                     transfer.sent, size)
+                     start + transfer.sent, size)
             self.close_connection = True
 
     def do_POST(self) -> None:
@@ -238,9 +275,12 @@ class Handler(BaseHTTPRequestHandler):
                  receipt.get("reason") or f"root.img {str(receipt.get('root_sha256'))[:12]}", path)
         self._reply(HTTPStatus.OK, b"receipt taken\n")
 
-    def _reply(self, status: HTTPStatus, data: bytes, *, body: bool = True, content_type: str = "text/plain") -> None:
+    def _reply(self, status: HTTPStatus, data: bytes, *, body: bool = True, content_type: str = "text/plain",
+               headers: dict[str, str] | None = None) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         if body:

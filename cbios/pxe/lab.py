@@ -2,8 +2,9 @@
 
 QEMU's own DHCP and TFTP servers hand the guest's iPXE a one-line script that chains to
 http://10.0.2.100/boot.ipxe; QEMU forwards that address (guestfwd, one socat a
-connection) to the same HTTP server `cbios pxe serve` runs, here on 127.0.0.1. The
-network is restrict=on: the guest reaches nothing else."""
+connection) to an HTTP server here on 127.0.0.1: the one `cbios pxe serve` runs
+(PxeLab), or a stock nginx serving the bundle as plain files (StaticLab). The network is
+restrict=on: the guest reaches nothing else."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from types import TracebackType
 
 from cbios.errors import StepError
 from cbios.node.httpd import BundleServer
+from cbios.pxe import newer_ipxe
 from cbios.pxe.bundle import FILES
+from cbios.pxe.nginx import Nginx
 from cbios.qemu import GUEST_FORWARD
 
 GUEST_SERVER = GUEST_FORWARD
@@ -25,20 +28,43 @@ JOIN_NODE = "ip -4 addr show dev ctl | grep -q 10.0.2.15/ || ip addr add 10.0.2.
 CHAIN = "chain.ipxe"
 
 
-class PxeLab:
-    def __init__(self, bundle: Path, workdir: Path, *, mode: str | None, kernel_args: str = "",
-                 hold_after: tuple[str, int] | None = None) -> None:
-        """MODE: what the node does (boot, update, install); None: iPXE's menu, and its default.
-        HOLD_AFTER: (file, bytes) after which that transfer waits for the server to stop."""
+class Site:
+    """QEMU's DHCP and TFTP, chaining iPXE to GUEST_SERVER, forwarded to PORT here."""
+
+    port: int
+    rom: Path | None = None  # the PXE NIC's iPXE ROM; None: QEMU's own
+
+    def __init__(self, workdir: Path, script: str = "boot.ipxe", first: str = "") -> None:
+        """SCRIPT: the bundle's boot.ipxe on the server; FIRST: iPXE lines the site runs before it."""
         if shutil.which("socat") is None:
             raise StepError("pxe lab", "socat is not installed", hint="run 'make deps'")
         self.workdir = workdir
         self.tftp = workdir / "tftp"
         self.tftp.mkdir(parents=True, exist_ok=True)
-        (self.tftp / CHAIN).write_text(f"#!ipxe\nchain http://{GUEST_SERVER}/boot.ipxe?mac=${{netX/mac}}\n")
+        (self.tftp / CHAIN).write_text(f"#!ipxe\n{first}chain http://{GUEST_SERVER}/{script}?mac=${{netX/mac}}\n")
+
+    def netdev_options(self) -> str:
+        """Options for the PXE NIC's -netdev user,...: QEMU's TFTP, and the forward to HTTP."""
+        return f"tftp={self.tftp},bootfile={CHAIN},{self.guestfwd()}"
+
+    def guestfwd(self) -> str:
+        """The -netdev user option that forwards GUEST_SERVER:80 to the HTTP server here."""
+        return f"guestfwd=tcp:{GUEST_SERVER}:80-cmd:socat - TCP:127.0.0.1:{self.port}"
+
+
+class PxeLab(Site):
+    def __init__(self, bundle: Path, workdir: Path, *, mode: str | None, kernel_args: str = "",
+                 hold_after: tuple[str, int] | None = None) -> None:
+        """MODE: what the node does (boot, update, install); None: iPXE's menu, and its default.
+        HOLD_AFTER: (file, bytes) after which that transfer waits for the server to stop."""
+        super().__init__(workdir)
         self.taken: list[dict[str, object]] = []
         self.server = BundleServer(("127.0.0.1", 0), bundle, FILES, workdir / "receipts",
                                    preset_mode=mode, preset_args=kernel_args, hold_after=hold_after)
+
+    @property
+    def port(self) -> int:  # type: ignore[override]
+        return self.server.port
 
     def wait_receipt(self, timeout: float = 60) -> dict[str, object]:
         """The next receipt the flasher sends (it sends it just after its verdict)."""
@@ -52,15 +78,30 @@ class PxeLab:
         self.taken.append(receipt)
         return receipt
 
-    def netdev_options(self) -> str:
-        """Options for the PXE NIC's -netdev user,...: QEMU's TFTP, and the forward to HTTP."""
-        return f"tftp={self.tftp},bootfile={CHAIN},{self.guestfwd()}"
-
-    def guestfwd(self) -> str:
-        """The -netdev user option that forwards GUEST_SERVER:80 to the HTTP server here."""
-        return f"guestfwd=tcp:{GUEST_SERVER}:80-cmd:socat - TCP:127.0.0.1:{self.server.port}"
-
     def __enter__(self) -> PxeLab:
+        self.server.start()
+        return self
+
+    def __exit__(self, typ: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.server.stop()
+
+
+class StaticLab(Site):
+    """A site whose web server is a stock one (nginx) serving the bundle as plain files, and
+    whose nodes run Debian 13's iPXE: nothing sets cbios-server, boot.ipxe finds its folder."""
+
+    def __init__(self, site: Path, script: str, workdir: Path, cache: Path, *, mode: str | None = None,
+                 kernel_args: str = "", rate: str = "", rate_after: str = "") -> None:
+        """SITE: the web server's root; SCRIPT: the bundle's boot.ipxe in it. MODE and
+        KERNEL_ARGS: what the site's own chain script sets before it chains the bundle's."""
+        first = "".join(f"set {k} {v}\n" for k, v in (("cbios-mode", mode), ("cbios-args", kernel_args)) if v)
+        super().__init__(workdir, script, first)
+        self.rom = newer_ipxe.rom(cache)
+        self.server = Nginx(site, workdir / "nginx", rate=rate, rate_after=rate_after)
+        self.port = self.server.port
+
+    def __enter__(self) -> StaticLab:
         self.server.start()
         return self
 

@@ -92,6 +92,22 @@ def test_status_text_names_copies_versions_and_the_last_fallback(monkeypatch: py
     ]
 
 
+def test_status_shows_the_last_flash_from_the_receipt_the_flasher_kept(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(status, "copy_release", lambda vg, lv: None)
+    grubenv = tmp_path / "grub" / "grubenv"
+    grubenv.parent.mkdir()
+    assert bootenv.flash_receipt(grubenv) is None
+    (grubenv.parent / bootenv.FLASH_RECEIPT).write_text("{not json")
+    assert bootenv.flash_receipt(grubenv) is None
+    (grubenv.parent / bootenv.FLASH_RECEIPT).write_text(json.dumps(
+        {"result": "FLASHED", "mode": "install", "profile": "qemu-test", "version": "1.0.0", "reason": "",
+         "finished": "2026-12-05T15:00:00Z", "bytes_received": 5, "kernel": "6.1"}))
+    st = status.gather({"cbios_active": "root"}, "root", {"CBIOS_VG": "lvm"}, receipt=bootenv.flash_receipt(grubenv))
+    assert st["last_flash"]["bytes_received"] == 5 and "kernel" not in st["last_flash"]
+    assert "last flash:    FLASHED install qemu-test 1.0.0 at 2026-12-05T15:00:00Z" in status.render_text(st)
+
+
 def test_rendered_grub_cfg_is_valid_grub_script(project: Project, tmp_path: Path) -> None:
     cfg = tmp_path / "grub.cfg"
     cfg.write_text(boot_files(project, load_profile(project, "qemu-test"))["grub.cfg"])

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import http.client
+import http.server
 import json
 import os
 import socket
+import subprocess
 import threading
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -100,6 +103,35 @@ def test_files_are_served_whole_and_nothing_else(server: BundleServer, bundle: P
     assert [(t.mac, t.name, t.done) for t in server.transfers] == [("52:54:00:c0:00:01", "root.img", True)]
 
 
+def test_a_transfer_broken_off_is_resumed_from_where_it_stopped(server: BundleServer, bundle: Path) -> None:
+    whole = (bundle / "root.img").read_bytes()
+    status, data, headers = request(server, "GET", "/root.img", headers={"Range": "bytes=1000-"})
+    assert status == 206 and data == whole[1000:]
+    assert headers["Content-Range"] == f"bytes 1000-{BIG - 1}/{BIG}" and headers["Content-Length"] == str(BIG - 1000)
+    status, data, headers = request(server, "GET", "/root.img", headers={"Range": "bytes=10-19"})
+    assert (status, data, headers["Content-Range"]) == (206, whole[10:20], f"bytes 10-19/{BIG}")
+    status, _, headers = request(server, "GET", "/root.img", headers={"Range": f"bytes={BIG}-"})
+    assert status == 416 and headers["Content-Range"] == f"bytes */{BIG}"
+    # What this server does not read (several ranges, a suffix) gets the whole file, as RFC 9110 allows.
+    for unread in ("bytes=0-1,5-9", "bytes=-100", "pages=1-"):
+        status, data, headers = request(server, "GET", "/root.img", headers={"Range": unread})
+        assert (status, len(data), "Content-Range" in headers) == (200, BIG, False), unread
+    assert all(t.ended.wait(10) for t in server.transfers)
+    assert [(t.offset, t.sent, t.done) for t in server.transfers[:2]] == [(1000, BIG - 1000, True), (10, 10, True)]
+
+
+def test_a_hold_is_where_in_the_file_whatever_range_was_asked(server: BundleServer, bundle: Path) -> None:
+    server.hold("root.img", 5000)
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    conn.request("GET", "/root.img", headers={"Range": "bytes=1000-"})
+    resp = conn.getresponse()
+    assert resp.status == 206 and resp.read(4000) == (bundle / "root.img").read_bytes()[1000:5000]
+    assert server.held.wait(10) and server.bytes_sent("root.img") == 4000
+    server.release()
+    with pytest.raises(http.client.IncompleteRead):
+        resp.read()
+
+
 def test_the_script_is_told_its_server_and_the_preset_mode(server: BundleServer) -> None:
     status, data, _ = request(server, "GET", "/boot.ipxe", headers={"Host": "10.0.2.100"})
     assert status == 200
@@ -187,3 +219,60 @@ def test_publish_serves_a_release_over_http_until_stopped(tmp_path: Path) -> Non
         stop.set()
         t.join(10)
     assert not t.is_alive()
+
+
+LIB_SH = Path(__file__).resolve().parents[2] / "initrd/tree/usr/lib/cbios/lib.sh"
+
+
+def fetch_stream(url: str, size: int, out: Path) -> subprocess.Popen[str]:
+    """The initrd's fetch_stream, as the flasher runs it: the bytes to OUT, the rest on stderr."""
+    script = f'. "{LIB_SH}"; fetch_stream "$1" "$2" "$3" >"$4"'
+    return subprocess.Popen(["bash", "-c", script, "fetch", url, str(size), str(out.with_suffix("")), str(out)],
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_the_flasher_takes_up_a_transfer_where_it_broke_off(server: BundleServer, bundle: Path,
+                                                           tmp_path: Path) -> None:
+    server.hold("root.img", 1 << 20)  # the server sets the pace: it breaks the transfer off at 1 MiB
+    proc = fetch_stream(f"http://127.0.0.1:{server.port}/root.img?mac=52:54:00:c0:00:01", BIG, tmp_path / "got")
+    assert server.held.wait(20)
+    server.release()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert (tmp_path / "got").read_bytes() == (bundle / "root.img").read_bytes()
+    assert (tmp_path / "got.got").read_text().strip() == str(BIG)
+    assert "root.img: broken off at 1 of 3 MiB (curl status 18" in err and "resuming in 2 s, try 2 of 6" in err
+    assert [(t.offset, t.sent) for t in server.transfers] == [(0, 1 << 20), (1 << 20, BIG - (1 << 20))]
+
+
+class _NoRanges(http.server.BaseHTTPRequestHandler):
+    """Half of DATA and a broken connection the first time; then the whole of it, whatever the Range."""
+    data = b""
+    asked: ClassVar[list[str | None]] = []
+
+    def do_GET(self) -> None:
+        self.asked.append(self.headers.get("Range"))
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.data)))
+        self.end_headers()
+        self.wfile.write(self.data if len(self.asked) > 1 else self.data[: len(self.data) // 2])
+        self.close_connection = True
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_server_that_cannot_resume_fails_the_transfer_rather_than_send_the_start_again(tmp_path: Path) -> None:
+    _NoRanges.data, _NoRanges.asked = os.urandom(1 << 20), []
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NoRanges)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        proc = fetch_stream(f"http://127.0.0.1:{srv.server_address[1]}/root.img", 1 << 20, tmp_path / "got")
+        _, err = proc.communicate(timeout=60)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert proc.returncode == 63, err  # the whole file is more than the bytes left: curl takes none of it
+    assert _NoRanges.asked == [None, f"bytes={1 << 19}-"]
+    assert (tmp_path / "got").read_bytes() == _NoRanges.data[: 1 << 19]  # nothing after what came first
+    assert "it does not resume (HTTP Range)" in (tmp_path / "got.err").read_text()

@@ -4,11 +4,13 @@ the plain boot partition, which GRUB reads at every boot and writes with save_en
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 SIZE = 1024
 SECTOR = 512
@@ -105,6 +107,22 @@ def boot_partition(writable: bool = False) -> Iterator[Path]:
             yield MOUNTPOINT / "grub" / "grubenv"
         finally:
             subprocess.run(["umount", str(MOUNTPOINT)], check=False, stdin=subprocess.DEVNULL)
+
+
+FLASH_RECEIPT = "cbios-receipt.json"  # beside grubenv; the flasher writes it (initrd: flash, keep_receipt)
+RECEIPT_MAX = 64 << 10
+
+
+def flash_receipt(grubenv: Path) -> dict[str, Any] | None:
+    """The receipt of the last flash of this node's disk (install or update), kept by the
+    flasher on the boot partition whether or not its server took one; None if none or unreadable."""
+    try:
+        with open(grubenv.parent / FLASH_RECEIPT, "rb") as f:
+            raw = f.read(RECEIPT_MAX + 1)
+        data = json.loads(raw) if len(raw) <= RECEIPT_MAX else None
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def running_copy(cmdline: str | None = None, netboot_copy: Path = NETBOOT_COPY) -> str | None:

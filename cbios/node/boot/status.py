@@ -9,6 +9,7 @@ from typing import Any
 from cbios.node.boot import bootenv
 
 RELEASE = Path("/usr/lib/cbios/release")
+FLASH_FIELDS = ("result", "mode", "profile", "version", "previous", "copies", "reason", "finished", "bytes_received")
 
 
 def release(text: str) -> dict[str, str]:
@@ -24,7 +25,7 @@ def copy_release(vg: str, lv: str) -> dict[str, str] | None:
 
 
 def gather(env: dict[str, str] | None, running: str | None, own: dict[str, str],
-           booted_from: str = "disk") -> dict[str, Any]:
+           booted_from: str = "disk", receipt: dict[str, Any] | None = None) -> dict[str, Any]:
     vg = own.get("CBIOS_VG", "lvm")
     copies = {}
     for copy, lv in bootenv.COPIES.items():
@@ -48,6 +49,7 @@ def gather(env: dict[str, str] | None, running: str | None, own: dict[str, str],
         "last_failure": (env or {}).get("cbios_failure") or None,
         "last_corruption": (env or {}).get("cbios_corrupt") or None,
         "refused_versions": bootenv.refused(env or {}),
+        "last_flash": {k: receipt.get(k) for k in FLASH_FIELDS} if receipt else None,
         "copies": copies if env is not None else {},
     }
 
@@ -71,6 +73,9 @@ def render_text(st: dict[str, Any]) -> str:
     lines.append(f"last fallback: {st['last_fallback'] or 'none'}")
     lines.append(f"last failure:  {st['last_failure'] or 'none'}")
     lines.append(f"corruption:    {st['last_corruption'] or 'none'}")
+    if flash := st["last_flash"]:
+        lines.append(f"last flash:    {flash['result']} {flash['mode']} {flash['profile']} {flash['version']}"
+                     f" at {flash['finished']}" + (f": {flash['reason']}" if flash["reason"] else ""))
     if st["refused_versions"]:
         lines.append(f"refused:       {' '.join(st['refused_versions'])} (failed here; cbios update --force)")
     return "\n".join(lines) + "\n"

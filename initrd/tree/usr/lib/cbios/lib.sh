@@ -38,6 +38,40 @@ wait_for() {
     return 1
 }
 
+# fetch_stream URL SIZE STATE: URL's SIZE bytes to stdout as they arrive. A transfer that
+# breaks off (a server restarted, a link down, 30 s without progress) is taken up again where
+# it stopped, with an HTTP Range request (curl -C refuses a server that answers with the whole
+# file), after a pause; at most FETCH_TRIES tries in all, and never more than SIZE bytes.
+# STATE.got: the bytes received so far; STATE.err: curl's last words. Status: curl's last.
+FETCH_TRIES=$(cmdline_value cbios.fetch.tries 6)
+[[ $FETCH_TRIES =~ ^[1-9][0-9]?$ ]] || FETCH_TRIES=6
+fetch_stream() {
+    local url=$1 size=$2 state=$3 got=0 try status n pause
+    echo 0 >"$state.got"
+    for ((try = 1; ; try++)); do
+        status=0
+        curl -fsS --connect-timeout 10 --speed-time 30 --speed-limit 1024 --max-filesize $((size - got)) \
+            -C "$got" -w '%{stderr}bytes=%{size_download}\n' "$url" 2>"$state.err" || status=$?
+        n=$(sed -n 's/^bytes=\([0-9]*\).*/\1/p' "$state.err" | tail -n 1)
+        got=$((got + ${n:-0}))
+        echo "$got" >"$state.got"
+        if [ "$status" = 0 ] && [ "$got" = "$size" ]; then return 0; fi
+        [ "$status" != 0 ] || status=18  # whole, says the server, yet short of SIZE
+        # 33, or 63 (more than the bytes left): the server does not resume, or sends more than
+        # the signed size. Another try would not help.
+        if [ "$status" = 33 ] || [ "$status" = 63 ]; then
+            echo "the server sent more than the $((size - got)) bytes left: it does not resume (HTTP Range)" \
+                "or the file is not the signed one" >>"$state.err"
+            return "$status"
+        fi
+        [ "$try" -lt "$FETCH_TRIES" ] || return "$status"
+        pause=$((1 << try)); [ "$pause" -le 20 ] || pause=20
+        say "${url%%\?*}: broken off at $((got >> 20)) of $((size >> 20)) MiB (curl status $status:" \
+            "$(grep -v '^bytes=' "$state.err" | tail -n 1)); resuming in $pause s, try $((try + 1)) of $FETCH_TRIES" >&2
+        sleep "$pause"
+    done
+}
+
 # The MAC of the NIC the node booted from (BOOTIF=01-aa-bb-.. from iPXE), else of the first NIC.
 boot_mac() {
     local bootif mac
