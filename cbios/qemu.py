@@ -63,7 +63,8 @@ class VmSpec:
             netdev = f"{self.links[i]},id=n{i}" if i in self.links else self.netdev.replace("id=n0", f"id=n{i}")
             argv += ["-netdev", netdev + (f",{self.pxe}" if self.pxe and i == 0 and 0 not in self.links else "")]
             argv += ["-device", f"virtio-net-pci,netdev=n{i}" + (f",mac={mac}" if mac else "")
-                     + (f",romfile={self.pxe_rom}" if self.pxe_rom and i == 0 else "")]
+                     # iPXE since 2020 is built for virtio's modern PCI id only: the NIC drops the legacy one
+                     + (f",disable-legacy=on,romfile={self.pxe_rom}" if self.pxe_rom and i == 0 else "")]
         if self.boot:
             argv += ["-boot", self.boot]
         if self.kernel:

@@ -236,15 +236,18 @@ def test_an_update_the_server_changed_is_refused_with_nothing_written(
 def test_server_stopped_mid_update_leaves_the_node_on_its_old_firmware(
         vm_project: Project, profile: Profile, built: Path, next_build: Path, node: Node,
         installed: dict[str, Any]) -> None:
-    # The server holds root.img a third of the way through, and stops there: the test sets the pace.
+    # The server holds root.img a third of the way through, and stops there for good: the test
+    # sets the pace. The flasher tries again twice (cbios.fetch.tries), then gives up.
     hold = ("root.img", image_size(next_build) // 3)
-    with PxeLab(next_build / PXE_DIR, node.logdir / "stopped", mode="update", kernel_args=POWEROFF,
-                hold_after=hold) as lab, pxe_machine(vm_project, profile, built, node, lab, "pxe-stopped") as m:
+    with PxeLab(next_build / PXE_DIR, node.logdir / "stopped", mode="update",
+                kernel_args=f"{POWEROFF} cbios.fetch.tries=2", hold_after=hold) as lab, \
+            pxe_machine(vm_project, profile, built, node, lab, "pxe-stopped") as m:
         if not lab.server.held.wait(FLASH_TIMEOUT):
             raise m.error("the flasher never fetched a third of root.img")
         threading.Thread(target=lab.server.stop).start()
         line = m.wait_report(("FLASHED", "FAILED"), FLASH_TIMEOUT)
-        assert line.startswith("FAILED update: http://10.0.2.100/root.img: the transfer broke off"), line
+        assert line.startswith("FAILED update: http://10.0.2.100/root.img: the transfer broke off after"), line
+        assert " and 2 tries (curl status " in line, line
         assert m.wait_exit(120), "the flasher did not power off"
 
     with disk_machine(vm_project, profile, built, node, "after-stopped") as m:
