@@ -6,6 +6,7 @@
     invoke pxe-serve --profile qemu-test --interface eth1 [--mode install]
     invoke test [--unit | --vm | -k EXPR]
     invoke bench --profile qemu-test [--cold] [--power-cuts 20]
+    invoke bench-pxe --profile qemu-test [--clients 1,10,50,100]
     invoke power-cuts --profile qemu-test [--count 20] [--phase install ...]
 """
 
@@ -168,6 +169,16 @@ def bench(c: Context, profile: str = "qemu-test", cold: bool = False, power_cuts
     from cbios.bench import run_bench
 
     _reported(lambda: run_bench(profile, cold=cold, power_cuts=power_cuts, boots=boots))
+
+
+@task(help={"profile": "profile whose PXE bundle to serve (built first if needed)",
+            "clients": "the numbers of nodes at once, comma-separated (default 1,10,50,100)"})
+def bench_pxe(c: Context, profile: str = "qemu-test", clients: str = "1,10,50,100") -> None:
+    """N nodes fetching the bundle at once from `cbios pxe publish` and from nginx, on loopback:
+    throughput, the slowest client, failures; write build/PROFILE/pxe-scale.json."""
+    from cbios.pxe.scale import run_scale
+
+    _reported(lambda: run_scale(profile, tuple(int(n) for n in clients.split(","))))
 
 
 @task(iterable=["phase"],

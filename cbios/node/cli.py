@@ -174,9 +174,12 @@ def cmd_bootenv(args: argparse.Namespace) -> int:
 
 
 def cmd_cluster(args: argparse.Namespace) -> int:
-    """The cluster key on this node: set it, show its fingerprint, rotate it on every member."""
+    """The cluster: its key on this node (set it, show its fingerprint, rotate it on every
+    member), and its members (join, leave, list them)."""
     from cbios.node.cluster import keyring
 
+    if args.action in ("join", "leave", "members"):
+        return _cluster_members(args)
     ring = keyring.Keyring()
     if args.action == "set-key":
         if args.file is None:
@@ -205,6 +208,31 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     for row in rows:
         print(f"{row['node']}  {row['status']}  {row.get('fingerprint') or row.get('error')}")
     return 0 if all(r["status"] == "ROTATED" for r in rows) else 1
+
+
+def _cluster_members(args: argparse.Namespace) -> int:
+    """join ADDRESS, leave, members: through CB-Manager, which keeps the list."""
+    if args.action == "join" and args.file is None:
+        print("cbios: cluster join ADDRESS (any member's CB-Manager address)", file=sys.stderr)
+        return 2
+    call = {"join": ("cluster_join", {"address": args.file}), "leave": ("cluster_leave", {}),
+            "members": ("cluster_members", {})}[args.action]
+    try:
+        rows = wire.call(contract.MANAGER_SOCKET, *call, timeout=120)
+    except wire.RemoteError as e:
+        print(f"cbios: cluster {args.action}: {e}", file=sys.stderr)
+        return 2 if e.code == "invalid" else 1
+    except OSError as e:
+        print(f"cbios: cluster {args.action}: CB-Manager does not answer ({e.strerror or e})", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            print(f"{row['node']}  {row['address']:<15}  {row['status']}" + (f"  {row['error']}" if row.get("error")
+                                                                             else ""))
+    fine = {"THIS NODE", "REACHABLE", "JOINED", "TOLD"}
+    return 0 if all(r["status"] in fine for r in rows) else 1
 
 
 def cmd_slots_up(args: argparse.Namespace) -> int:
@@ -253,9 +281,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     b = sub.add_parser("bootenv", help="show, or set with KEY=VALUE (empty VALUE unsets), the boot state")
     b.add_argument("set", nargs="*", metavar="KEY=VALUE")
     b.set_defaults(func=cmd_bootenv)
-    k = sub.add_parser("cluster", help="the cluster key: set-key FILE|-, key (its fingerprint), rotate-key")
-    k.add_argument("action", choices=["set-key", "key", "rotate-key"])
-    k.add_argument("file", nargs="?", metavar="FILE", help="set-key: a file of 32 to 4096 bytes, - for stdin")
+    k = sub.add_parser("cluster", help="the cluster: set-key FILE|-, key (its fingerprint), rotate-key; "
+                                       "join ADDRESS, leave, members")
+    k.add_argument("action", choices=["set-key", "key", "rotate-key", "join", "leave", "members"])
+    k.add_argument("file", nargs="?", metavar="FILE|ADDRESS",
+                   help="set-key: a file of 32 to 4096 bytes, - for stdin; join: any member's CB-Manager address")
+    k.add_argument("--json", action="store_true", help="join, leave, members: the rows as JSON")
     k.set_defaults(func=cmd_cluster)
     sub.add_parser("slots-up", help="start CB-Manager (cbios-slots.service)").set_defaults(func=cmd_slots_up)
     sub.add_parser("slots-down", help="stop every slot, CB-Manager last (cbios-slots.service)").set_defaults(

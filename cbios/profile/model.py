@@ -217,7 +217,10 @@ class Cluster(Strict):
 
     port: Annotated[int, Field(ge=1, le=65535)] = 7475
     timeout: Annotated[int, Field(ge=1, le=60, description="seconds a node has to answer a query")] = 5
-    nodes: list[ClusterNode] = Field(default=[], description="every management node, this one included or not")
+    connect_timeout: Annotated[float, Field(ge=0.1, le=60, description="seconds a node has to take a connection "
+                                            "and send its challenge: a node that is down costs this")] = 1.0
+    nodes: list[ClusterNode] = Field(default=[], description="the management nodes a node starts with (this one "
+                                     "included or not); later, `cbios cluster join` and `leave` change a node's list")
 
 
 class Qemu(Strict):

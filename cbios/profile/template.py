@@ -199,6 +199,7 @@ def node_slots(profile: Profile, templates: dict[str, SlotTemplate]) -> dict[str
         "cluster": {
             "port": profile.cluster.port,
             "timeout": profile.cluster.timeout,
+            "connect_timeout": profile.cluster.connect_timeout,
             "nodes": [n.model_dump() for n in profile.cluster.nodes if n.object_id != profile.node.object_id],
         },
         "slots": [

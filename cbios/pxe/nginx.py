@@ -39,7 +39,8 @@ class Served:
         return self.path.lstrip("/")
 
 
-def conf(root: Path, workdir: Path, port: int, *, workers: int = 1, rate: str = "", rate_after: str = "") -> str:
+def conf(root: Path, workdir: Path, port: int, *, workers: int | str = 1, rate: str = "",
+         rate_after: str = "") -> str:
     """nginx.conf serving ROOT on 127.0.0.1:PORT. RATE/RATE_AFTER: nginx's limit_rate and
     limit_rate_after for every transfer (e.g. '1m', '40m'), for tests that pace one."""
     limit = (f"        limit_rate_after {rate_after};\n" if rate_after else "") + \
@@ -72,12 +73,12 @@ http {{
 class Nginx:
     """nginx in the foreground on 127.0.0.1 (a free port unless given), serving ROOT."""
 
-    def __init__(self, root: Path, workdir: Path, *, port: int = 0, workers: int = 1, rate: str = "",
+    def __init__(self, root: Path, workdir: Path, *, port: int = 0, workers: int | str = 1, rate: str = "",
                  rate_after: str = "") -> None:
         if not Path(NGINX).is_file():
             raise StepError("nginx", f"{NGINX} is missing", hint="run 'make deps' (nginx-light)")
         self.root, self.workdir = root.resolve(), workdir
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.workers, self.rate, self.rate_after = workers, rate, rate_after
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -94,7 +95,7 @@ class Nginx:
                                       str(self.workdir / "error.log")], stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + START_TIMEOUT
-        while not _listening(self.port):
+        while not listening(self.port):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise StepError("nginx", f"nginx did not start on port {self.port}",
@@ -133,13 +134,13 @@ class Nginx:
         self.stop()
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
-def _listening(port: int) -> bool:
+def listening(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5):
             return True

@@ -17,6 +17,7 @@ import pytest
 
 from cbios.build import cache_dir
 from cbios.node import cluster, contract, manager, wire
+from cbios.node.cluster import members
 from cbios.node.executor import lxcconf
 from cbios.node.wire import Failed, Invalid
 from cbios.profile import load_profile
@@ -77,12 +78,18 @@ def pair(project: Project, catalogue: dict[str, dict[str, Any]],
     yield a, b, ex_b
 
 
-def serving(m: manager.Manager, port: int, addresses: frozenset[str] = frozenset({"127.0.0.1"})) -> None:
-    """M's cluster listener on 127.0.0.1:PORT, as CB-Manager's cluster thread starts it, taking ADDRESSES."""
-    verifier = cluster.Verifier(m.cluster.keys.keys, m.node_id, {p.object_id for p in m.cluster.peers})
-    threading.Thread(target=cluster.serve, args=(port, verifier, m.handle_peer, set(addresses), "127.0.0.1"),
-                     kwargs={"rekey": m.cluster.install_key}, daemon=True).start()
-    wait_listening(port)
+def serving(m: manager.Manager, port: int, addresses: frozenset[str] = frozenset({"127.0.0.1"}),
+            host: str = "127.0.0.1") -> None:
+    """M's cluster listener on HOST:PORT, as CB-Manager's cluster thread starts it (a node
+    that joins welcome), taking the members' requests from ADDRESSES."""
+    verifier = cluster.Verifier(m.cluster.keys.keys, m.node_id, lambda: {p.object_id for p in m.cluster.peers})
+    ready = threading.Event()
+    threading.Thread(target=cluster.serve, daemon=True,
+                     args=(port, verifier, lambda op, a: m.cluster.handle_peer(m.handle_peer, op, a),
+                           lambda: set(addresses), host),
+                     kwargs={"rekey": m.cluster.install_key, "join": m.cluster.accept_join,
+                             "ready": ready.set}).start()
+    assert ready.wait(5)
 
 
 def wait_listening(port: int) -> None:
@@ -220,19 +227,19 @@ def signed(**change: Any) -> dict[str, Any]:
     ("stop", "no credentials"),
 ], ids=["bare", "other-key", "changed", "stranger", "other-node", "other-connection", "not-an-object"])
 def test_requests_without_the_clusters_credentials_are_denied(msg: Any, reason: str) -> None:
-    verifier = cluster.Verifier(lambda: [KEY], PEER, {NODE})
+    verifier = cluster.Verifier(lambda: [KEY], PEER, lambda: {NODE})
     with pytest.raises(cluster.Denied, match=reason):
         verifier.check(msg, CHALLENGE)
 
 
 def test_a_signed_request_passes_with_the_current_or_the_previous_key_and_no_clock() -> None:
     older = b"p" * 40
-    verifier = cluster.Verifier(lambda: [KEY, older], PEER, {NODE})
+    verifier = cluster.Verifier(lambda: [KEY, older], PEER, lambda: {NODE})
     for key in (KEY, older):
-        line, used = verifier.check(signed(key=key), CHALLENGE)
-        assert wire.decode(line) == ("stop", {"object_id": PEER_DNS}) and used == key
+        line, used, sender = verifier.check(signed(key=key), CHALLENGE)
+        assert wire.decode(line) == ("stop", {"object_id": PEER_DNS}) and (used, sender) == (key, NODE)
     with pytest.raises(cluster.Denied, match="no cluster key"):
-        cluster.Verifier(lambda: [], PEER, {NODE}).check(signed(), CHALLENGE)
+        cluster.Verifier(lambda: [], PEER, lambda: {NODE}).check(signed(), CHALLENGE)
 
 
 def test_a_sealed_key_opens_with_the_same_key_and_challenge_only() -> None:
@@ -278,10 +285,19 @@ def test_strangers_get_nothing_and_garbage_does_not_stop_the_listener(
     for garbage in (b"[" * 100_000 + b"\n", b'{"v": 1, "mac": "\xc3\xa9", "auth": {}}\n', b"\xff\n"):
         assert json.loads(exchange(garbage)) == cluster.DENIED
     assert a.handle("slots", {"object_id": PEER})[0]["parent"] == PEER  # still answering
-    # A listener that takes only another address closes the connection unanswered.
+    # From an address that is no member's, a request signed with the key is denied all the
+    # same, but for a JOIN; and a listener that takes no JOIN closes the connection unanswered.
     other = free_port()
     serving(a, other, frozenset({"127.0.0.2"}))
-    with socket.create_connection(("127.0.0.1", other), timeout=5) as s:
+    stranger = cluster.Peer(a.node_id, "127.0.0.1", other)
+    with pytest.raises(wire.RemoteError, match="does not take our credentials"):
+        cluster.call(stranger, [KEY], PEER, "slots", {}, timeout=2)
+    lone = free_port()
+    threading.Thread(target=cluster.serve, daemon=True, args=(
+        lone, cluster.Verifier(lambda: [KEY], NODE, lambda: {PEER}), a.handle_peer, lambda: {"127.0.0.2"},
+        "127.0.0.1")).start()
+    wait_listening(lone)
+    with socket.create_connection(("127.0.0.1", lone), timeout=5) as s:
         assert s.makefile("rb").read() == b""
 
 
@@ -340,3 +356,85 @@ def test_service_slots_cannot_undo_their_mounts_system_slots_keep_theirs() -> No
     assert f"lxc.cap.drop = {lxcconf.CAP_DROP} sys_admin" in service and "dac_read_search" in lxcconf.CAP_DROP
     system = lxcconf.render(definition(kind="lxc-system", template="service"))
     assert "sys_admin" not in system
+
+
+THIRD = "31000042010"
+
+
+def member(project: Project, catalogue: dict[str, dict[str, Any]], tmp_path: Path, name: str, address: str,
+           port: int, node_id: str | None = None, seed: dict[str, str] | None = None,
+           key: bytes = KEY) -> manager.Manager:
+    """A CB-Manager listening on ADDRESS:PORT (a loopback address of its own) and asking from
+    there, as on its own node: its firmware's list is SEED {object_id: address}."""
+    config = node_config(project, name, port)
+    if node_id is not None:
+        config["node"]["object_id"] = node_id
+    config["cluster"]["address"] = address
+    config["cluster"]["nodes"] = [{"object_id": o, "address": a} for o, a in (seed or {}).items()]
+    work = tmp_path / (node_id or name)
+    work.mkdir()
+    m, _ = started(config, catalogue, work, key)
+    ready = threading.Event()
+    threading.Thread(target=m.cluster.serve, args=(m.handle_peer, ready.set), daemon=True).start()
+    assert ready.wait(5)
+    return m
+
+
+def test_a_third_node_joins_the_running_cluster_and_leaves_it_with_no_new_firmware(
+        project: Project, catalogue: dict[str, dict[str, Any]], tmp_path: Path) -> None:
+    port = free_port()
+    a = member(project, catalogue, tmp_path, "qemu-test", "127.0.0.1", port, seed={PEER: "127.0.0.2"})
+    b = member(project, catalogue, tmp_path, "qemu-test-peer", "127.0.0.2", port, seed={NODE: "127.0.0.1"})
+    c = member(project, catalogue, tmp_path, "qemu-test-peer", "127.0.0.3", port, node_id=THIRD)
+    assert c.handle("slots", {}) == c.op_slots()  # in no cluster: its own slots
+    rows = c.handle("cluster_join", {"address": "127.0.0.2"})  # through any member
+    assert [(r["node"], r["status"]) for r in rows] == [(PEER, "JOINED"), (NODE, "TOLD")]
+    for m in (a, b, c):
+        parents = [r["parent"] for r in m.handle("slots", {})]
+        assert sorted(set(parents)) == [NODE, PEER, THIRD], m.node_id
+        assert [r["status"] for r in m.handle("cluster_members", {})] == ["THIS NODE", "REACHABLE", "REACHABLE"]
+    assert {p.object_id: p.address for p in a.cluster.peers} == {PEER: "127.0.0.2", THIRD: "127.0.0.3"}
+    # The list is the node's, kept on its volume: a restart (or a new firmware) reads it, not the seed.
+    again = members.Members(NODE, {"port": port, "nodes": [{"object_id": PEER, "address": "127.0.0.2"}]},
+                            a.cluster.keys, a.cluster.path)
+    assert {p.object_id for p in again.peers} == {PEER, THIRD}
+    # A holder of another key does not get in; nor does an ObjectID whose slots' ids are a member's.
+    d = member(project, catalogue, tmp_path, "qemu-test-peer", "127.0.0.4", port, node_id="31000043010",
+               key=b"o" * 40)
+    with pytest.raises(Failed, match=r"cannot join: .*does not take our credentials"):
+        d.handle("cluster_join", {"address": "127.0.0.1"})
+    with pytest.raises(Invalid, match="same first 8 digits"):
+        a.cluster.accept_join("127.0.0.9", "31000042011", {"object_id": "31000042011"})
+    with pytest.raises(Invalid, match="'nope' is not an IPv4 address"):
+        c.handle("cluster_join", {"address": "nope"})
+    # Leaving: every member told, and the node's own list emptied.
+    assert [(r["node"], r["status"]) for r in c.handle("cluster_leave", {})] == [(PEER, "TOLD"), (NODE, "TOLD")]
+    assert c.cluster.peers == []
+    assert {p.object_id for p in a.cluster.peers} == {PEER} and {p.object_id for p in b.cluster.peers} == {NODE}
+    assert THIRD not in {r["parent"] for r in a.handle("slots", {})}
+
+
+def test_cbios_cluster_members_prints_a_row_a_node_and_exits_1_for_one_unreachable(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from cbios.node import cli
+
+    asked: list[tuple[str, dict[str, Any]]] = []
+    rows = [{"node": NODE, "address": "-", "status": "THIS NODE"},
+            {"node": PEER, "address": "10.0.249.19", "status": "UNREACHABLE", "error": "no answer within 1 s"}]
+
+    def call(path: Path, op: str, args: dict[str, Any], timeout: float) -> Any:
+        asked.append((op, args))
+        if op == "cluster_leave":
+            raise wire.RemoteError("invalid", "this node is in no cluster")
+        return rows
+
+    monkeypatch.setattr(wire, "call", call)
+    assert cli.main(["cluster", "members"]) == 1
+    assert capsys.readouterr().out.splitlines() == [
+        f"{NODE}  -                THIS NODE", f"{PEER}  10.0.249.19      UNREACHABLE  no answer within 1 s"]
+    assert cli.main(["cluster", "join"]) == 2 and "cluster join ADDRESS" in capsys.readouterr().err
+    assert cli.main(["cluster", "join", "10.0.249.19", "--json"]) == 1
+    assert json.loads(capsys.readouterr().out) == rows
+    assert cli.main(["cluster", "leave"]) == 2
+    assert capsys.readouterr().err == "cbios: cluster leave: this node is in no cluster\n"
+    assert asked == [("cluster_members", {}), ("cluster_join", {"address": "10.0.249.19"}), ("cluster_leave", {})]

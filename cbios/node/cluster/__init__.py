@@ -48,6 +48,7 @@ DENIED = {"ok": False, "code": "denied", "error": "not authenticated"}
 HEX_MAC = re.compile(r"[0-9a-f]{64}")
 CHALLENGE = re.compile(r"[0-9a-f]{32}")
 REKEY = "rekey"  # answered by this module: the argument is sealed to the connection
+JOIN = "join"  # the one request taken from an address that is no member's (signed with the key)
 
 
 @dataclass(frozen=True)
@@ -97,16 +98,17 @@ def unseal(key: bytes, challenge: str, text: str) -> bytes:
 
 
 class Verifier:
-    """Decides whether a request comes from a member of the cluster, for this connection."""
+    """Decides whether a request comes from a member of the cluster, for this connection: a
+    holder of the key that is a member, or one that asks to JOIN (to any node: "*")."""
 
-    def __init__(self, keys: Callable[[], list[bytes]], node_id: str, members: set[str]) -> None:
+    def __init__(self, keys: Callable[[], list[bytes]], node_id: str, members: Callable[[], set[str]]) -> None:
         self.keys = keys
         self.node_id = node_id
         self.members = members
 
-    def check(self, msg: Any, challenge: str) -> tuple[bytes, bytes]:
-        """The request without its credentials (a wire.py line), and the key it was signed
-        with; or Denied."""
+    def check(self, msg: Any, challenge: str) -> tuple[bytes, bytes, str]:
+        """The request without its credentials (a wire.py line), the key it was signed with,
+        and its sender; or Denied."""
         if not isinstance(msg, dict) or not isinstance(msg.get("mac"), str) or not isinstance(msg.get("auth"), dict):
             raise Denied("no credentials")
         if not HEX_MAC.fullmatch(msg["mac"]):
@@ -119,13 +121,14 @@ class Verifier:
         if key is None:
             raise Denied("wrong MAC: not made with this cluster's key")
         auth = body.pop("auth")
-        if auth.get("to") != self.node_id:
+        joining = body.get("op") == JOIN
+        if auth.get("to") != self.node_id and not (joining and auth.get("to") == "*"):
             raise Denied(f"meant for {auth.get('to')!r}, this is {self.node_id}")
-        if auth.get("from") not in self.members:
+        if auth.get("from") not in self.members() and not joining:
             raise Denied(f"from {auth.get('from')!r}, not a node of this cluster")
         if auth.get("challenge") != challenge:
             raise Denied("not for this connection's challenge (replayed?)")
-        return canonical(body) + b"\n", key
+        return canonical(body) + b"\n", key, str(auth.get("from"))
 
 
 class _Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
@@ -150,17 +153,22 @@ class _Refusals:
                 log.warning("cluster: more refusals this minute, not logged")
 
 
-def serve(port: int, verifier: Verifier, handler: wire.Handler, members: set[str], host: str = "0.0.0.0",
-          rekey: Callable[[bytes], str] | None = None) -> None:
-    """Answer authenticated requests from the addresses MEMBERS on HOST:PORT until the process
-    ends. REKEY installs a new key handed over by a member and returns its fingerprint."""
+Join = Callable[[str, str, dict[str, Any]], Any]  # (address, sender, args) -> result
+
+
+def serve(port: int, verifier: Verifier, handler: wire.Handler, members: Callable[[], set[str]],
+          host: str = "0.0.0.0", rekey: Callable[[bytes], str] | None = None, join: Join | None = None,
+          ready: Callable[[], None] | None = None) -> None:
+    """Answer authenticated requests from the addresses MEMBERS() on HOST:PORT until the
+    process ends; from another address, JOIN only (when given). REKEY installs a new key
+    handed over by a member and returns its fingerprint."""
     slots = threading.BoundedSemaphore(MAX_CLIENTS)
     refusals = _Refusals()
 
     class _Request(socketserver.BaseRequestHandler):
         def handle(self) -> None:
             address = self.client_address[0]
-            if address not in members:
+            if address not in members() and join is None:
                 refusals.log(address, "not a member's address (closed unanswered)")
                 return
             if not slots.acquire(blocking=False):
@@ -179,19 +187,22 @@ def serve(port: int, verifier: Verifier, handler: wire.Handler, members: set[str
             if line is None:
                 return
             try:
-                inner, key = verifier.check(json.loads(line), challenge)
+                inner, key, sender = verifier.check(json.loads(line), challenge)
+                op, args = wire.decode(inner)
+                if address not in members() and op != JOIN:
+                    raise Denied(f"{op} from {address}, not a member's address")
+            except wire.Invalid as e:
+                reply = {"ok": False, "code": "invalid", "error": str(e)}
             except Exception as e:  # a stranger's bytes: anything is a refusal (RecursionError too)
                 refusals.log(address, e if isinstance(e, Denied) else f"unreadable ({type(e).__name__})")
                 self._send(DENIED)
                 return
-            try:
-                op, args = wire.decode(inner)
-            except wire.Invalid as e:
-                reply = {"ok": False, "code": "invalid", "error": str(e)}
             else:
                 log.info("cluster: %s from %s", op, address)
                 if op == REKEY:
                     reply = wire.answer(lambda _op, a: _rekey(rekey, key, challenge, a), op, args)
+                elif op == JOIN and join is not None:
+                    reply = wire.answer(lambda _op, a: join(address, sender, a), op, args)
                 else:
                     reply = wire.answer(handler, op, args)
             self._send({**reply, "mac": sign(key, {"nonce": challenge, "answer": reply})})
@@ -205,6 +216,8 @@ def serve(port: int, verifier: Verifier, handler: wire.Handler, members: set[str
                 return False
 
     with _Server((host, port), _Request) as server:
+        if ready is not None:
+            ready()
         server.serve_forever()
 
 
@@ -218,30 +231,36 @@ def _rekey(install: Callable[[bytes], str] | None, key: bytes, challenge: str, a
 
 
 def call(peer: Peer, keys: list[bytes], sender: str, op: str, args: dict[str, Any], *,
-         timeout: float, answer_timeout: float | None = None, new_key: bytes | None = None) -> Any:
+         timeout: float, answer_timeout: float | None = None, new_key: bytes | None = None,
+         source: str | None = None) -> Any:
     """Ask PEER with the first of KEYS it takes (a member that missed a rotation still has
     the previous key); its result, or wire.RemoteError (it said no), or Unreachable. The
-    connection has TIMEOUT; the answer ANSWER_TIMEOUT (TIMEOUT if not given), counted from
-    the start. NEW_KEY: the REKEY request, with the new key sealed to the connection."""
+    connection and the challenge have TIMEOUT; the answer ANSWER_TIMEOUT (TIMEOUT if not
+    given), counted from the start. NEW_KEY: the REKEY request, with the new key sealed to
+    the connection. A PEER whose ObjectID is "*" is any node (JOIN). SOURCE: the address to
+    ask from (else the kernel's choice)."""
     if not keys:
         raise ValueError("no key")
     for key in keys[:-1]:
         try:
             return _call(peer, key, sender, op, args, timeout=timeout, answer_timeout=answer_timeout,
-                         new_key=new_key)
+                         new_key=new_key, source=source)
         except wire.RemoteError as e:
             if e.code != "denied":
                 raise
-    return _call(peer, keys[-1], sender, op, args, timeout=timeout, answer_timeout=answer_timeout, new_key=new_key)
+    return _call(peer, keys[-1], sender, op, args, timeout=timeout, answer_timeout=answer_timeout, new_key=new_key,
+                 source=source)
 
 
 def _call(peer: Peer, key: bytes, sender: str, op: str, args: dict[str, Any], *,
-          timeout: float, answer_timeout: float | None, new_key: bytes | None) -> Any:
+          timeout: float, answer_timeout: float | None, new_key: bytes | None, source: str | None) -> Any:
     started = time.monotonic()
     deadline = started + (answer_timeout or timeout)
-    where = f"node {peer.object_id} at {peer.address}:{peer.port}"
+    where = f"node {peer.object_id} at {peer.address}:{peer.port}" if peer.object_id != "*" else \
+        f"the node at {peer.address}:{peer.port}"
     try:
-        with socket.create_connection((peer.address, peer.port), timeout=timeout) as s:
+        with socket.create_connection((peer.address, peer.port), timeout=timeout,
+                                      source_address=(source, 0) if source else None) as s:
             opening = _read_line(s, started + timeout, 1024)
             try:
                 challenge = json.loads(opening)["challenge"]

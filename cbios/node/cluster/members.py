@@ -1,16 +1,25 @@
-"""The cluster as CB-Manager sees it: the other management nodes of its inventory, asked
-and answered over cluster.py's authenticated protocol, and the key they share
-(keyring.py). CB-Manager's own slots are manager.py's; this module only reaches across."""
+"""The cluster as CB-Manager sees it: the other management nodes, asked and answered over
+cluster.py's authenticated protocol, and the key they share (keyring.py). CB-Manager's own
+slots are manager.py's; this module only reaches across.
+
+The member list lives on the node, beside CB-Manager's registry on its own volume: updates
+and rollbacks keep it. The firmware's list (the profile's cluster.nodes) only seeds it on
+the first start. Nodes join and leave at runtime (`cbios cluster join ADDRESS`, `leave`):
+a node that holds the key asks any member to JOIN; that member takes it, tells the others
+(MEMBER_ADD), and answers with the whole list."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
-from cbios.node import cluster
+from cbios.node import cluster, files
 from cbios.node.cluster import keyring
 from cbios.node.wire import Failed, Invalid, RemoteError
 
@@ -21,18 +30,91 @@ log = logging.getLogger("cbios")
 PEER_OPS = {"hello", "images", "slots", "runtime", "start", "stop", "restart", "startall", "stopall",
             "install", "remove"}
 PEER_QUERIES = {"hello", "images", "slots", "runtime"}
+MEMBER_OPS = {"member_add", "member_remove"}  # the list's own, answered here (handle_peer), within the bound
 PEER_WORK_TIMEOUT = 840  # work on another node's slot: under the `slot` CLI's own 900 s
+MEMBERS_NAME = "cluster-members.json"  # beside the registry (registry.REGISTRY)
+FORMAT = 1
+OBJECT_ID = re.compile(r"\d{11}")
+IPV4 = re.compile(r"(?:\d{1,3}\.){3}\d{1,3}")
+CONNECT_TIMEOUT = 1.0  # a member on the management network accepts and challenges well within it
 
 Rows = list[dict[str, Any]]
 
 
 class Members:
-    def __init__(self, node_id: str, inventory: dict[str, Any], keys: keyring.Keyring) -> None:
+    def __init__(self, node_id: str, inventory: dict[str, Any], keys: keyring.Keyring, path: Path) -> None:
+        """INVENTORY: the firmware's cluster (port, bounds, the seed list); PATH: the list kept."""
         self.node_id = node_id
-        self.peers = [cluster.Peer(n["object_id"], n["address"], inventory["port"]) for n in inventory.get("nodes", [])]
         self.port: int = inventory.get("port", 0)
         self.timeout: float = inventory.get("timeout", 5)
+        self.connect_timeout: float = inventory.get("connect_timeout", CONNECT_TIMEOUT)
+        # This node's own address, where several nodes share a host (the bench, the unit tests):
+        # it listens there alone, and asks from there. Unset, a node listens on all of its own.
+        self.address: str | None = inventory.get("address")
         self.keys = keys
+        self.path = path
+        self.lock = threading.Lock()
+        self.peers: list[cluster.Peer] = self._load(inventory.get("nodes", []))  # replaced whole, never changed
+
+    # -- the list --------------------------------------------------------------------
+
+    def _load(self, seed: list[dict[str, Any]]) -> list[cluster.Peer]:
+        try:
+            data = json.loads(self.path.read_text())
+            if data.get("format") != FORMAT:
+                raise ValueError(f"format {data.get('format')!r}")
+            return [self._peer(n["object_id"], n["address"]) for n in data["nodes"]]
+        except FileNotFoundError:
+            peers = [self._peer(n["object_id"], n["address"]) for n in seed if n["object_id"] != self.node_id]
+            self._save(peers)
+            log.info("cluster: %d members from the firmware's list, kept in %s", len(peers), self.path)
+            return peers
+        except (ValueError, KeyError, TypeError) as e:  # never a guess at who is in the cluster
+            log.error("cluster: %s is unreadable (%s): no members until it is mended or removed", self.path, e)
+            return []
+
+    def _save(self, peers: list[cluster.Peer]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        nodes = [{"object_id": p.object_id, "address": p.address} for p in peers]
+        files.replace_path(self.path, (json.dumps({"format": FORMAT, "nodes": nodes}, indent=2) + "\n").encode(),
+                           0o600)
+
+    def _peer(self, object_id: Any, address: Any) -> cluster.Peer:
+        if not isinstance(object_id, str) or not OBJECT_ID.fullmatch(object_id):
+            raise Invalid(f"{object_id!r} is not a node's ObjectID (11 digits)")
+        return cluster.Peer(object_id, _address(address), self.port)
+
+    def add(self, object_id: Any, address: Any) -> bool:
+        """OBJECT_ID at ADDRESS a member (its address replaced if it was one); False if it
+        was one there already."""
+        peer = self._peer(object_id, address)
+        if peer.owns(self.node_id):
+            raise Invalid(f"{object_id} is this node")
+        with self.lock:
+            clash = next((p for p in self.peers if p.owns(object_id) and p.object_id != object_id), None)
+            if clash is not None:
+                raise Invalid(f"{object_id}: node {clash.object_id} has the same first 8 digits (its slots' ids)")
+            if peer in self.peers:
+                return False
+            self.peers = [p for p in self.peers if p.object_id != object_id] + [peer]
+            self._save(self.peers)
+        log.info("cluster: %s at %s is a member", object_id, address)
+        return True
+
+    def remove(self, object_id: Any) -> bool:
+        with self.lock:
+            kept = [p for p in self.peers if p.object_id != object_id]
+            if len(kept) == len(self.peers):
+                return False
+            self.peers = kept
+            self._save(kept)
+        log.info("cluster: %s is no longer a member", object_id)
+        return True
+
+    def replace(self, peers: list[cluster.Peer]) -> None:
+        with self.lock:
+            self.peers = peers
+            self._save(peers)
 
     def owner(self, object_id: Any) -> cluster.Peer | None:
         """The other node OBJECT_ID (a node's or a slot's) belongs to; None for this node's."""
@@ -47,10 +129,10 @@ class Members:
         keys = self.keys.keys()
         if not keys:
             raise Failed(f"no cluster key on this node ({self.keys.shown}): set one with `cbios cluster set-key`")
-        answer_timeout = self.timeout if op in PEER_QUERIES else PEER_WORK_TIMEOUT
+        answer_timeout = self.timeout if op in PEER_QUERIES | MEMBER_OPS else PEER_WORK_TIMEOUT
         try:
-            return cluster.call(peer, keys, self.node_id, op, args, timeout=self.timeout,
-                                answer_timeout=answer_timeout, new_key=new_key)
+            return cluster.call(peer, keys, self.node_id, op, args, timeout=min(self.connect_timeout, self.timeout),
+                                answer_timeout=answer_timeout, new_key=new_key, source=self.address)
         except cluster.Unreachable as e:
             raise Failed(f"unreachable: {e}") from None
         except RemoteError as e:
@@ -74,21 +156,105 @@ class Members:
                     rows.append(_unreachable(peer, e))
         return rows
 
-    def serve(self, handle_peer: Callable[[str, dict[str, Any]], Any]) -> None:
-        """Answer the other nodes' CB-Managers until the process ends: with no key (yet),
-        every request is refused until one is set."""
-        if not self.peers:
+    def serve(self, handle_peer: Callable[[str, dict[str, Any]], Any], ready: Callable[[], None] | None = None) -> None:
+        """Answer the other nodes' CB-Managers, and nodes that ask to join, until the process
+        ends: with no key (yet), every request is refused until one is set."""
+        if not self.port:
             return
         if not self.keys.keys():
-            log.error("cluster of %d nodes but no key at %s: refusing them until `cbios cluster set-key`",
-                      len(self.peers) + 1, self.keys.shown)
-        members = {p.object_id for p in self.peers}
-        log.info("cluster: answering %s on port %d", ", ".join(sorted(members)), self.port)
+            log.error("no cluster key at %s: refusing every node until `cbios cluster set-key`", self.keys.shown)
+        log.info("cluster: answering %s on port %d",
+                 ", ".join(sorted(p.object_id for p in self.peers)) or "nodes that join", self.port)
         try:
-            cluster.serve(self.port, cluster.Verifier(self.keys.keys, self.node_id, members),
-                          handle_peer, {p.address for p in self.peers}, rekey=self.install_key)
+            cluster.serve(self.port, cluster.Verifier(self.keys.keys, self.node_id,
+                                                      lambda: {p.object_id for p in self.peers}),
+                          lambda op, args: self.handle_peer(handle_peer, op, args),
+                          lambda: {p.address for p in self.peers}, host=self.address or "0.0.0.0",
+                          rekey=self.install_key, join=self.accept_join, ready=ready)
         except OSError as e:
             log.error("cluster: cannot listen on port %d: %s", self.port, e)
+
+    def handle_peer(self, handle_peer: Callable[[str, dict[str, Any]], Any], op: str, args: dict[str, Any]) -> Any:
+        """A member's request: the list's own, or CB-Manager's (HANDLE_PEER)."""
+        if op == "member_add":
+            return {"added": self.add(args.get("object_id"), args.get("address"))}
+        if op == "member_remove":
+            return {"removed": self.remove(args.get("object_id"))}
+        return handle_peer(op, args)
+
+    # -- joining and leaving ---------------------------------------------------------
+
+    def accept_join(self, address: str, sender: str, args: dict[str, Any]) -> dict[str, Any]:
+        """SENDER, a holder of the key at ADDRESS, asks to be a member: taken, the others told
+        (at once, each with its bound), and the whole list its answer."""
+        if args.get("object_id") != sender or set(args) != {"object_id"}:
+            raise Invalid("join: {object_id: the joining node's own}")
+        self.add(sender, address)
+        others = [p for p in self.peers if p.object_id != sender]
+        told = self._tell(others, "member_add", {"object_id": sender, "address": address})
+        return {"node": self.node_id, "members": [{"object_id": p.object_id, "address": p.address}
+                                                  for p in others], "told": told}
+
+    def join(self, address: str) -> Rows:
+        """This node into the cluster of the node at ADDRESS: its list becomes that node's."""
+        address = _address(address)
+        keys = self.keys.keys()
+        if not keys:
+            raise Failed(f"no cluster key on this node ({self.keys.shown}): set the cluster's with "
+                         "`cbios cluster set-key` first")
+        try:
+            answer = cluster.call(cluster.Peer("*", address, self.port), keys, self.node_id, cluster.JOIN,
+                                  {"object_id": self.node_id}, timeout=min(self.connect_timeout, self.timeout),
+                                  answer_timeout=self.timeout * 3, source=self.address)
+        except cluster.Unreachable as e:
+            raise Failed(f"cannot join: {e}") from None
+        except RemoteError as e:
+            raise Failed(f"cannot join: {e}") from None
+        try:
+            peers = [self._peer(answer["node"], address)] + [
+                self._peer(n["object_id"], n["address"]) for n in answer["members"] if n["object_id"] != self.node_id]
+        except (KeyError, TypeError, Invalid) as e:
+            raise Failed(f"cannot join: the answer of {address} is not a member list ({e})") from None
+        self.replace(peers)
+        log.info("cluster: joined %s's cluster of %d nodes", answer["node"], len(peers) + 1)
+        return [{"node": answer["node"], "address": address, "status": "JOINED"}, *answer.get("told", [])]
+
+    def leave(self) -> Rows:
+        """Every member told this node is gone (at once, each with its bound); then its list
+        is empty. A member that was not reached keeps it until `cbios cluster leave` is run again
+        or that member is told by another (it shows it UNREACHABLE meanwhile)."""
+        if not self.peers:
+            raise Invalid("this node is in no cluster")
+        rows = self._tell(list(self.peers), "member_remove", {"object_id": self.node_id})
+        self.replace([])
+        return rows
+
+    def members(self) -> Rows:
+        """This node and every member, each asked 'hello' at once with its bound."""
+        rows = [{"node": self.node_id, "address": "-", "status": "THIS NODE"}]
+        with ThreadPoolExecutor(max_workers=max(len(self.peers), 1)) as pool:
+            asked = [(p, pool.submit(self.ask, p, "hello", {})) for p in self.peers]
+            for peer, future in asked:
+                try:
+                    future.result()
+                    rows.append({"node": peer.object_id, "address": peer.address, "status": "REACHABLE"})
+                except (Failed, Invalid) as e:
+                    rows.append({"node": peer.object_id, "address": peer.address, "status": "UNREACHABLE",
+                                 "error": str(e).removeprefix("unreachable: ")})
+        return rows
+
+    def _tell(self, peers: list[cluster.Peer], op: str, args: dict[str, Any]) -> Rows:
+        rows = []
+        with ThreadPoolExecutor(max_workers=max(len(peers), 1)) as pool:
+            asked = [(p, pool.submit(self.ask, p, op, args)) for p in peers]
+            for peer, future in asked:
+                try:
+                    future.result()
+                    rows.append({"node": peer.object_id, "address": peer.address, "status": "TOLD"})
+                except (Failed, Invalid) as e:
+                    rows.append({"node": peer.object_id, "address": peer.address, "status": "MISSED",
+                                 "error": str(e).removeprefix("unreachable: ")})
+        return rows
 
     def install_key(self, key: bytes) -> str:
         try:
@@ -118,6 +284,12 @@ class Members:
                     rows.append({"node": peer.object_id, "status": "KEPT", "error": str(e)})
         rows.insert(0, {"node": self.node_id, "status": "ROTATED", "fingerprint": self.install_key(new)})
         return rows
+
+
+def _address(address: Any) -> str:
+    if not isinstance(address, str) or not IPV4.fullmatch(address) or any(int(n) > 255 for n in address.split(".")):
+        raise Invalid(f"{address!r} is not an IPv4 address")
+    return address
 
 
 def _unreachable(peer: cluster.Peer, why: Exception) -> dict[str, Any]:

@@ -106,7 +106,8 @@ class Manager:
         self.store = image_store
         self.update_key = update_key
         self.store_lock = threading.Lock()  # one release unpacked at a time: the volume's room is checked once
-        self.cluster = members.Members(self.node_id, config.get("cluster", {}), keyring.Keyring(cluster_key))
+        self.cluster = members.Members(self.node_id, config.get("cluster", {}), keyring.Keyring(cluster_key),
+                                       Path(registry_path).with_name(members.MEMBERS_NAME))
 
     # -- startup -------------------------------------------------------------------
 
@@ -189,6 +190,8 @@ class Manager:
             "restart": self.op_restart, "startall": self.op_startall, "stopall": self.op_stopall,
             "install": self.op_install, "remove": self.op_remove, "ready": self.op_ready,
             "update": self.op_update, "rotate_key": self.op_rotate_key,
+            "cluster_join": self.cluster.join, "cluster_leave": self.cluster.leave,
+            "cluster_members": self.cluster.members,
             "image_add": self.op_image_add, "image_remove": self.op_image_remove,
         }
         if op not in handlers:
