@@ -231,28 +231,22 @@ class Members:
 
     def members(self) -> Rows:
         """This node and every member, each asked 'hello' at once with its bound."""
-        rows = [{"node": self.node_id, "address": "-", "status": "THIS NODE"}]
-        with ThreadPoolExecutor(max_workers=max(len(self.peers), 1)) as pool:
-            asked = [(p, pool.submit(self.ask, p, "hello", {})) for p in self.peers]
-            for peer, future in asked:
-                try:
-                    future.result()
-                    rows.append({"node": peer.object_id, "address": peer.address, "status": "REACHABLE"})
-                except (Failed, Invalid) as e:
-                    rows.append({"node": peer.object_id, "address": peer.address, "status": "UNREACHABLE",
-                                 "error": str(e).removeprefix("unreachable: ")})
-        return rows
+        return [{"node": self.node_id, "address": "-", "status": "THIS NODE"},
+                *self._tell(list(self.peers), "hello", {}, ("REACHABLE", "UNREACHABLE"))]
 
-    def _tell(self, peers: list[cluster.Peer], op: str, args: dict[str, Any]) -> Rows:
+    def _tell(self, peers: list[cluster.Peer], op: str, args: dict[str, Any],
+              statuses: tuple[str, str] = ("TOLD", "MISSED")) -> Rows:
+        """PEERS asked OP at once, each with its bound: a row each, its status STATUSES[0]
+        if it answered, else STATUSES[1] and why."""
         rows = []
         with ThreadPoolExecutor(max_workers=max(len(peers), 1)) as pool:
             asked = [(p, pool.submit(self.ask, p, op, args)) for p in peers]
             for peer, future in asked:
                 try:
                     future.result()
-                    rows.append({"node": peer.object_id, "address": peer.address, "status": "TOLD"})
+                    rows.append({"node": peer.object_id, "address": peer.address, "status": statuses[0]})
                 except (Failed, Invalid) as e:
-                    rows.append({"node": peer.object_id, "address": peer.address, "status": "MISSED",
+                    rows.append({"node": peer.object_id, "address": peer.address, "status": statuses[1],
                                  "error": str(e).removeprefix("unreachable: ")})
         return rows
 
