@@ -7,6 +7,7 @@
     invoke test [--unit | --vm | -k EXPR]
     invoke bench --profile qemu-test [--cold] [--power-cuts 20]
     invoke bench-pxe --profile qemu-test [--clients 1,10,50,100]
+    invoke bench-cluster [--members 100 --unreachable 10]
     invoke power-cuts --profile qemu-test [--count 20] [--phase install ...]
 """
 
@@ -179,6 +180,16 @@ def bench_pxe(c: Context, profile: str = "qemu-test", clients: str = "1,10,50,10
     from cbios.pxe.scale import run_scale
 
     _reported(lambda: run_scale(profile, tuple(int(n) for n in clients.split(","))))
+
+
+@task(help={"members": "management nodes in the cluster (default 100)",
+            "unreachable": "of them, how many are down (default 10)"})
+def bench_cluster(c: Context, members: int = 100, unreachable: int = 10) -> None:
+    """`slot show` and `slot show --by-type=sysmon` over a cluster of MEMBERS peer processes on
+    loopback addresses, all up and then UNREACHABLE of them down; write build/cluster-scale.json."""
+    from cbios.cluster_scale import run_scale
+
+    _reported(lambda: run_scale(members, unreachable, Path("build") / "cluster-scale.json"))
 
 
 @task(iterable=["phase"],

@@ -36,7 +36,8 @@ class Served:
 
     @property
     def name(self) -> str:
-        return self.path.lstrip("/")
+        """The file's name, whatever folder of the site it is in."""
+        return self.path.rsplit("/", 1)[-1]
 
 
 def conf(root: Path, workdir: Path, port: int, *, workers: int | str = 1, rate: str = "",
