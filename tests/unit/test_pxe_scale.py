@@ -25,3 +25,24 @@ def test_a_client_that_gets_other_bytes_is_a_failure(tmp_path: Path) -> None:
     with scale.nginx_server(bundle, tmp_path / "nginx") as url:
         row = scale.clients(url, 2, "0" * 64, BIG, tmp_path)  # not root.img's sha256
     assert (row["failures"], row["aggregate_MBps"], row["slowest_s"]) == (2, 0.0, None)
+
+
+def test_nginx_serves_a_bundle_in_a_folder_of_a_site_and_resumes(tmp_path: Path) -> None:
+    import urllib.request
+
+    from cbios.pxe.nginx import Nginx
+
+    bundle = make_bundle(fake_build(tmp_path / "build"))
+    (tmp_path / "site" / "cbios").mkdir(parents=True)
+    (tmp_path / "site" / "cbios" / "qemu-test").symlink_to(bundle)
+    with Nginx(tmp_path / "site", tmp_path / "nginx") as server:
+        url = f"http://127.0.0.1:{server.port}/cbios/qemu-test/root.img?mac=52:54:00:c0:00:01"
+        with urllib.request.urlopen(urllib.request.Request(url, headers={"Range": "bytes=100-"})) as resp:
+            assert resp.status == 206 and resp.read() == (bundle / "root.img").read_bytes()[100:]
+        server.stop()
+        server.start()  # again, on the same port
+        with urllib.request.urlopen(url) as resp:
+            assert len(resp.read()) == BIG
+    assert [(s.status, s.name, s.range, s.sent) for s in server.served()] == [
+        (206, "root.img", "bytes=100-", BIG - 100), (200, "root.img", "-", BIG)]
+    assert server.bytes_sent("root.img") == 2 * BIG - 100
