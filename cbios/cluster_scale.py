@@ -26,13 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from cbios.errors import StepError
+from cbios.node import contract
 from cbios.node.cluster import keyring, members
 
 log = logging.getLogger("cbios")
 
 PORT = 7475
 ASKER_ID, ASKER_ADDRESS = "39999999010", "127.0.2.1"
-SLOT_TYPES = ["cb-manager", "dhcp", "dns_master", "sysmon", "service", "service", "compute", "boot-server"]
+SLOT_TYPES = [contract.MANAGER_TEMPLATE, "dhcp", "dns_master", "sysmon", "service", "service", "compute", "boot-server"]
 START_TIMEOUT = 60.0
 RUNS = 5
 

@@ -54,6 +54,17 @@ def peer_disk(vm_project: Project, peer_profile: Profile, built: Path) -> Path:
     return images.peer_disk(vm_project)
 
 
+@pytest.fixture(scope="session")
+def third_profile(vm_project: Project) -> Profile:
+    return load_profile(vm_project, images.THIRD_PROFILE)
+
+
+@pytest.fixture(scope="session")
+def third_disk(vm_project: Project, built: Path) -> Path:
+    """The build and disk of the node that joins the cluster at runtime."""
+    return images.third_disk(vm_project)
+
+
 @pytest.fixture
 def build_manifest(built: Path) -> dict[str, object]:
     """The build's manifest as it is now (a forced rebuild in a test before may have changed it)."""

@@ -23,6 +23,7 @@ from cbios.release import SUFFIX, write_release
 
 PROFILE = "qemu-test"
 PEER_PROFILE = "qemu-test-peer"  # the cluster's second node
+THIRD_PROFILE = "qemu-test-third"  # a third, which joins at runtime
 COMPUTE_PROFILE = "qemu-test-compute"  # booted by qemu-test's boot-server slot
 NEXT_VERSION = "2.0.1"  # qemu-test with a changed overlay file
 NEXT_MARK = f"# qemu-test {NEXT_VERSION}: journald as before"
@@ -55,8 +56,17 @@ def node_disk(project: Project) -> Path:
 
 def peer_disk(project: Project) -> Path:
     """The second node's build (warm: it installs qemu-test's packages) and disk."""
+    return _node_of(project, PEER_PROFILE)
+
+
+def third_disk(project: Project) -> Path:
+    """The node that joins the cluster at runtime: its build (warm too) and disk."""
+    return _node_of(project, THIRD_PROFILE)
+
+
+def _node_of(project: Project, name: str) -> Path:
     with images_lock(project):
-        profile = load_profile(project, PEER_PROFILE)
+        profile = load_profile(project, name)
         build(project, profile)
         return make_disk(project, profile)
 
@@ -108,7 +118,7 @@ def compute_release(project: Project) -> Path:
         return path
 
 
-ALL = (built, node_disk, peer_disk, next_build, broken_build, compute_release)
+ALL = (built, node_disk, peer_disk, third_disk, next_build, broken_build, compute_release)
 
 
 def main() -> int:

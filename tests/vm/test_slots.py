@@ -2,15 +2,14 @@
 dns_master slots serving for real on br0, the slot CLI, the cluster with a second node,
 and reboots. One boot for the module (then two reboots at its end): the tests run in
 order on the same node. The second node (qemu-test-peer) boots beside it from the start,
-its ctl joined to this node's by a UDP socket pair, and is powered off by the last test
-of the cluster."""
+its ctl on the same hub, and is powered off by the last test of the cluster; a third
+(qemu-test-third) boots on the hub to join the cluster at runtime, and leaves it."""
 
 from __future__ import annotations
 
 import base64
 import json
 import re
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,39 +24,33 @@ from cbios.node import contract
 from cbios.profile import Profile
 from cbios.project import Project
 from tests.vm.conftest import ready_machine
+from tests.vm.vlan_switch import VlanSwitch
 
 NODE = "31000040010"
 MANAGER, DHCP, SERVICE, DNS, COMPUTE = "31000040075", "31000040275", "31000040575", "31000040675", "31000040775"
 BOOT = "31000040475"  # the boot-server slot: not autostart (test_compute.py installs and runs it)
 PEER, PEER_MANAGER, PEER_DHCP, PEER_DNS, PEER_COMPUTE = (
     "31000041010", "31000041075", "31000041275", "31000041675", "31000041775")
+THIRD, THIRD_MANAGER = "31000042010", "31000042075"
 CLUSTER_BOUND = 5  # qemu-test's cluster.timeout
 COLUMNS = ["ParentID", "Location", "Type", "Version", "IP", "Hostname", "Status", "Description"]
 
 
-def udp_link() -> tuple[str, str]:
-    """Two QEMU netdevs joined to each other: UDP datagrams between two free local ports."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as a, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as b:
-        a.bind(("127.0.0.1", 0))
-        b.bind(("127.0.0.1", 0))
-        pa, pb = a.getsockname()[1], b.getsockname()[1]
-    return (f"socket,udp=127.0.0.1:{pb},localaddr=127.0.0.1:{pa}",
-            f"socket,udp=127.0.0.1:{pa},localaddr=127.0.0.1:{pb}")
+@pytest.fixture(scope="module")
+def hub(profile: Profile) -> Iterator[VlanSwitch]:
+    """The management network: the management nodes' ctl links, each a trunk port of one hub."""
+    with VlanSwitch(profile.network.vlan, access_ports=0, trunks=3) as switch:
+        yield switch
 
 
 @pytest.fixture(scope="module")
-def link() -> tuple[str, str]:
-    return udp_link()
-
-
-@pytest.fixture(scope="module")
-def peer(vm_project: Project, peer_profile: Profile, peer_disk: Path, link: tuple[str, str],
+def peer(vm_project: Project, peer_profile: Profile, peer_disk: Path, hub: VlanSwitch,
          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
     """The cluster's second node, started (not yet ready: it boots while the tests of the
-    first run); its ctl on the link."""
+    first run); its ctl on the hub."""
     disk = overlay(peer_disk, tmp_path_factory.mktemp("peer") / "peer.qcow2")
     spec = disk_boot_spec(vm_project, peer_profile, peer_disk.parent, disk, persist=True)
-    spec.links[0] = link[1]
+    spec.links[0] = hub.netdev(1)
     m = Machine(spec, disk.parent / "vm", name="peer")
     try:
         m.start()
@@ -67,13 +60,23 @@ def peer(vm_project: Project, peer_profile: Profile, peer_disk: Path, link: tupl
 
 
 @pytest.fixture(scope="module")
-def node(vm_project: Project, profile: Profile, built: Path, node_disk: Path, link: tuple[str, str],
+def node(vm_project: Project, profile: Profile, built: Path, node_disk: Path, hub: VlanSwitch,
          peer: Machine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
-    """qemu-test from (a copy of) its disk, with two NICs (ctl on the link to the peer), ready: slots up."""
+    """qemu-test from (a copy of) its disk, with two NICs (ctl on the hub), ready: slots up."""
     disk = overlay(node_disk, tmp_path_factory.mktemp("slots") / "node.qcow2")
     spec = disk_boot_spec(vm_project, profile, built, disk, persist=True)
-    spec.links[0] = link[0]
+    spec.links[0] = hub.netdev(0)
     yield from ready_machine(Machine(spec, disk.parent / "vm", name="slots"), profile)
+
+
+@pytest.fixture(scope="module")
+def third(vm_project: Project, third_profile: Profile, third_disk: Path, hub: VlanSwitch,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
+    """A third management node, in no cluster: booted when a test first needs it, ready."""
+    disk = overlay(third_disk, tmp_path_factory.mktemp("third") / "third.qcow2")
+    spec = disk_boot_spec(vm_project, third_profile, third_disk.parent, disk, persist=True)
+    spec.links[0] = hub.netdev(2)
+    yield from ready_machine(Machine(spec, disk.parent / "vm", name="third"), third_profile)
 
 
 def ready_peer(peer: Machine, profile: Profile) -> Machine:
@@ -547,12 +550,13 @@ print(json.dumps({
     "replayed": send(lambda c: kept["msg"]),
 }))
 EOF"""
-# From the node's own address, which is no member's: the connection is closed, unanswered.
+# From the node's own address, which is no member's: a challenge (a node may ask to join,
+# with the key), and the request denied.
 STRANGER_PROBE = """python3 -c '
 import socket
 s = socket.create_connection(("10.0.249.19", 7475), timeout=10)
 s.sendall(b"{\\"v\\": 1, \\"op\\": \\"slots\\", \\"args\\": {}}\\n")
-print(repr(s.makefile("rb").read()))'"""
+print(s.makefile("rb").read().decode())'"""
 
 
 @pytest.mark.usefixtures("keyed")
@@ -562,11 +566,13 @@ def test_requests_without_the_clusters_credentials_are_refused(node: Machine, pe
     assert signed["ok"] and PEER_DNS in [r["location"] for r in signed["result"]] and len(signed["mac"]) == 64
     for what, answer in answers.items():
         assert answer == {"ok": False, "code": "denied", "error": "not authenticated"}, (what, answer)
-    assert node.succeed(STRANGER_PROBE) == "b''"
+    stranger = node.succeed(STRANGER_PROBE).splitlines()
+    assert [sorted(json.loads(line)) for line in stranger] == [["challenge"], ["code", "error", "ok"]], stranger
+    assert json.loads(stranger[1]) == {"ok": False, "code": "denied", "error": "not authenticated"}
     assert peer.succeed("lxc-info -n slot6 -s -H") == "RUNNING"  # none of the stops was done
     log = "/var/log/cbios/slots/slot0.console.log"
     peer.wait_until_succeeds(f"grep -c 'cluster: refused a request from 10.0.249.9: ' {log} | grep -qx 7", timeout=30)
-    peer.succeed(f"grep -q 'cluster: refused a request from 10.0.249.10: not a member' {log}")
+    peer.succeed(f"grep -q 'cluster: refused a request from 10.0.249.10: no credentials' {log}")
     # The key: root's on the node's /var and CB-Manager's group's (slot 0, where it is under
     # /run), no other slot's; none in the firmware.
     assert node.succeed("stat -c %a:%U:%G /var/lib/cbios/secrets /var/lib/cbios/secrets/cluster.key").split() == [
@@ -587,6 +593,37 @@ def test_the_key_rotates_on_both_nodes_with_no_reflash(node: Machine, peer: Mach
     for m, other in ((node, PEER_DNS), (peer, DNS)):
         rc, out, err, _ = timed(m, "slot show")
         assert rc == 0 and other in out, (out, err)
+
+
+@pytest.mark.usefixtures("keyed")
+def test_a_third_node_joins_the_running_cluster_with_no_new_firmware_on_the_other_two(
+        node: Machine, peer: Machine, third: Machine) -> None:
+    boots = [m.succeed("cat /proc/sys/kernel/random/boot_id") for m in (node, peer)]
+    assert {r["parent"] for r in slot_json(third, "show")} == {THIRD}  # its firmware lists no other node
+    # The operator gives it the cluster's key as it is now (rotated above), from a member.
+    key = node.succeed("base64 -w0 /var/lib/cbios/secrets/cluster.key")
+    third.succeed(f"echo {key} | base64 -d | cbios cluster set-key -")
+    rows = [line.split() for line in third.succeed("cbios cluster join 10.0.249.9", timeout=120).splitlines()]
+    assert rows == [[NODE, "10.0.249.9", "JOINED"], [PEER, "10.0.249.19", "TOLD"]], rows
+    for m in (node, peer, third):
+        rc, out, err, seconds = timed(m, "slot show")
+        print(f"slot show across three nodes, on {m.name}: {seconds:.2f} s")
+        assert rc == 0 and err == "", (m.name, out, err)
+        assert {line.split()[0] for line in out.splitlines()[1:]} == {NODE, PEER, THIRD}, (m.name, out)
+        assert THIRD_MANAGER in out
+    members = [line.split() for line in third.succeed("cbios cluster members").splitlines()]
+    assert members == [[THIRD, "-", "THIS", "NODE"], [NODE, "10.0.249.9", "REACHABLE"],
+                       [PEER, "10.0.249.19", "REACHABLE"]], members
+    # Kept on CB-Manager's volume, not in any firmware; and the other two neither rebooted nor reflashed.
+    kept = json.loads(node.succeed("lxc-attach -n slot0 -- cat /var/lib/cbios/cluster-members.json"))
+    assert {n["object_id"]: n["address"] for n in kept["nodes"]} == {PEER: "10.0.249.19", THIRD: "10.0.249.29"}
+    assert [m.succeed("cat /proc/sys/kernel/random/boot_id") for m in (node, peer)] == boots
+    # It leaves: both told; the cluster is the two again.
+    rows = [line.split() for line in third.succeed("cbios cluster leave", timeout=120).splitlines()]
+    assert rows == [[NODE, "10.0.249.9", "TOLD"], [PEER, "10.0.249.19", "TOLD"]], rows
+    for m in (node, peer):
+        assert {r["parent"] for r in slot_json(m, "show")} == {NODE, PEER}
+    third.shutdown()
 
 
 @pytest.mark.usefixtures("keyed")

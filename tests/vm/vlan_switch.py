@@ -1,11 +1,12 @@
-"""An Ethernet switch for VMs, on this machine: one trunk port and access ports of one VLAN.
+"""An Ethernet switch for VMs, on this machine: trunk ports, and access ports of one VLAN.
 
 A management node's ctl carries the management VLAN tagged (its br0 is on ctl.249); a
 compute node's NIC is untagged, as on a switch port in access mode. Each port is a QEMU
 netdev `socket,udp=...`: one UDP datagram is one Ethernet frame. A frame from an access
-port goes to the other access ports as it is and to the trunk with the VLAN's tag; a frame
-from the trunk with that tag goes to the access ports without it. Anything else is
-dropped. No learning: every port of the VLAN sees every frame, as on a hub."""
+port goes to the other access ports as it is and to the trunks with the VLAN's tag; a
+frame from a trunk goes to the other trunks as it is and, with that tag, to the access
+ports without it. Anything else is dropped. No learning: every port of the VLAN sees every
+frame, as on a hub."""
 
 from __future__ import annotations
 
@@ -19,9 +20,10 @@ TPID = 0x8100
 
 
 class VlanSwitch:
-    def __init__(self, vlan: int, access_ports: int) -> None:
+    def __init__(self, vlan: int, access_ports: int, trunks: int = 1) -> None:
         self.vlan = vlan
-        self.ports = [self._socket() for _ in range(1 + access_ports)]  # 0: the trunk
+        self.trunks = trunks
+        self.ports = [self._socket() for _ in range(trunks + access_ports)]  # the trunks first
         self.vm_ports = [self._free_port() for _ in self.ports]
         self.frames = [0] * len(self.ports)
         self._stop = threading.Event()
@@ -40,7 +42,7 @@ class VlanSwitch:
             return int(s.getsockname()[1])
 
     def netdev(self, port: int) -> str:
-        """The netdev options of the VM on PORT (0: the trunk)."""
+        """The netdev options of the VM on PORT (the trunks are the first)."""
         return (f"socket,udp=127.0.0.1:{self.ports[port].getsockname()[1]},"
                 f"localaddr=127.0.0.1:{self.vm_ports[port]}")
 
@@ -54,16 +56,21 @@ class VlanSwitch:
         if len(frame) < 14:
             return
         self.frames[source] += 1
-        if source == 0:
+        access = range(self.trunks, len(self.ports))
+        if source < self.trunks:
+            for port in range(self.trunks):
+                if port != source:
+                    self._send(port, frame)
             if len(frame) < 18 or struct.unpack("!HH", frame[12:16]) != (TPID, self.vlan):
                 return
             untagged = frame[:12] + frame[16:]
-            for port in range(1, len(self.ports)):
+            for port in access:
                 self._send(port, untagged)
             return
         tagged = frame[:12] + struct.pack("!HH", TPID, self.vlan) + frame[12:]
-        self._send(0, tagged)
-        for port in range(1, len(self.ports)):
+        for port in range(self.trunks):
+            self._send(port, tagged)
+        for port in access:
             if port != source:
                 self._send(port, frame)
 
