@@ -62,8 +62,8 @@ def peer(vm_project: Project, peer_profile: Profile, peer_disk: Path, hub: VlanS
 @pytest.fixture(scope="module")
 def third(vm_project: Project, third_profile: Profile, third_disk: Path, hub: VlanSwitch,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
-    """A third management node, in no cluster, started with the other two (it boots while
-    the tests of the first run, on a core they leave idle most of the time)."""
+    """A third management node, in no cluster: started by the kvm-system test (it boots on
+    the core that test leaves idle), or by the first test that needs it."""
     disk = overlay(third_disk, tmp_path_factory.mktemp("third") / "third.qcow2")
     spec = disk_boot_spec(vm_project, third_profile, third_disk.parent, disk, persist=True)
     spec.links[0] = hub.netdev(2)
@@ -77,7 +77,7 @@ def third(vm_project: Project, third_profile: Profile, third_disk: Path, hub: Vl
 
 @pytest.fixture(scope="module")
 def node(vm_project: Project, profile: Profile, built: Path, node_disk: Path, hub: VlanSwitch,
-         peer: Machine, third: Machine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
+         peer: Machine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
     """qemu-test from (a copy of) its disk, with two NICs (ctl on the hub), ready: slots up."""
     disk = overlay(node_disk, tmp_path_factory.mktemp("slots") / "node.qcow2")
     spec = disk_boot_spec(vm_project, profile, built, disk, persist=True)
@@ -231,6 +231,7 @@ def test_dns_master_answers_for_its_zone(node: Machine) -> None:
     assert node.fail(f"{query} 10.0.249.1 nosuch.cluster A")
 
 
+@pytest.mark.usefixtures("third")  # it boots meanwhile: this test's VM in a VM is one core's work
 def test_kvm_system_slot_boots_a_compute_node_vm_and_powers_it_off(node: Machine) -> None:
     console = "/var/log/cbios/slots/slot7.console.log"
     assert node.succeed("blockdev --getsize64 /dev/mapper/lvm-slot7-0") == str(64 << 20)
