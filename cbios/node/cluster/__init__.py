@@ -258,10 +258,12 @@ def _call(peer: Peer, key: bytes, sender: str, op: str, args: dict[str, Any], *,
     deadline = started + (answer_timeout or timeout)
     where = f"node {peer.object_id} at {peer.address}:{peer.port}" if peer.object_id != "*" else \
         f"the node at {peer.address}:{peer.port}"
+    bound = timeout  # the connection's and the challenge's, then the answer's
     try:
         with socket.create_connection((peer.address, peer.port), timeout=timeout,
                                       source_address=(source, 0) if source else None) as s:
             opening = _read_line(s, started + timeout, 1024)
+            bound = deadline - started
             try:
                 challenge = json.loads(opening)["challenge"]
                 if not isinstance(challenge, str) or not CHALLENGE.fullmatch(challenge):
@@ -273,7 +275,7 @@ def _call(peer: Peer, key: bytes, sender: str, op: str, args: dict[str, Any], *,
             s.sendall(canonical(request(key, sender, peer.object_id, challenge, op, args)) + b"\n")
             data = _read_line(s, deadline, MAX_ANSWER)
     except TimeoutError:
-        raise Unreachable(f"{where}: no answer within {deadline - started:g} s") from None
+        raise Unreachable(f"{where}: no answer within {bound:g} s") from None
     except OSError as e:
         raise Unreachable(f"{where}: {e.strerror or e}") from None
     try:
