@@ -30,8 +30,13 @@ def _cbios(*argv: str) -> None:
 
 
 def _reported(call: Callable[[], object]) -> None:
-    """CALL, its errors reported as `cbios` reports them: its lines, no traceback, its status."""
+    """CALL, its errors reported as `cbios` reports them: its lines, no traceback, its status;
+    its progress logged as `cbios` logs it."""
+    import logging
+
     from cbios.cli import reporting
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
 
     def step() -> int:
         call()
