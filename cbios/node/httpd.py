@@ -200,7 +200,7 @@ class Handler(BaseHTTPRequestHandler):
             size = os.fstat(f.fileno()).st_size
             span = byte_range(self.headers.get("Range"), size)
             if span is None:
-                self._reply(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE, b"no such range\n",
+                self._reply(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE, b"no such range\n", body=body,
                             headers={"Content-Range": f"bytes */{size}"})
                 return
             start, end = span

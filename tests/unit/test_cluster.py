@@ -17,7 +17,7 @@ import pytest
 
 from cbios.build import cache_dir
 from cbios.node import cluster, contract, manager, wire
-from cbios.node.cluster import members
+from cbios.node.cluster import keyring, members
 from cbios.node.executor import lxcconf
 from cbios.node.wire import Failed, Invalid
 from cbios.profile import load_profile
@@ -438,3 +438,54 @@ def test_cbios_cluster_members_prints_a_row_a_node_and_exits_1_for_one_unreachab
     assert cli.main(["cluster", "leave"]) == 2
     assert capsys.readouterr().err == "cbios: cluster leave: this node is in no cluster\n"
     assert asked == [("cluster_members", {}), ("cluster_join", {"address": "10.0.249.19"}), ("cluster_leave", {})]
+
+
+def test_a_member_list_that_cannot_be_read_is_never_guessed_at_nor_written_over(tmp_path: Path) -> None:
+    path = tmp_path / members.MEMBERS_NAME
+    path.write_text("[]")
+    kept = members.Members(NODE, {"port": 7475, "nodes": [{"object_id": PEER, "address": "10.0.249.19"}]},
+                           keyring.Keyring(tmp_path / "key"), path)
+    assert kept.peers == [] and "unreadable" in str(kept.broken)
+    with pytest.raises(Failed, match="unreadable"):
+        kept.add(PEER, "10.0.249.19")
+    assert path.read_text() == "[]"
+
+
+@pytest.mark.parametrize("address", ["010.0.249.9", "10.0.249.256", "\u0661\u0660.0.249.9", "10.0.249", None])
+def test_an_address_is_a_plain_ipv4_address(tmp_path: Path, address: Any) -> None:
+    m = members.Members(NODE, {"port": 7475}, keyring.Keyring(tmp_path / "key"), tmp_path / "m.json")
+    with pytest.raises(Invalid, match="is not an IPv4 address"):
+        m.add(PEER, address)
+    with pytest.raises(Invalid, match="is not a node's ObjectID"):
+        m.add("\u0663" * 11, "10.0.249.19")
+
+
+def test_strangers_cannot_keep_the_members_out(pair: tuple[manager.Manager, manager.Manager, FakeExecutor]) -> None:
+    a, b, _ = pair
+    port = free_port()
+    serving(b, port, frozenset({"127.0.0.2"}))  # the member asks from 127.0.0.2; 127.0.0.1 is a stranger
+    # More silent strangers than CB-Manager takes connections at all, each in (a challenge
+    # read: its connection is held) or turned away (closed), before the member asks.
+    silent = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(cluster.MAX_CLIENTS + 2)]
+    opened = [s.makefile("rb").readline() for s in silent]
+    assert sum(1 for line in opened if line) == cluster.MAX_STRANGERS
+    try:
+        a.cluster.address = "127.0.0.2"
+        a.cluster.peers = [cluster.Peer(PEER, "127.0.0.1", port)]
+        assert a.handle("slots", {"object_id": PEER})[0]["parent"] == PEER
+    finally:
+        for s in silent:
+            s.close()
+
+
+def test_a_node_that_leaves_keeps_the_members_it_could_not_tell(
+        project: Project, catalogue: dict[str, dict[str, Any]], tmp_path: Path) -> None:
+    port = free_port()
+    a = member(project, catalogue, tmp_path, "qemu-test", "127.0.0.1", port,
+               seed={PEER: "127.0.0.2", THIRD: "127.0.0.3"})  # nothing listens at 127.0.0.3
+    b = member(project, catalogue, tmp_path, "qemu-test-peer", "127.0.0.2", port, seed={NODE: "127.0.0.1"})
+    assert [(r["node"], r["status"]) for r in a.handle("cluster_leave", {})] == [(PEER, "TOLD"), (THIRD, "MISSED")]
+    assert [p.object_id for p in a.cluster.peers] == [THIRD] and b.cluster.peers == []
+    # A JOIN does not move a member that is one at another address.
+    with pytest.raises(Invalid, match=r"is a member at 127\.0\.0\.3"):
+        a.cluster.accept_join("127.0.0.9", THIRD, {"object_id": THIRD})

@@ -245,6 +245,19 @@ def test_the_flasher_takes_up_a_transfer_where_it_broke_off(server: BundleServer
     assert [(t.offset, t.sent) for t in server.transfers] == [(0, 1 << 20), (1 << 20, BIG - (1 << 20))]
 
 
+def fetch_from(handler: type[http.server.BaseHTTPRequestHandler], size: int, out: Path) -> tuple[int, str]:
+    """fetch_stream of SIZE bytes from a server of HANDLER's: its status and its stderr."""
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        proc = fetch_stream(f"http://127.0.0.1:{srv.server_address[1]}/root.img", size, out)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    return proc.returncode, err
+
+
 class _NoRanges(http.server.BaseHTTPRequestHandler):
     """Half of DATA and a broken connection the first time; then the whole of it, whatever the Range."""
     data = b""
@@ -264,15 +277,42 @@ class _NoRanges(http.server.BaseHTTPRequestHandler):
 
 def test_a_server_that_cannot_resume_fails_the_transfer_rather_than_send_the_start_again(tmp_path: Path) -> None:
     _NoRanges.data, _NoRanges.asked = os.urandom(1 << 20), []
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NoRanges)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        proc = fetch_stream(f"http://127.0.0.1:{srv.server_address[1]}/root.img", 1 << 20, tmp_path / "got")
-        _, err = proc.communicate(timeout=60)
-    finally:
-        srv.shutdown()
-        srv.server_close()
-    assert proc.returncode == 63, err  # the whole file is more than the bytes left: curl takes none of it
+    returncode, err = fetch_from(_NoRanges, 1 << 20, tmp_path / "got")
+    assert returncode == 63, err  # the whole file is more than the bytes left: curl takes none of it
     assert _NoRanges.asked == [None, f"bytes={1 << 19}-"]
     assert (tmp_path / "got").read_bytes() == _NoRanges.data[: 1 << 19]  # nothing after what came first
     assert "it does not resume (HTTP Range)" in (tmp_path / "got.err").read_text()
+
+
+class _TooMuch(http.server.BaseHTTPRequestHandler):
+    """Half of DATA and a broken connection; then a 206 from there with no Content-Length,
+    and more bytes than the file has left (curl's --max-filesize cannot see it coming)."""
+    data = b""
+    asked: ClassVar[list[str | None]] = []
+    protocol_version = "HTTP/1.0"
+
+    def do_GET(self) -> None:
+        self.asked.append(self.headers.get("Range"))
+        half = len(self.data) // 2
+        if len(self.asked) == 1:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(self.data)))
+            self.end_headers()
+            self.wfile.write(self.data[:half])
+        else:
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {half}-{len(self.data) - 1}/{len(self.data)}")
+            self.end_headers()
+            self.wfile.write(self.data[half:] + b"x" * 100_000)
+        self.close_connection = True
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_server_that_sends_more_than_the_signed_size_gets_no_byte_past_it(tmp_path: Path) -> None:
+    _TooMuch.data, _TooMuch.asked = os.urandom(1 << 20), []
+    returncode, err = fetch_from(_TooMuch, 1 << 20, tmp_path / "got")
+    assert returncode == 63, err
+    assert (tmp_path / "got").read_bytes() == _TooMuch.data  # what it passed on: the size, not a byte past it
+    assert "the server sent other bytes than the 524288 left" in (tmp_path / "got.err").read_text()

@@ -43,6 +43,8 @@ log = logging.getLogger("cbios")
 
 MAX_ANSWER = 16 << 20
 MAX_CLIENTS = 16  # connections being read or answered at once; more are closed at once
+MAX_STRANGERS = 2  # the same, from addresses that are no member's (JOIN)
+STRANGER_TIMEOUT = 3.0  # their whole request within it
 LOGGED_REFUSALS = 10  # a minute: a flood of strangers does not fill the log
 DENIED = {"ok": False, "code": "denied", "error": "not authenticated"}
 HEX_MAC = re.compile(r"[0-9a-f]{64}")
@@ -163,27 +165,32 @@ def serve(port: int, verifier: Verifier, handler: wire.Handler, members: Callabl
     process ends; from another address, JOIN only (when given). REKEY installs a new key
     handed over by a member and returns its fingerprint."""
     slots = threading.BoundedSemaphore(MAX_CLIENTS)
+    # Addresses that are no member's (a node that joins) have a few connections of their own,
+    # and little time: strangers holding connections open never keep the members out.
+    strangers = threading.BoundedSemaphore(MAX_STRANGERS)
     refusals = _Refusals()
 
     class _Request(socketserver.BaseRequestHandler):
         def handle(self) -> None:
             address = self.client_address[0]
-            if address not in members() and join is None:
+            member = address in members()
+            if not member and join is None:
                 refusals.log(address, "not a member's address (closed unanswered)")
                 return
-            if not slots.acquire(blocking=False):
-                refusals.log(address, f"{MAX_CLIENTS} connections already (closed unanswered)")
+            pool = slots if member else strangers
+            if not pool.acquire(blocking=False):
+                refusals.log(address, "too many connections already (closed unanswered)")
                 return
             try:
-                self._answer(address)
+                self._answer(address, wire.READ_TIMEOUT if member else STRANGER_TIMEOUT)
             finally:
-                slots.release()
+                pool.release()
 
-        def _answer(self, address: str) -> None:
+        def _answer(self, address: str, timeout: float) -> None:
             challenge = secrets.token_hex(16)
             if not self._send({"challenge": challenge}):
                 return
-            line = wire.read_line(self.request)
+            line = wire.read_line(self.request, timeout)
             if line is None:
                 return
             try:

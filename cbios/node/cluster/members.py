@@ -10,6 +10,7 @@ a node that holds the key asks any member to JOIN; that member takes it, tells t
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import re
@@ -34,8 +35,7 @@ MEMBER_OPS = {"member_add", "member_remove"}  # the list's own, answered here (h
 PEER_WORK_TIMEOUT = 840  # work on another node's slot: under the `slot` CLI's own 900 s
 MEMBERS_NAME = "cluster-members.json"  # beside the registry (registry.REGISTRY)
 FORMAT = 1
-OBJECT_ID = re.compile(r"\d{11}")
-IPV4 = re.compile(r"(?:\d{1,3}\.){3}\d{1,3}")
+OBJECT_ID = re.compile(r"[0-9]{11}")
 CONNECT_TIMEOUT = 1.0  # a member on the management network accepts and challenges well within it
 
 Rows = list[dict[str, Any]]
@@ -53,6 +53,7 @@ class Members:
         self.address: str | None = inventory.get("address")
         self.keys = keys
         self.path = path
+        self.broken: str | None = None  # why the kept list cannot be read: it is then never written over
         self.lock = threading.Lock()
         self.peers: list[cluster.Peer] = self._load(inventory.get("nodes", []))  # replaced whole, never changed
 
@@ -61,19 +62,22 @@ class Members:
     def _load(self, seed: list[dict[str, Any]]) -> list[cluster.Peer]:
         try:
             data = json.loads(self.path.read_text())
-            if data.get("format") != FORMAT:
-                raise ValueError(f"format {data.get('format')!r}")
+            if not isinstance(data, dict) or data.get("format") != FORMAT:
+                raise ValueError("not a member list of this format")
             return [self._peer(n["object_id"], n["address"]) for n in data["nodes"]]
         except FileNotFoundError:
             peers = [self._peer(n["object_id"], n["address"]) for n in seed if n["object_id"] != self.node_id]
             self._save(peers)
             log.info("cluster: %d members from the firmware's list, kept in %s", len(peers), self.path)
             return peers
-        except (ValueError, KeyError, TypeError) as e:  # never a guess at who is in the cluster
-            log.error("cluster: %s is unreadable (%s): no members until it is mended or removed", self.path, e)
+        except (OSError, ValueError, KeyError, TypeError, Invalid) as e:  # never a guess at who is in the cluster
+            self.broken = f"{self.path} is unreadable ({e}): no members until it is mended or removed"
+            log.error("cluster: %s", self.broken)
             return []
 
     def _save(self, peers: list[cluster.Peer]) -> None:
+        if self.broken:
+            raise Failed(f"cluster: {self.broken}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         nodes = [{"object_id": p.object_id, "address": p.address} for p in peers]
         files.replace_path(self.path, (json.dumps({"format": FORMAT, "nodes": nodes}, indent=2) + "\n").encode(),
@@ -84,9 +88,9 @@ class Members:
             raise Invalid(f"{object_id!r} is not a node's ObjectID (11 digits)")
         return cluster.Peer(object_id, _address(address), self.port)
 
-    def add(self, object_id: Any, address: Any) -> bool:
-        """OBJECT_ID at ADDRESS a member (its address replaced if it was one); False if it
-        was one there already."""
+    def add(self, object_id: Any, address: Any, move: bool = True) -> bool:
+        """OBJECT_ID at ADDRESS a member (its address replaced if it was one, unless not to
+        MOVE it); False if it was one there already."""
         peer = self._peer(object_id, address)
         if peer.owns(self.node_id):
             raise Invalid(f"{object_id} is this node")
@@ -96,6 +100,10 @@ class Members:
                 raise Invalid(f"{object_id}: node {clash.object_id} has the same first 8 digits (its slots' ids)")
             if peer in self.peers:
                 return False
+            moved = next((p for p in self.peers if p.object_id == object_id), None)
+            if moved is not None and not move:
+                raise Invalid(f"{object_id} is a member at {moved.address}: it leaves there first "
+                              "(`cbios cluster leave`)")
             self.peers = [p for p in self.peers if p.object_id != object_id] + [peer]
             self._save(self.peers)
         log.info("cluster: %s at %s is a member", object_id, address)
@@ -189,7 +197,7 @@ class Members:
         (at once, each with its bound), and the whole list its answer."""
         if args.get("object_id") != sender or set(args) != {"object_id"}:
             raise Invalid("join: {object_id: the joining node's own}")
-        self.add(sender, address)
+        self.add(sender, address, move=False)  # a key holder never takes over another node's place
         others = [p for p in self.peers if p.object_id != sender]
         told = self._tell(others, "member_add", {"object_id": sender, "address": address})
         return {"node": self.node_id, "members": [{"object_id": p.object_id, "address": p.address}
@@ -211,22 +219,27 @@ class Members:
         except RemoteError as e:
             raise Failed(f"cannot join: {e}") from None
         try:
-            peers = [self._peer(answer["node"], address)] + [
-                self._peer(n["object_id"], n["address"]) for n in answer["members"] if n["object_id"] != self.node_id]
+            listed = [self._peer(answer["node"], address)] + [
+                self._peer(n["object_id"], n["address"]) for n in answer["members"]]
         except (KeyError, TypeError, Invalid) as e:
             raise Failed(f"cannot join: the answer of {address} is not a member list ({e})") from None
+        peers: list[cluster.Peer] = []
+        for peer in listed:  # as add() takes them: not this node, one a node, no two with one's slots' ids
+            if not peer.owns(self.node_id) and not any(p.owns(peer.object_id) for p in peers):
+                peers.append(peer)
         self.replace(peers)
         log.info("cluster: joined %s's cluster of %d nodes", answer["node"], len(peers) + 1)
         return [{"node": answer["node"], "address": address, "status": "JOINED"}, *answer.get("told", [])]
 
     def leave(self) -> Rows:
-        """Every member told this node is gone (at once, each with its bound); then its list
-        is empty. A member that was not reached keeps it until `cbios cluster leave` is run again
-        or that member is told by another (it shows it UNREACHABLE meanwhile)."""
+        """Every member told this node is gone (at once, each with its bound), and dropped
+        from its list. A member that was not reached stays in it: `cbios cluster leave` again,
+        once it is back, tells it too."""
         if not self.peers:
             raise Invalid("this node is in no cluster")
         rows = self._tell(list(self.peers), "member_remove", {"object_id": self.node_id})
-        self.replace([])
+        missed = {r["node"] for r in rows if r["status"] != "TOLD"}
+        self.replace([p for p in self.peers if p.object_id in missed])
         return rows
 
     def members(self) -> Rows:
@@ -281,9 +294,12 @@ class Members:
 
 
 def _address(address: Any) -> str:
-    if not isinstance(address, str) or not IPV4.fullmatch(address) or any(int(n) > 255 for n in address.split(".")):
-        raise Invalid(f"{address!r} is not an IPv4 address")
-    return address
+    try:
+        if isinstance(address, str) and str(ipaddress.IPv4Address(address)) == address:
+            return address
+    except ValueError:
+        pass
+    raise Invalid(f"{address!r} is not an IPv4 address")
 
 
 def _unreachable(peer: cluster.Peer, why: Exception) -> dict[str, Any]:

@@ -38,32 +38,43 @@ wait_for() {
     return 1
 }
 
-# fetch_stream URL SIZE STATE: URL's SIZE bytes to stdout as they arrive. A transfer that
-# breaks off (a server restarted, a link down, 30 s without progress) is taken up again where
-# it stopped, with an HTTP Range request (curl -C refuses a server that answers with the whole
-# file), after a pause; at most FETCH_TRIES tries in all, and never more than SIZE bytes.
-# STATE.got: the bytes received so far; STATE.err: curl's last words. Status: curl's last.
+# fetch_stream URL SIZE STATE: URL's SIZE bytes to stdout as they arrive, and never a byte
+# more (head -c: curl's --max-filesize trusts a Content-Length the server may leave out). A
+# transfer that breaks off (a server restarted, a link down, 30 s without progress) is taken
+# up where it stopped, with an HTTP Range request (curl -C refuses a 206 that starts
+# elsewhere, and a 200; anything but 206 is taken as nothing), after a pause; at most
+# FETCH_TRIES tries in all, each within a time bound for the bytes it has left.
+# STATE.got: the bytes passed on so far; STATE.err: curl's last words. Status: curl's last.
 FETCH_TRIES=$(cmdline_value cbios.fetch.tries 6)
 [[ $FETCH_TRIES =~ ^[1-9][0-9]?$ ]] || FETCH_TRIES=6
 fetch_stream() {
-    local url=$1 size=$2 state=$3 got=0 try status n pause
+    local url=$1 size=$2 state=$3 got=0 try status n code left pause
     echo 0 >"$state.got"
     for ((try = 1; ; try++)); do
-        status=0
-        curl -fsS --connect-timeout 10 --speed-time 30 --speed-limit 1024 --max-filesize $((size - got)) \
-            -C "$got" -w '%{stderr}bytes=%{size_download}\n' "$url" 2>"$state.err" || status=$?
-        n=$(sed -n 's/^bytes=\([0-9]*\).*/\1/p' "$state.err" | tail -n 1)
-        got=$((got + ${n:-0}))
+        left=$((size - got))
+        curl -fsS --connect-timeout 10 --speed-time 30 --speed-limit 1024 --max-filesize "$left" \
+            --max-time $((60 + left / (256 << 10))) -C "$got" \
+            -w '%{stderr}bytes=%{size_download} code=%{http_code}\n' "$url" 2>"$state.err" | head -c "$left"
+        status=${PIPESTATUS[0]}
+        n=$(sed -n 's/^bytes=\([0-9]*\) .*/\1/p' "$state.err" | tail -n 1)
+        code=$(sed -n 's/^bytes=.* code=\([0-9]*\)$/\1/p' "$state.err" | tail -n 1)
+        n=${n:-0}
+        if [ "$code" != "$([ "$got" = 0 ] && echo 200 || echo 206)" ]; then
+            n=0  # a 416, say: curl counts a body it did not pass on
+            [ "$status" != 0 ] || status=33
+        fi
+        [ "$n" -le "$left" ] || n=$left  # head passed on no more
+        got=$((got + n))
         echo "$got" >"$state.got"
-        if [ "$status" = 0 ] && [ "$got" = "$size" ]; then return 0; fi
-        [ "$status" != 0 ] || status=18  # whole, says the server, yet short of SIZE
-        # 33, or 63 (more than the bytes left): the server does not resume, or sends more than
-        # the signed size. Another try would not help.
-        if [ "$status" = 33 ] || [ "$status" = 63 ]; then
-            echo "the server sent more than the $((size - got)) bytes left: it does not resume (HTTP Range)" \
-                "or the file is not the signed one" >>"$state.err"
+        if [ "$got" = "$size" ] && [ "$status" = 0 ]; then return 0; fi
+        if [ "$got" = "$size" ] || [ "$status" = 33 ] || [ "$status" = 63 ]; then
+            # More than the bytes left, or no resume: another try would not help.
+            echo "the server sent other bytes than the $left left (HTTP $code): it does not resume" \
+                "(HTTP Range) or the file is not the signed one" >>"$state.err"
+            [ "$status" != 0 ] && [ "$status" != 23 ] || status=63
             return "$status"
         fi
+        [ "$status" != 0 ] || status=18  # whole, says the server, yet short of SIZE
         [ "$try" -lt "$FETCH_TRIES" ] || return "$status"
         pause=$((1 << try)); [ "$pause" -le 20 ] || pause=20
         say "${url%%\?*}: broken off at $((got >> 20)) of $((size >> 20)) MiB (curl status $status:" \
