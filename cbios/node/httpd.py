@@ -29,6 +29,7 @@ log = logging.getLogger("cbios")
 SLICE = 1 << 20  # sendfile's bytes per call: a stop or a hold is seen within one
 RECEIPT_MAX = 64 << 10
 IDLE_TIMEOUT = 60
+TRANSFERS_KEPT = 1000
 RANGE = re.compile(r"bytes=(\d{1,19})-(\d{1,19})?")
 MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")  # fullmatch
 
@@ -62,7 +63,9 @@ class BundleServer(ThreadingHTTPServer):
                               if v)
         self.files = set(files)
         self.receipts = receipts
-        self.transfers: list[Transfer] = []
+        self.transfers: list[Transfer] = []  # the last TRANSFERS_KEPT
+        self.forgotten: dict[str, int] = {}  # bytes sent by the transfers before them, by file
+        self.forgotten_done = 0
         self.received: list[dict[str, object]] = []
         self.stopping = threading.Event()
         self._lock = threading.Lock()
@@ -126,12 +129,26 @@ class BundleServer(ThreadingHTTPServer):
         return path
 
     def bytes_sent(self, name: str | None = None) -> int:
+        """Bytes sent so far, of NAME or of every file."""
         with self._lock:
-            return sum(t.sent for t in self.transfers if name is None or t.name == name)
+            return sum(t.sent for t in self.transfers if name is None or t.name == name) + \
+                sum(sent for n, sent in self.forgotten.items() if name is None or n == name)
+
+    def transfers_done(self) -> int:
+        """Transfers sent whole so far."""
+        with self._lock:
+            return sum(1 for t in self.transfers if t.done) + self.forgotten_done
 
     def track(self, transfer: Transfer) -> None:
+        """TRANSFER, kept among the last TRANSFERS_KEPT (a server that runs for months, and
+        clients that ask for a byte at a time, never fill its memory); the ones before are
+        kept as their sums."""
         with self._lock:
             self.transfers.append(transfer)
+            while len(self.transfers) > TRANSFERS_KEPT and self.transfers[0].ended.is_set():
+                old = self.transfers.pop(0)
+                self.forgotten[old.name] = self.forgotten.get(old.name, 0) + old.sent
+                self.forgotten_done += old.done
 
     def process_request(self, request: socket.socket | tuple[bytes, socket.socket],
                         client_address: tuple[str, int]) -> None:

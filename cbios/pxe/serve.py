@@ -179,8 +179,8 @@ def serve(bundle: Path, interface: str, *, http_port: int, receipts: Path, mode:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         shutil.rmtree(runtime, ignore_errors=True)
-    done = sum(1 for t in httpd.transfers if t.done)
-    log.info("‣ Stopped: %d transfers (%d MiB), %d receipts", done, httpd.bytes_sent() >> 20, len(httpd.received))
+    log.info("‣ Stopped: %d transfers (%d MiB), %d receipts", httpd.transfers_done(), httpd.bytes_sent() >> 20,
+             len(httpd.received))
     return 0
 
 
@@ -210,7 +210,7 @@ def publish(bundle: Path, *, address: str, port: int, stop: threading.Event | No
         httpd.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    log.info("‣ Stopped: %d transfers (%d MiB)", sum(1 for t in httpd.transfers if t.done), httpd.bytes_sent() >> 20)
+    log.info("‣ Stopped: %d transfers (%d MiB)", httpd.transfers_done(), httpd.bytes_sent() >> 20)
     return 0
 
 

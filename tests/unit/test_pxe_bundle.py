@@ -316,3 +316,14 @@ def test_a_server_that_sends_more_than_the_signed_size_gets_no_byte_past_it(tmp_
     assert returncode == 63, err
     assert (tmp_path / "got").read_bytes() == _TooMuch.data  # what it passed on: the size, not a byte past it
     assert "the server sent other bytes than the 524288 left" in (tmp_path / "got.err").read_text()
+
+
+def test_a_server_keeps_the_last_transfers_and_the_sums_of_the_rest(server: BundleServer,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("cbios.node.httpd.TRANSFERS_KEPT", 3)
+    for i in range(10):  # one byte at a time, as a client that wants to fill the server's memory would
+        status, data, _ = request(server, "GET", "/root.img", headers={"Range": f"bytes={i}-{i}"})
+        assert (status, len(data)) == (206, 1)
+        assert server.transfers[-1].ended.wait(10)
+    assert len(server.transfers) <= 4 and server.bytes_sent("root.img") == 10 and server.transfers_done() == 10
+    assert server.bytes_sent("vmlinuz") == 0
