@@ -48,6 +48,12 @@ class Transfer:
     ended: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
 
 
+def ipxe_presets(mode: str | None, args: str = "") -> str:
+    """The iPXE lines that set what boot.ipxe does without its menu (cbios-mode) and what it
+    adds to the kernel command line (cbios-args), before it is chained."""
+    return "".join(f"set {k} {v}\n" for k, v in (("cbios-mode", mode), ("cbios-args", args)) if v)
+
+
 class BundleServer(ThreadingHTTPServer):
     daemon_threads = True
 
@@ -59,8 +65,7 @@ class BundleServer(ThreadingHTTPServer):
         self.hold_after = hold_after
         self.held = threading.Event()
         self.released = threading.Event()
-        self.preset = "".join(f"set {k} {v}\n" for k, v in (("cbios-mode", preset_mode), ("cbios-args", preset_args))
-                              if v)
+        self.preset = ipxe_presets(preset_mode, preset_args)
         self.files = set(files)
         self.receipts = receipts
         self.transfers: list[Transfer] = []  # the last TRANSFERS_KEPT
@@ -172,9 +177,9 @@ def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
         return 0, size
     start = int(m[1])
     end = size if m[2] is None else min(int(m[2]) + 1, size)
-    if start >= size or end <= start:
-        return None if start >= size else (0, size)
-    return start, end
+    if start >= size:
+        return None
+    return (start, end) if end > start else (0, size)  # "bytes=9-3" is no range: the whole file
 
 
 class Handler(BaseHTTPRequestHandler):

@@ -12,9 +12,10 @@ import shutil
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Protocol, Self
 
 from cbios.errors import StepError
-from cbios.node.httpd import BundleServer
+from cbios.node.httpd import BundleServer, ipxe_presets
 from cbios.pxe import newer_ipxe
 from cbios.pxe.bundle import FILES
 from cbios.pxe.nginx import Nginx
@@ -28,10 +29,20 @@ JOIN_NODE = "ip -4 addr show dev ctl | grep -q 10.0.2.15/ || ip addr add 10.0.2.
 CHAIN = "chain.ipxe"
 
 
-class Site:
-    """QEMU's DHCP and TFTP, chaining iPXE to GUEST_SERVER, forwarded to PORT here."""
+class Server(Protocol):
+    @property
+    def port(self) -> int: ...
 
-    port: int
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+class Site:
+    """QEMU's DHCP and TFTP, chaining iPXE to GUEST_SERVER, forwarded to the HTTP server
+    here, which runs while the site is entered."""
+
+    server: Server
     rom: Path | None = None  # the PXE NIC's iPXE ROM; None: QEMU's own
 
     def __init__(self, workdir: Path, script: str = "boot.ipxe", first: str = "") -> None:
@@ -49,10 +60,20 @@ class Site:
 
     def guestfwd(self) -> str:
         """The -netdev user option that forwards GUEST_SERVER:80 to the HTTP server here."""
-        return f"guestfwd=tcp:{GUEST_SERVER}:80-cmd:socat - TCP:127.0.0.1:{self.port}"
+        return f"guestfwd=tcp:{GUEST_SERVER}:80-cmd:socat - TCP:127.0.0.1:{self.server.port}"
+
+    def __enter__(self) -> Self:
+        self.server.start()
+        return self
+
+    def __exit__(self, typ: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.server.stop()
 
 
 class PxeLab(Site):
+    server: BundleServer
+
     def __init__(self, bundle: Path, workdir: Path, *, mode: str | None, kernel_args: str = "",
                  hold_after: tuple[str, int] | None = None) -> None:
         """MODE: what the node does (boot, update, install); None: iPXE's menu, and its default.
@@ -61,10 +82,6 @@ class PxeLab(Site):
         self.taken: list[dict[str, object]] = []
         self.server = BundleServer(("127.0.0.1", 0), bundle, FILES, workdir / "receipts",
                                    preset_mode=mode, preset_args=kernel_args, hold_after=hold_after)
-
-    @property
-    def port(self) -> int:  # type: ignore[override]
-        return self.server.port
 
     def wait_receipt(self, timeout: float = 60) -> dict[str, object]:
         """The next receipt the flasher sends (it sends it just after its verdict)."""
@@ -78,33 +95,17 @@ class PxeLab(Site):
         self.taken.append(receipt)
         return receipt
 
-    def __enter__(self) -> PxeLab:
-        self.server.start()
-        return self
-
-    def __exit__(self, typ: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.server.stop()
-
 
 class StaticLab(Site):
     """A site whose web server is a stock one (nginx) serving the bundle as plain files, and
     whose nodes run Debian 13's iPXE: nothing sets cbios-server, boot.ipxe finds its folder."""
 
+    server: Nginx
+
     def __init__(self, site: Path, script: str, workdir: Path, cache: Path, *, mode: str | None = None,
                  kernel_args: str = "", rate: str = "", rate_after: str = "") -> None:
         """SITE: the web server's root; SCRIPT: the bundle's boot.ipxe in it. MODE and
         KERNEL_ARGS: what the site's own chain script sets before it chains the bundle's."""
-        first = "".join(f"set {k} {v}\n" for k, v in (("cbios-mode", mode), ("cbios-args", kernel_args)) if v)
-        super().__init__(workdir, script, first)
+        super().__init__(workdir, script, ipxe_presets(mode, kernel_args))
         self.rom = newer_ipxe.rom(cache)
         self.server = Nginx(site, workdir / "nginx", rate=rate, rate_after=rate_after)
-        self.port = self.server.port
-
-    def __enter__(self) -> StaticLab:
-        self.server.start()
-        return self
-
-    def __exit__(self, typ: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.server.stop()

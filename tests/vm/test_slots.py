@@ -43,20 +43,27 @@ def hub(profile: Profile) -> Iterator[VlanSwitch]:
         yield switch
 
 
-@pytest.fixture(scope="module")
-def peer(vm_project: Project, peer_profile: Profile, peer_disk: Path, hub: VlanSwitch,
-         tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
-    """The cluster's second node, started (not yet ready: it boots while the tests of the
-    first run); its ctl on the hub."""
-    disk = overlay(peer_disk, tmp_path_factory.mktemp("peer") / "peer.qcow2")
-    spec = disk_boot_spec(vm_project, peer_profile, peer_disk.parent, disk, persist=True)
-    spec.links[0] = hub.netdev(1)
-    m = Machine(spec, disk.parent / "vm", name="peer")
+def on_hub(vm_project: Project, profile: Profile, disk: Path, hub: VlanSwitch, port: int,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
+    """For module fixtures: a management node from (a copy of) DISK, its ctl on the hub's
+    PORT, started (not yet ready), and killed after the module."""
+    copy = overlay(disk, tmp_path_factory.mktemp(profile.name) / "node.qcow2")
+    spec = disk_boot_spec(vm_project, profile, disk.parent, copy, persist=True)
+    spec.links[0] = hub.netdev(port)
+    m = Machine(spec, copy.parent / "vm", name=profile.name.removeprefix("qemu-test-"))
     try:
         m.start()
         yield m
     finally:
         m.kill()
+
+
+@pytest.fixture(scope="module")
+def peer(vm_project: Project, peer_profile: Profile, peer_disk: Path, hub: VlanSwitch,
+         tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
+    """The cluster's second node, started (not yet ready: it boots while the tests of the
+    first run)."""
+    yield from on_hub(vm_project, peer_profile, peer_disk, hub, 1, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -64,15 +71,7 @@ def third(vm_project: Project, third_profile: Profile, third_disk: Path, hub: Vl
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
     """A third management node, in no cluster: started by the kvm-system test (it boots on
     the core that test leaves idle), or by the first test that needs it."""
-    disk = overlay(third_disk, tmp_path_factory.mktemp("third") / "third.qcow2")
-    spec = disk_boot_spec(vm_project, third_profile, third_disk.parent, disk, persist=True)
-    spec.links[0] = hub.netdev(2)
-    m = Machine(spec, disk.parent / "vm", name="third")
-    try:
-        m.start()
-        yield m
-    finally:
-        m.kill()
+    yield from on_hub(vm_project, third_profile, third_disk, hub, 2, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,7 @@ from typing import Any
 
 from cbios.node import contract, files, slotparams
 from cbios.node.bootserver import dnsmasq
-from cbios.node.httpd import BundleServer
+from cbios.node.httpd import BundleServer, ipxe_presets
 
 log = logging.getLogger("cbios")
 
@@ -96,7 +96,7 @@ class StoreServer(BundleServer):
         log.info("  %s: %s %s, %s", mac, choice.image, choice.version, choice.mode)
         return (f"{head}: {choice.image} {choice.version}, {choice.mode}\n"
                 f"set cbios-server http://{host}/images/{choice.image}/{choice.version}/\n"
-                f"set cbios-mode {choice.mode}\n"
+                f"{ipxe_presets(choice.mode)}"
                 f"chain ${{cbios-server}}{ENTRY}?mac=${{netX/mac}} || exit 1\n").encode()
 
     def done(self, mac: str, choice: slotparams.BootChoice) -> str | None:
