@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cbios import ports
 from cbios.errors import StepError
 from cbios.node import contract
 from cbios.node.cluster import keyring, members
@@ -73,35 +73,23 @@ def _start_peers(count: int, port: int, key: Path, work: Path) -> list[subproces
     procs = [subprocess.Popen([sys.executable, "-c", code, peer_id(i), peer_address(i), str(port), str(key),
                                str(work)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL) for i in range(count)]
-    deadline = time.monotonic() + START_TIMEOUT
-    for i, proc in enumerate(procs):
-        while not _listening(peer_address(i), port):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                _stop(procs)
-                raise StepError("cluster scale", f"peer {peer_id(i)} did not start on {peer_address(i)}:{port}")
-            time.sleep(0.05)
-    return procs
-
-
-def _listening(address: str, port: int) -> bool:
+    started = time.monotonic()
     try:
-        with socket.create_connection((address, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
+        for i, proc in enumerate(procs):
+            ports.wait_listening(proc, port, START_TIMEOUT - (time.monotonic() - started), f"peer {peer_id(i)}",
+                                 address=peer_address(i))
+    except StepError:
+        _stop(procs)
+        raise
+    return procs
 
 
 def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
     for proc in procs:
         if proc.poll() is None:
-            proc.send_signal(signal.SIGCONT)
-            proc.terminate()
+            proc.send_signal(signal.SIGCONT)  # a stopped one takes its SIGTERM only once it runs
     for proc in procs:
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        ports.end(proc)
 
 
 def _timed(asker: members.Members, by_type: str | None, runs: int) -> dict[str, Any]:

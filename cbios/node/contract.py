@@ -119,10 +119,13 @@ STORE_MOUNT = "image-store"  # in slot_mounts(eid), beside its volumes
 BOOT_RECEIPTS = "lib/cbios-boot-server/receipts"
 
 
+OBJECT_ID = re.compile(r"[0-9]{11}")  # a node's or a slot's; fullmatch
+
+
 def parse_object_id(node_id: str, text: str) -> tuple[str, int | None]:
     """('node', None) for this node's ObjectID, ('slot', eid) for one of its slots.
     ValueError for anything else, with a message for the person who typed it."""
-    if not re.fullmatch(r"\d{11}", text):
+    if not OBJECT_ID.fullmatch(text):
         raise ValueError(f"'{text}' is not an ObjectID (11 digits, e.g. {node_id})")
     if text == node_id:
         return "node", None

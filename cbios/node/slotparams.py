@@ -69,7 +69,7 @@ def _domain(text: str) -> str:
 # what the node does with it (contract.BOOT_MODES).
 BOOT_CHOICE = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]{0,63})@(\d+(?:\.\d+){0,3}):([a-z]+)")
 MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
-OBJECT_ID = re.compile(r"\d{11}")
+OBJECT_ID = contract.OBJECT_ID
 
 
 @dataclass(frozen=True)

@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import logging
 import re
-import signal
-import socket
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from cbios import ports
 from cbios.errors import StepError
 
 log = logging.getLogger("cbios")
@@ -79,7 +77,7 @@ class Nginx:
         if not Path(NGINX).is_file():
             raise StepError("nginx", f"{NGINX} is missing", hint="run 'make deps' (nginx-light)")
         self.root, self.workdir = root.resolve(), workdir
-        self.port = port or free_port()
+        self.port = port or ports.free_port()
         self.workers, self.rate, self.rate_after = workers, rate, rate_after
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -95,25 +93,17 @@ class Nginx:
         self.proc = subprocess.Popen([NGINX, "-c", str(path), "-p", str(self.workdir), "-e",
                                       str(self.workdir / "error.log")], stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + START_TIMEOUT
-        while not listening(self.port):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise StepError("nginx", f"nginx did not start on port {self.port}",
-                                hint=f"its log: {self.workdir / 'error.log'}")
-            time.sleep(0.05)
+        try:
+            ports.wait_listening(self.proc, self.port, START_TIMEOUT, "nginx",
+                                 hint=f"its log: {self.workdir / 'error.log'}")
+        except StepError:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         """Fast shutdown (SIGTERM): transfers under way are broken off."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            ports.end(self.proc, STOP_TIMEOUT)
         self.proc = None
 
     def served(self) -> list[Served]:
@@ -134,16 +124,3 @@ class Nginx:
                  tb: TracebackType | None) -> None:
         self.stop()
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False

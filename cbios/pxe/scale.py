@@ -22,10 +22,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from cbios import manifest
-from cbios.errors import StepError
+from cbios import manifest, ports
 from cbios.pxe.bundle import PXE_DIR
-from cbios.pxe.nginx import Nginx, free_port, listening
+from cbios.pxe.nginx import Nginx
 
 log = logging.getLogger("cbios")
 
@@ -49,20 +48,15 @@ echo "$(date +%s.%N) $start $(tail -n 1 "$3") $sum"
 @contextmanager
 def project_server(bundle: Path) -> Iterator[str]:
     """`cbios pxe publish` of BUNDLE, in a process of its own, as a site runs it; its URL."""
-    port = free_port()
+    port = ports.free_port()
     argv = [sys.executable, "-c", "import sys; from cbios.cli import main; sys.exit(main())",
             "pxe", "publish", "--bundle", str(bundle), "--port", str(port)]
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 30
-        while not listening(port):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise StepError("pxe scale", "cbios pxe publish did not start")
-            time.sleep(0.1)
+        ports.wait_listening(proc, port, 30, "cbios pxe publish")
         yield f"http://127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        proc.wait(30)
+        ports.end(proc)
 
 
 @contextmanager

@@ -20,6 +20,7 @@ from cbios.node import cluster, contract, manager, wire
 from cbios.node.cluster import keyring, members
 from cbios.node.executor import lxcconf
 from cbios.node.wire import Failed, Invalid
+from cbios.ports import free_port, listening
 from cbios.profile import load_profile
 from cbios.profile import template as slot_template
 from cbios.project import Project
@@ -50,13 +51,6 @@ def started(config: dict[str, Any], catalogue: dict[str, dict[str, Any]], tmp_pa
                         sleep=lambda _: None, cluster_key=tmp_path / "key")
     m.start()
     return m, ex
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @pytest.fixture
@@ -94,13 +88,9 @@ def serving(m: manager.Manager, port: int, addresses: frozenset[str] = frozenset
 
 def wait_listening(port: int) -> None:
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"nothing listens on {port}")
+    while not listening(port):
+        assert time.monotonic() < deadline, f"nothing listens on {port}"
+        time.sleep(0.05)
 
 
 def test_slot_show_covers_both_nodes_and_a_peers_slot_is_worked_there(

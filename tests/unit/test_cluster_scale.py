@@ -5,7 +5,7 @@ stopped; every listing has a row for each peer, and one UNREACHABLE row for each
 from __future__ import annotations
 
 from cbios import cluster_scale
-from tests.unit.test_cluster import free_port
+from cbios.ports import free_port
 
 
 def test_every_peer_is_listed_and_a_stopped_one_is_one_unreachable_row() -> None:

@@ -182,21 +182,21 @@ def serve(port: int, verifier: Verifier, handler: wire.Handler, members: Callabl
                 refusals.log(address, "too many connections already (closed unanswered)")
                 return
             try:
-                self._answer(address, wire.READ_TIMEOUT if member else STRANGER_TIMEOUT)
+                self._answer(address, member)
             finally:
                 pool.release()
 
-        def _answer(self, address: str, timeout: float) -> None:
+        def _answer(self, address: str, member: bool) -> None:
             challenge = secrets.token_hex(16)
             if not self._send({"challenge": challenge}):
                 return
-            line = wire.read_line(self.request, timeout)
+            line = wire.read_line(self.request, wire.READ_TIMEOUT if member else STRANGER_TIMEOUT)
             if line is None:
                 return
             try:
                 inner, key, sender = verifier.check(json.loads(line), challenge)
                 op, args = wire.decode(inner)
-                if address not in members() and op != JOIN:
+                if not member and op != JOIN:
                     raise Denied(f"{op} from {address}, not a member's address")
             except wire.Invalid as e:
                 reply = {"ok": False, "code": "invalid", "error": str(e)}

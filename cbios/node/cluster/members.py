@@ -13,14 +13,13 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
-import re
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from cbios.node import cluster, files
+from cbios.node import cluster, contract, files
 from cbios.node.cluster import keyring
 from cbios.node.wire import Failed, Invalid, RemoteError
 
@@ -35,7 +34,6 @@ MEMBER_OPS = {"member_add", "member_remove"}  # the list's own, answered here (h
 PEER_WORK_TIMEOUT = 840  # work on another node's slot: under the `slot` CLI's own 900 s
 MEMBERS_NAME = "cluster-members.json"  # beside the registry (registry.REGISTRY)
 FORMAT = 1
-OBJECT_ID = re.compile(r"[0-9]{11}")
 CONNECT_TIMEOUT = 1.0  # a member on the management network accepts and challenges well within it
 
 Rows = list[dict[str, Any]]
@@ -47,7 +45,8 @@ class Members:
         self.node_id = node_id
         self.port: int = inventory.get("port", 0)
         self.timeout: float = inventory.get("timeout", 5)
-        self.connect_timeout: float = inventory.get("connect_timeout", CONNECT_TIMEOUT)
+        # The connection's and the challenge's bound: never longer than the answer's.
+        self.connect_timeout: float = min(inventory.get("connect_timeout", CONNECT_TIMEOUT), self.timeout)
         # This node's own address, where several nodes share a host (the bench, the unit tests):
         # it listens there alone, and asks from there. Unset, a node listens on all of its own.
         self.address: str | None = inventory.get("address")
@@ -84,7 +83,7 @@ class Members:
                            0o600)
 
     def _peer(self, object_id: Any, address: Any) -> cluster.Peer:
-        if not isinstance(object_id, str) or not OBJECT_ID.fullmatch(object_id):
+        if not isinstance(object_id, str) or not contract.OBJECT_ID.fullmatch(object_id):
             raise Invalid(f"{object_id!r} is not a node's ObjectID (11 digits)")
         return cluster.Peer(object_id, _address(address), self.port)
 
@@ -92,12 +91,9 @@ class Members:
         """OBJECT_ID at ADDRESS a member (its address replaced if it was one, unless not to
         MOVE it); False if it was one there already."""
         peer = self._peer(object_id, address)
-        if peer.owns(self.node_id):
-            raise Invalid(f"{object_id} is this node")
         with self.lock:
-            clash = next((p for p in self.peers if p.owns(object_id) and p.object_id != object_id), None)
-            if clash is not None:
-                raise Invalid(f"{object_id}: node {clash.object_id} has the same first 8 digits (its slots' ids)")
+            if (why := self._refused(peer, self.peers)) is not None:
+                raise Invalid(why)
             if peer in self.peers:
                 return False
             moved = next((p for p in self.peers if p.object_id == object_id), None)
@@ -119,6 +115,15 @@ class Members:
         log.info("cluster: %s is no longer a member", object_id)
         return True
 
+    def _refused(self, peer: cluster.Peer, peers: list[cluster.Peer]) -> str | None:
+        """Why PEER cannot be a member beside PEERS: this node, or another with its slots' ids."""
+        if peer.owns(self.node_id):
+            return f"{peer.object_id} is this node"
+        clash = next((p for p in peers if p.owns(peer.object_id) and p.object_id != peer.object_id), None)
+        if clash is not None:
+            return f"{peer.object_id}: node {clash.object_id} has the same first 8 digits (its slots' ids)"
+        return None
+
     def replace(self, peers: list[cluster.Peer]) -> None:
         with self.lock:
             self.peers = peers
@@ -126,7 +131,7 @@ class Members:
 
     def owner(self, object_id: Any) -> cluster.Peer | None:
         """The other node OBJECT_ID (a node's or a slot's) belongs to; None for this node's."""
-        if not isinstance(object_id, str) or not re.fullmatch(r"\d{11}", object_id):
+        if not isinstance(object_id, str) or not contract.OBJECT_ID.fullmatch(object_id):
             return None
         if object_id[:8] == self.node_id[:8]:
             return None
@@ -139,7 +144,7 @@ class Members:
             raise Failed(f"no cluster key on this node ({self.keys.shown}): set one with `cbios cluster set-key`")
         answer_timeout = self.timeout if op in PEER_QUERIES | MEMBER_OPS else PEER_WORK_TIMEOUT
         try:
-            return cluster.call(peer, keys, self.node_id, op, args, timeout=min(self.connect_timeout, self.timeout),
+            return cluster.call(peer, keys, self.node_id, op, args, timeout=self.connect_timeout,
                                 answer_timeout=answer_timeout, new_key=new_key, source=self.address)
         except cluster.Unreachable as e:
             raise Failed(f"unreachable: {e}") from None
@@ -212,11 +217,9 @@ class Members:
                          "`cbios cluster set-key` first")
         try:
             answer = cluster.call(cluster.Peer("*", address, self.port), keys, self.node_id, cluster.JOIN,
-                                  {"object_id": self.node_id}, timeout=min(self.connect_timeout, self.timeout),
+                                  {"object_id": self.node_id}, timeout=self.connect_timeout,
                                   answer_timeout=self.timeout * 3, source=self.address)
-        except cluster.Unreachable as e:
-            raise Failed(f"cannot join: {e}") from None
-        except RemoteError as e:
+        except (cluster.Unreachable, RemoteError) as e:
             raise Failed(f"cannot join: {e}") from None
         try:
             listed = [self._peer(answer["node"], address)] + [
@@ -224,8 +227,8 @@ class Members:
         except (KeyError, TypeError, Invalid) as e:
             raise Failed(f"cannot join: the answer of {address} is not a member list ({e})") from None
         peers: list[cluster.Peer] = []
-        for peer in listed:  # as add() takes them: not this node, one a node, no two with one's slots' ids
-            if not peer.owns(self.node_id) and not any(p.owns(peer.object_id) for p in peers):
+        for peer in listed:  # as add() takes them
+            if self._refused(peer, peers) is None and peer.object_id not in {p.object_id for p in peers}:
                 peers.append(peer)
         self.replace(peers)
         log.info("cluster: joined %s's cluster of %d nodes", answer["node"], len(peers) + 1)
