@@ -165,6 +165,7 @@ def build(project: Project, profile: Profile, *, force: bool = False) -> Path:
     }
     _publish(dirs, data, key)
     make_bundle(dirs.out)
+    _drop_trees(dirs.work / "out")
     log.info("‣ Built %s %s in %.0f s: %s", profile.name, profile.version,
              time.monotonic() - start, project.display(dirs.out))
     return dirs.out
@@ -207,6 +208,16 @@ def _slot_images(project: Project, profile: Profile, dirs: BuildDirs,
         _check_room(profile, templates[name], name, image.ext4_size(img.output_dir / name, 16 << 20))
         trees[name] = img.output_dir / name
     return trees
+
+
+def _drop_trees(outputs: Path) -> None:
+    """mkosi's directory outputs (the root's and the lxc-system slots' trees), once root.img
+    holds them: a gigabyte or more per profile, that mkosi makes again from its cache on the
+    next build. Its files (initrd, kernel, manifests) stay."""
+    for out in outputs.iterdir():
+        for path in out.iterdir():
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
 
 
 def _place_slot_images(trees: dict[str, Path], tree: Path) -> dict[str, dict[str, object]]:
