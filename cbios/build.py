@@ -135,6 +135,7 @@ def build(project: Project, profile: Profile, *, force: bool = False) -> Path:
         "format": manifest.FORMAT,
         "profile": profile.name,
         "version": profile.version,
+        "test": profile.test,  # the public test key, maybe a back door: never for real nodes
         "architecture": architecture(),
         "boot": {"tries": profile.boot.tries, "ready_timeout": profile.boot.ready_timeout},
         "profile_sha256": profile_hash(profile),

@@ -31,6 +31,11 @@ class Project:
         return self.root / "overlays"
 
     @property
+    def test_keys(self) -> Path:
+        """The test profiles' keys: public on purpose, never a real node's."""
+        return self.profiles / "keys"
+
+    @property
     def initrd(self) -> Path:
         return self.root / "initrd"
 

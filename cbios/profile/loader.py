@@ -101,6 +101,28 @@ def semantic_problems(project: Project, profile: Profile) -> list[tuple[KeyPath,
     for i, user in enumerate(profile.users):
         if user.password_hash is not None and user.name != "root":
             out.append((("users", i, "password_hash"), "a password can be set for root only"))
+    if not profile.test:
+        out += _test_material(project, profile)
+    return out
+
+
+TEST_OVERLAY_PREFIX = "test-"
+
+
+def _test_material(project: Project, profile: Profile) -> list[tuple[KeyPath, str]]:
+    """What only a `test: true` profile may carry: a real node's firmware never inherits a
+    public key, a back door or an empty password from the profile it extends."""
+    why = f"is for tests only, and '{profile.name}' is no test profile (`test: true`)"
+    out: list[tuple[KeyPath, str]] = []
+    for i, overlay in enumerate(profile.overlays):
+        if overlay.startswith(TEST_OVERLAY_PREFIX):
+            out.append((("overlays", i), f"overlay '{overlay}' {why}"))
+    key = profile.update.signing_key
+    if key is not None and (project.root / key).resolve().is_relative_to(project.test_keys.resolve()):
+        out.append((("update", "signing_key"), f"{key}, a public test key, {why}"))
+    for i, user in enumerate(profile.users):
+        if user.password_hash == "":
+            out.append((("users", i, "password_hash"), f"an empty password {why}"))
     return out
 
 

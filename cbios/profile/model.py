@@ -238,6 +238,8 @@ class Profile(Strict):
     version: Annotated[str, Field(pattern=r"^\d+(\.\d+){0,3}$")]
     description: str = ""
     extends: Name | None = None
+    test: bool = Field(default=False, description="a firmware for tests in QEMU: only such a profile may name a "
+                       "test key (profiles/keys/), a test overlay (test-*) or an empty root password")
     distribution: Distribution = Distribution()
     kernel: Kernel = Kernel()
     packages: list[Name] = []

@@ -289,3 +289,32 @@ def test_cli_schema_is_json(tmp_project: Project) -> None:
     proc = _cli(tmp_project, "profile", "schema")
     assert proc.returncode == 0
     assert json.loads(proc.stdout)["title"] == "CBIOS profile"
+
+
+def test_only_a_test_profile_carries_test_material(tmp_project: Project, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real node's firmware that extends a test profile does not inherit its key, its back
+    door or its empty password: each is one line naming where it came from."""
+    monkeypatch.chdir(tmp_project.root)
+    (tmp_project.overlays / "test-door").mkdir()
+    (tmp_project.test_keys).mkdir()
+    (tmp_project.test_keys / "test.pem").write_text("key\n")
+    (tmp_project.profiles / "lab.yaml").write_text(
+        'extends: base\ntest: true\noverlays: [test-door]\nupdate: {signing_key: profiles/keys/test.pem}\n'
+        'users: [{name: root, password_hash: ""}]\n')
+    assert load_profile(tmp_project, "lab").test
+    (tmp_project.profiles / "real.yaml").write_text('extends: lab\ntest: false\n')
+    with pytest.raises(ProfileError) as e:
+        load_profile(tmp_project, "real")
+    problems = e.value.problems
+    assert len(problems) == 3, problems
+    assert all(p.startswith("profiles/lab.yaml:") and "for tests only, and 'real' is no test profile" in p
+               for p in problems), problems
+    assert any("overlay 'test-door'" in p for p in problems)
+    assert any("profiles/keys/test.pem, a public test key" in p for p in problems)
+    assert any("an empty password" in p for p in problems)
+
+
+def test_the_shipped_real_profiles_are_not_test_profiles(project: Project) -> None:
+    for name in ("base", "compute", "service-node"):
+        assert not load_profile(project, name).test
+    assert load_profile(project, "qemu-test-peer").test
