@@ -3,7 +3,9 @@
     invoke build --profile qemu-test
     invoke disk --profile qemu-test
     invoke boot --profile qemu-test [--check] [--disk [--persist]]
-    invoke pxe-serve --profile qemu-test --interface eth1 [--mode install]
+    invoke pxe-serve --profile compute --interface eth1 [--mode install]
+    invoke publish --profile compute [--address 0.0.0.0]
+    invoke release --profile compute [--output FILE]
     invoke test [--unit | --vm | -k EXPR]
     invoke bench --profile qemu-test [--cold] [--power-cuts 20]
     invoke bench-pxe --profile qemu-test [--clients 1,10,50,100]
@@ -45,50 +47,74 @@ def _reported(call: Callable[[], object]) -> None:
     _exit_on_failure(reporting(step))
 
 
-@task(help={"profile": "profile to build (profiles/NAME.yaml)",
+def _options(**options: object) -> list[str]:
+    """`cbios` options from a task's: the same names, dashes for underscores; unset ones left out."""
+    argv: list[str] = []
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif value not in (False, "", 0, None):
+            argv += [flag, str(value)]
+    return argv
+
+
+@task(help={"profile": "profile to build (profiles/NAME.yaml; default qemu-test)",
             "force": "rebuild even when nothing changed"})
 def build(c: Context, profile: str = "qemu-test", force: bool = False) -> None:
-    """Build a profile's firmware into build/PROFILE/."""
-    _cbios("build", profile, *(["--force"] if force else []))
+    """Build a profile's firmware into build/PROFILE/ (cbios build)."""
+    _cbios("build", *_options(profile=profile, force=force))
 
 
-@task(help={"profile": "profile whose node disk to make (built first if needed)",
+@task(help={"profile": "profile whose node disk to make, built first if needed (default qemu-test)",
             "force": "remake the disk even when it is up to date"})
 def disk(c: Context, profile: str = "qemu-test", force: bool = False) -> None:
-    """Make build/PROFILE/disk.qcow2 by booting the flasher in QEMU on a blank disk."""
-    _cbios("build", profile)
-    _cbios("disk", profile, *(["--force"] if force else []))
+    """Make build/PROFILE/disk.qcow2 by booting the flasher in QEMU on a blank disk (cbios disk)."""
+    _cbios("build", *_options(profile=profile))
+    _cbios("disk", *_options(profile=profile, force=force))
 
 
-@task(help={"profile": "profile whose PXE bundle to serve (built first if needed)",
+# The verbs that serve or flash nodes name their firmware: no default, so that the test
+# firmware (an empty root password, the tests' back door) is never served by a forgotten flag.
+@task(auto_shortflags=False,
+      help={"profile": "profile whose PXE bundle to serve, built first if needed (or --bundle)",
+            "bundle": "serve this bundle folder instead (a copy of build/NAME/pxe)",
             "interface": "the interface on the nodes' network",
             "mode": "boot, update or install for every node (default: iPXE's menu)",
-            "http_port": "HTTP port (default 8080)"})
-def pxe_serve(c: Context, profile: str = "qemu-test", interface: str = "", mode: str = "",
-              http_port: int = 8080) -> None:
-    """Serve build/PROFILE/pxe to nodes: proxy-DHCP, TFTP and HTTP until Ctrl-C."""
+            "http_port": "HTTP port (default 8080)",
+            "receipts": "where the flasher's receipts go (default: beside the bundle)"})
+def pxe_serve(c: Context, profile: str = "", bundle: str = "", interface: str = "", mode: str = "",
+              http_port: int = 8080, receipts: str = "") -> None:
+    """Serve a build's PXE bundle to nodes: proxy-DHCP, TFTP and HTTP until Ctrl-C (cbios pxe serve)."""
     if not interface:
         raise Exit("pxe-serve: --interface IF is required: the interface on the nodes' network ('ip -br addr')",
                    code=2)
-    _cbios("build", profile)
-    _cbios("pxe", "serve", "--profile", profile, "--interface", interface, "--http-port", str(http_port),
-           *(["--mode", mode] if mode else []))
+    if profile:
+        _cbios("build", "--profile", profile)
+    _cbios("pxe", "serve", *_options(profile=profile, bundle=bundle, interface=interface, http_port=http_port,
+                                     mode=mode, receipts=receipts))
 
 
-@task(help={"profile": "profile whose release file to write (built first if needed)",
+@task(help={"profile": "profile whose release file to write, built first if needed",
             "output": "where (default: build/PROFILE/PROFILE-VERSION.cbios.tar)"})
-def release(c: Context, profile: str = "qemu-test", output: str = "") -> None:
-    """One file with a build's update, for `cbios update FILE` on a node."""
-    _cbios("build", profile)
-    _cbios("release", profile, *(["--output", output] if output else []))
+def release(c: Context, profile: str = "", output: str = "") -> None:
+    """One file with a build's update, for `cbios update FILE` on a node (cbios release)."""
+    if profile:
+        _cbios("build", "--profile", profile)
+    _cbios("release", *_options(profile=profile, output=output))
 
 
-@task(help={"profile": "profile whose release to publish (built first if needed)",
-            "port": "HTTP port on 127.0.0.1 (default 8086: VMs of 'invoke boot' reach it at http://10.0.2.100/)"})
-def publish(c: Context, profile: str = "qemu-test", port: int = 8086) -> None:
-    """Serve build/PROFILE/pxe over HTTP for `cbios update URL` on running nodes, until Ctrl-C."""
-    _cbios("build", profile)
-    _cbios("pxe", "publish", "--profile", profile, "--port", str(port))
+@task(aliases=["pxe-publish"], auto_shortflags=False,
+      help={"profile": "profile whose release to publish, built first if needed (or --bundle)",
+            "bundle": "serve this bundle folder instead",
+            "address": "address to listen on (default 127.0.0.1)",
+            "port": "HTTP port (default 8086: VMs of 'invoke boot' reach it at http://10.0.2.100/)"})
+def publish(c: Context, profile: str = "", bundle: str = "", address: str = "127.0.0.1", port: int = 8086) -> None:
+    """Serve a build's bundle over HTTP for `cbios update URL` on running nodes, until Ctrl-C
+    (cbios pxe publish)."""
+    if profile:
+        _cbios("build", "--profile", profile)
+    _cbios("pxe", "publish", *_options(profile=profile, bundle=bundle, address=address, port=port))
 
 
 @task(help={"profile": "profile to boot (built first if needed)",
@@ -99,11 +125,10 @@ def publish(c: Context, profile: str = "qemu-test", port: int = 8086) -> None:
 def boot(c: Context, profile: str = "qemu-test", check: bool = False, timeout: int = 0,
          disk: bool = False, persist: bool = False) -> None:
     """Boot a profile in QEMU: interactive serial console, or --check."""
-    _cbios("build", profile)
+    _cbios("build", "--profile", profile)
     if disk:
-        _cbios("disk", profile)
-    _cbios("boot", profile, *(["--check"] if check else []), *(["--timeout", str(timeout)] if timeout else []),
-           *(["--disk"] if disk else []), *(["--persist"] if persist else []))
+        _cbios("disk", "--profile", profile)
+    _cbios("boot", *_options(profile=profile, check=check, timeout=timeout, disk=disk, persist=persist))
 
 
 # The whole run, in phases: the VM modules that need the machine to themselves (test_slots'

@@ -34,3 +34,12 @@ class StepError(CbiosError):
         super().__init__(f"{step}: {reason}", hint=hint)
         self.step = step
         self.reason = reason
+
+
+# What `cbios` exits with, for `--help`, the man page and the README (each checked against it).
+EXIT_CODES = {
+    0: "done",
+    1: "a step failed: mkosi, QEMU, dnsmasq, or a boot that did not get ready (its log is named)",
+    2: "bad input: a profile, an argument, a bundle, an image; nothing was changed",
+    130: "interrupted (Ctrl-C)",
+}

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from cbios.node import contract, wire
+from cbios.node import contract, pipes, wire
 from cbios.node.boot import bootenv, scrub, status
 
 # update (HTTP, TLS, tar) and bootstrap (CB-Manager's client) are imported by the commands
@@ -168,6 +168,9 @@ def cmd_bootenv(args: argparse.Namespace) -> int:
                 env.pop(key, None)
         if args.set:
             bootenv.write(path, env)
+    if args.json:
+        print(json.dumps(env, indent=2))
+        return 0
     for key, value in env.items():
         print(f"{key}={value}")
     return 0
@@ -280,6 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     k.set_defaults(func=cmd_corrupt)
     b = sub.add_parser("bootenv", help="show, or set with KEY=VALUE (empty VALUE unsets), the boot state")
     b.add_argument("set", nargs="*", metavar="KEY=VALUE")
+    b.add_argument("--json", action="store_true", help="the boot state as one JSON object")
     b.set_defaults(func=cmd_bootenv)
     k = sub.add_parser("cluster", help="the cluster: set-key FILE|-, key (its fingerprint), rotate-key; "
                                        "join ADDRESS, leave, members")
@@ -293,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         func=cmd_slots_down)
     args = p.parse_args(argv)
     try:
-        status_code: int = args.func(args)
+        status_code: int = pipes.quietly(lambda: args.func(args))
         return status_code
     except wire.RemoteError as e:
         print(f"cbios: {e}", file=sys.stderr)

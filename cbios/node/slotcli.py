@@ -21,7 +21,7 @@ import urllib.request
 from collections.abc import Sequence
 from typing import Any
 
-from cbios.node import contract, wire
+from cbios.node import contract, pipes, wire
 
 HELP = """\
 slot: the slots of the management nodes, run by each node's CB-Manager.
@@ -296,7 +296,8 @@ def _wait_ready(timeout: int) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     try:
-        return run(parser.parse_intermixed_args(argv))
+        args = parser.parse_intermixed_args(argv)
+        return pipes.quietly(lambda: run(args))
     except Usage as e:
         print(f"slot: {e}", file=sys.stderr)
         return 2
