@@ -1,5 +1,6 @@
 """The release engineer's verbs. Each task is a thin call into the cbios package.
 
+    invoke doctor [--verb build] [--json]
     invoke build --profile qemu-test
     invoke disk --profile qemu-test
     invoke boot --profile qemu-test [--check] [--disk [--persist]]
@@ -43,6 +44,13 @@ def _reported(call: Callable[[], object]) -> None:
         return 0
 
     _exit_on_failure(reporting(step))
+
+
+@task(help={"verb": "build, disk, boot, pxe-serve, pxe-publish, release or test (default: all)",
+            "json": "a JSON list of the checks"})
+def doctor(c: Context, verb: str = "", json: bool = False) -> None:
+    """Check this host has what a verb needs: a line a check, each problem with its fix."""
+    _cbios("doctor", *([verb] if verb else []), *(["--json"] if json else []))
 
 
 @task(help={"profile": "profile to build (profiles/NAME.yaml)",

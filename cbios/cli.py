@@ -111,6 +111,12 @@ def cmd_pxe_serve(args: argparse.Namespace, project: Project) -> int:
     return serve(bundle, args.interface, http_port=args.http_port, receipts=receipts, mode=args.mode)
 
 
+def cmd_doctor(args: argparse.Namespace, project: Project) -> int:
+    from cbios.doctor import report
+
+    return report(project, args.verb, as_json=args.json)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cbios", description=__doc__)
     p.add_argument("--debug", action="store_true", help="show commands as they run, and tracebacks")
@@ -173,6 +179,13 @@ def parser() -> argparse.ArgumentParser:
     pp.add_argument("--address", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     pp.add_argument("--port", type=int, default=8086, help="HTTP port (default 8086)")
     pp.set_defaults(func=cmd_pxe_publish)
+
+    from cbios.doctor import VERBS
+
+    doc = sub.add_parser("doctor", help="check this host has what a verb needs (exit 1 if it has not)")
+    doc.add_argument("verb", nargs="?", choices=VERBS, metavar="VERB", help=f"one of {', '.join(VERBS)} (default: all)")
+    doc.add_argument("--json", action="store_true", help="a JSON list of checks: name, status, detail, fix, verbs")
+    doc.set_defaults(func=cmd_doctor)
     return p
 
 
