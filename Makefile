@@ -7,10 +7,11 @@ INVOKE  := $(VENV)/bin/invoke
 # Host packages: mkosi 24 comes from bookworm-backports (DESIGN.md section 9).
 APT_PACKAGES := mkosi bubblewrap systemd-container qemu-system-x86 qemu-utils zstd e2fsprogs \
                 cpio kmod debian-archive-keyring python3-venv shellcheck grub-common \
-                ipxe dnsmasq-base nginx-light socat squashfs-tools cryptsetup-bin openssl xz-utils jq
+                ipxe dnsmasq-base nginx-light socat squashfs-tools cryptsetup-bin openssl xz-utils jq \
+                iproute2 gpgv
 BACKPORTS    := /etc/apt/sources.list.d/cbios-bookworm-backports.sources
 
-.PHONY: deps deps-apt deps-python image test test-unit test-vm bench clean distclean
+.PHONY: deps deps-apt deps-python doctor image test test-unit test-vm bench clean distclean
 
 deps: deps-apt deps-python
 
@@ -38,6 +39,10 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[test]'
 	touch $@
+
+# What this host lacks for each verb, a line each with its fix (cbios/doctor.py).
+doctor: deps-python
+	$(INVOKE) doctor
 
 image: deps
 	$(INVOKE) disk --profile $(PROFILE)

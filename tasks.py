@@ -1,5 +1,6 @@
 """The release engineer's verbs. Each task is a thin call into the cbios package.
 
+    invoke doctor [--verb build] [--json]
     invoke build --profile qemu-test
     invoke disk --profile qemu-test
     invoke boot --profile qemu-test [--check] [--disk [--persist]]
@@ -57,6 +58,13 @@ def _options(**options: object) -> list[str]:
         elif value not in (False, "", 0, None):
             argv += [flag, str(value)]
     return argv
+
+
+@task(help={"verb": "build, disk, boot, pxe-serve, pxe-publish, release or test (default: all)",
+            "json": "a JSON list of the checks"})
+def doctor(c: Context, verb: str = "", json: bool = False) -> None:
+    """Check this host has what a verb needs: a line a check, each problem with its fix."""
+    _cbios("doctor", *([verb] if verb else []), *_options(json=json))
 
 
 @task(help={"profile": "profile to build (profiles/NAME.yaml; default qemu-test)",

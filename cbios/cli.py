@@ -150,6 +150,12 @@ def cmd_pxe_serve(args: argparse.Namespace, project: Project) -> int:
     return serve(bundle, args.interface, http_port=args.http_port, receipts=receipts, mode=args.mode)
 
 
+def cmd_doctor(args: argparse.Namespace, project: Project) -> int:
+    from cbios.doctor import report
+
+    return report(project, args.verb, as_json=args.json)
+
+
 PROFILE_HELP = "a profile's name: profiles/NAME.yaml ('cbios profile list')"
 
 
@@ -252,6 +258,14 @@ def parser() -> argparse.ArgumentParser:
                  "cbios completion zsh > ~/.zfunc/_cbios")
     comp.add_argument("shell", choices=COMPLETION_SHELLS)
     comp.set_defaults(func=cmd_completion)
+
+    from cbios.doctor import VERBS
+
+    doc = _verb(sub, "doctor", "check this host has what a verb needs (exit 1 if it has not)",
+                "cbios doctor", "cbios doctor pxe-serve", "cbios doctor --json | jq '.[] | select(.status != \"ok\")'")
+    doc.add_argument("verb", nargs="?", choices=VERBS, metavar="VERB", help=f"one of {', '.join(VERBS)} (default: all)")
+    doc.add_argument("--json", action="store_true", help="a JSON list of checks: name, status, detail, fix, verbs")
+    doc.set_defaults(func=cmd_doctor)
     return p
 
 

@@ -24,6 +24,8 @@ QEMU = "qemu-system-x86_64"
 # the PXE lab's and `cbios pxe publish`'s, as a VM reaches them.
 GUEST_FORWARD = "10.0.2.100"
 PROBE_TIMEOUT = 30.0
+KVM_DEVICE = Path("/dev/kvm")
+ACCEL_CACHE = "accel.json"  # the probe's verdict, in the build directory
 READY_PORT = "org.cbios.ready"
 SHELL_PORT = "org.cbios.shell"
 
@@ -95,20 +97,39 @@ def choose_accel(kernel: Path, state_dir: Path) -> str:
         if forced not in ("kvm", "tcg"):
             raise CbiosError(f"CBIOS_ACCEL={forced}: must be 'kvm' or 'tcg'")
         return forced
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+    if kvm_unusable() is not None:
         return "tcg"
-    cache = state_dir / "accel.json"
-    boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    try:
-        cached = json.loads(cache.read_text())
-        if cached.get("boot_id") == boot_id:
-            return str(cached["accel"])
-    except (OSError, ValueError, KeyError):
-        pass
+    cached = probed_accel(state_dir)
+    if cached is not None:
+        return cached
     accel = "kvm" if probe_kvm(kernel) else "tcg"
     state_dir.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps({"boot_id": boot_id, "accel": accel}) + "\n")
+    (state_dir / ACCEL_CACHE).write_text(json.dumps({"boot_id": _boot_id(), "accel": accel}) + "\n")
     return accel
+
+
+def kvm_unusable() -> str | None:
+    """Why KVM cannot even be tried here (then TCG it is, with no probe); None when it can."""
+    if not KVM_DEVICE.exists():
+        return f"no {KVM_DEVICE} (no kvm module loaded, or no virtualization in this CPU or VM)"
+    if not os.access(KVM_DEVICE, os.R_OK | os.W_OK):
+        return f"{KVM_DEVICE}: no read-write access for this user"
+    return None
+
+
+def probed_accel(state_dir: Path) -> str | None:
+    """The probe's verdict ('kvm' or 'tcg') in STATE_DIR, if it ran since the host booted."""
+    try:
+        cached = json.loads((state_dir / ACCEL_CACHE).read_text())
+        if cached.get("boot_id") == _boot_id():
+            return str(cached["accel"])
+    except (OSError, ValueError, KeyError, AttributeError):
+        pass
+    return None
+
+
+def _boot_id() -> str:
+    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
 
 
 def probe_kvm(kernel: Path) -> bool:
