@@ -4,7 +4,7 @@ PYTHON  ?= python3
 VENV    := .venv
 INVOKE  := $(VENV)/bin/invoke
 
-# Host packages: mkosi 24 comes from bookworm-backports (DESIGN.md section 9).
+# Host packages. mkosi comes from bookworm-backports: bookworm's own mkosi (14) lacks the options the build uses.
 APT_PACKAGES := mkosi bubblewrap systemd-container qemu-system-x86 qemu-utils zstd e2fsprogs \
                 cpio kmod debian-archive-keyring python3-venv shellcheck grub-common \
                 ipxe dnsmasq-base nginx-light socat squashfs-tools cryptsetup-bin openssl xz-utils jq \

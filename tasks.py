@@ -243,3 +243,13 @@ def power_cuts(c: Context, profile: str = "qemu-test", count: int = 20, phase: l
     from cbios.powercut import PHASES, run_power_cuts
 
     _reported(lambda: run_power_cuts(profile, count, tuple(phase or PHASES), seed or None))
+
+
+@task
+def docs(c: Context) -> None:
+    """Make the README's tables (verbs, exit codes, a build's files) and build/man/cbios.1 from the code."""
+    from cbios.cli import parser
+    from cbios.docs import write_docs
+
+    for path in write_docs(Path("README.md"), Path("build/man/cbios.1"), parser()):
+        print(f"‣ wrote {path}")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from cbios import image, lvm_layout, manifest, mkosi, powercut
-from cbios.artifacts import DISK
+from cbios.artifacts import DISK, WORK
 from cbios.boot import disk_boot_spec, kernel_boot_spec
 from cbios.build import build, cache_dir
 from cbios.disk import FLASH_TIMEOUT, disk_size, make_disk, overlay, read_record
@@ -143,7 +143,7 @@ def run_bench(name: str, *, cold: bool, power_cuts: int = 0, boots: int = 3) -> 
     figures["sizes_bytes"][DISK] = (read_record(out) or {}).get("size")
     for name_, img in data.get("slot_images", {}).items():
         figures["sizes_bytes"][f"slot image {name_} (unpacked, on its volume)"] = img["unpacked_bytes"]
-    logdir = out / "work" / "bench"
+    logdir = out / WORK / "bench"
     _boot_figures(project, profile, out, logdir, figures, boots)
     with tempfile.TemporaryDirectory(prefix="cbios-bench-") as tmp:
         disk = overlay(out / DISK, Path(tmp) / "node.qcow2")

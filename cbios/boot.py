@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from cbios import manifest
-from cbios.artifacts import DISK, built
+from cbios.artifacts import DISK, WORK, built
 from cbios.errors import CbiosError
 from cbios.machine import Machine
 from cbios.profile import Profile
@@ -69,7 +69,7 @@ def boot(project: Project, profile: Profile, *, check: bool, timeout: int | None
         argv = spec.argv()
         os.execvp(argv[0], argv)
     limit = timeout or profile.qemu.ready_timeout
-    with Machine(spec, out / "work" / "vm", name=profile.name) as machine:
+    with Machine(spec, out / WORK / "vm", name=profile.name) as machine:
         machine.wait_ready(limit)
         ready_after = machine.uptime()
         machine.shutdown()

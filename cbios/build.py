@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cbios import __version__, image, manifest, mkosi, signing, vmimage
-from cbios.artifacts import ARTIFACTS, out_dir
+from cbios.artifacts import ARTIFACTS, WORK, out_dir
 from cbios.errors import StepError
 from cbios.profile import Profile, parse_size, profile_hash
 from cbios.profile import template as slot_template
@@ -39,7 +39,6 @@ from cbios.run import run
 
 log = logging.getLogger("cbios")
 
-SUMS = "SHA256SUMS"
 
 
 @dataclass(frozen=True)
@@ -50,7 +49,7 @@ class BuildDirs:
     @classmethod
     def of(cls, project: Project, profile: Profile) -> BuildDirs:
         out = out_dir(project, profile)
-        return cls(out=out, work=out / "work")
+        return cls(out=out, work=out / WORK)
 
     @property
     def staging(self) -> Path:
@@ -272,7 +271,7 @@ def _publish(dirs: BuildDirs, data: dict[str, object], key: Path) -> None:
     for name in ARTIFACTS:
         os.replace(dirs.staging / name, dirs.out / name)
     artifacts: dict[str, dict[str, object]] = data["artifacts"]  # type: ignore[assignment]
-    (dirs.out / SUMS).write_text("".join(f"{m['sha256']}  {n}\n" for n, m in sorted(artifacts.items())))
+    (dirs.out / manifest.SUMS).write_text("".join(f"{m['sha256']}  {n}\n" for n, m in sorted(artifacts.items())))
     os.replace(dirs.staging / manifest.SIGNATURE, dirs.out / manifest.SIGNATURE)
     os.replace(dirs.staging / manifest.MANIFEST, dirs.out / manifest.MANIFEST)
 

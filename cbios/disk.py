@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from cbios import manifest
-from cbios.artifacts import DISK, built
+from cbios.artifacts import DISK, RECORD, WORK, built
 from cbios.boot import kernel_boot_spec
 from cbios.errors import StepError
 from cbios.machine import Machine
@@ -26,7 +26,6 @@ log = logging.getLogger("cbios")
 
 MEDIA_LABEL = "cbios-media"
 MEDIA_FILES = [manifest.MANIFEST, manifest.SIGNATURE, "grub.cfg", "root.img"]
-RECORD = "disk.json"  # the disk's own record: the signed manifest is never rewritten
 EXTENT = 4 << 20
 FLASH_TIMEOUT = 900
 
@@ -63,7 +62,7 @@ def flash_cmdline(profile: Profile, *, source: str = f"LABEL={MEDIA_LABEL}", tar
 
 def make_media(out: Path, dest: Path, log_file: Path) -> None:
     """A small ext4 image holding what the flasher reads, like a stick a technician carries."""
-    with tempfile.TemporaryDirectory(prefix="cbios-media-", dir=out / "work") as tmp:
+    with tempfile.TemporaryDirectory(prefix="cbios-media-", dir=out / WORK) as tmp:
         for name in MEDIA_FILES:
             shutil.copy2(out / name, Path(tmp) / name)
         used = sum((Path(tmp) / n).stat().st_size for n in MEDIA_FILES)
@@ -112,7 +111,7 @@ def make_disk(project: Project, profile: Profile, *, force: bool = False) -> Pat
         log.info("‣ %s is up to date", project.display(disk))
         return disk
     start = time.monotonic()
-    work = out / "work"
+    work = out / WORK
     media = work / "media.img"
     make_media(out, media, work / "logs" / "disk.log")
     tmp = work / f"{DISK}.tmp"

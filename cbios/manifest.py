@@ -12,6 +12,7 @@ from cbios.node.contract import MANIFEST as MANIFEST
 from cbios.node.contract import SIGNATURE as SIGNATURE
 
 FORMAT = 1
+SUMS = "SHA256SUMS"  # the artifacts' sha256s, for people (sha256sum -c); nothing trusts it
 
 
 def sha256_file(path: Path) -> str:

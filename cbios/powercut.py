@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from cbios.artifacts import DISK
+from cbios.artifacts import DISK, WORK
 from cbios.boot import disk_boot_spec
 from cbios.build import build
 from cbios.disk import FLASH_TIMEOUT, disk_size, flasher_spec, make_disk, make_media, overlay
@@ -311,7 +311,7 @@ def record(project: Project, profile: Profile, out: Path, phases: tuple[str, ...
     trial, so that a long run broken off keeps what it did. The file's figures."""
     check_phases(phases)
     seed = int(time.time()) if seed is None else seed
-    site = Site(project, profile, out, out / DISK, out / "work" / "power-cuts")
+    site = Site(project, profile, out, out / DISK, out / WORK / "power-cuts")
     path = out / RESULTS
     figures = json.loads(path.read_text()) if path.exists() else {}
     for phase, result in run_trials(site, phases, count, seed):

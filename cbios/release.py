@@ -14,7 +14,7 @@ from cbios.node import contract
 
 SUFFIX = ".cbios.tar"
 # The store's files, in the order a reader takes them in one pass; SHA256SUMS is for people.
-MEMBERS = [*contract.STORE_FILES[:2], "SHA256SUMS", *contract.STORE_FILES[2:]]
+MEMBERS = [*contract.STORE_FILES[:2], manifest.SUMS, *contract.STORE_FILES[2:]]
 
 
 def write_release(out: Path, dest: Path | None = None) -> Path:
