@@ -150,3 +150,16 @@ def test_tasks_take_the_options_of_the_verbs_they_wrap() -> None:
         options = {o for a in subs[words]._actions for o in a.option_strings}
         for param in params:
             assert "--" + param.replace("_", "-") in options, (task_name, param)
+
+
+def test_bash_completes_profile_names_from_the_project(tmp_path: Path) -> None:
+    script = tmp_path / "cbios.bash"
+    script.write_text(cbios("completion", "bash").stdout)
+    complete = (f'source {script}; COMP_WORDS=({{words}}); COMP_CWORD=$((${{#COMP_WORDS[@]}} - 1)); '
+                '_shtab_cbios; echo "${COMPREPLY[@]}"')
+    for words, expected in [("cbios build qemu-test-p", "qemu-test-peer"),
+                            ("cbios pxe serve --profile comp", "compute"),
+                            ("cbios pro", "profile")]:
+        proc = subprocess.run(["bash", "-c", complete.format(words=words)], capture_output=True, text=True,
+                              cwd=REPO, check=False)
+        assert proc.stdout.split() == [expected], (words, proc.stdout, proc.stderr)
