@@ -155,11 +155,12 @@ def test_tasks_take_the_options_of_the_verbs_they_wrap() -> None:
 def test_bash_completes_profile_names_from_the_project(tmp_path: Path) -> None:
     script = tmp_path / "cbios.bash"
     script.write_text(cbios("completion", "bash").stdout)
-    complete = (f'source {script}; COMP_WORDS=({{words}}); COMP_CWORD=$((${{#COMP_WORDS[@]}} - 1)); '
-                '_shtab_cbios; echo "${COMPREPLY[@]}"')
+    complete = f'source {script}; COMP_WORDS=($WORDS); COMP_CWORD=$((${{#COMP_WORDS[@]}} - 1)); ' \
+               '_shtab_cbios; echo "${COMPREPLY[@]}"'
+
     for words, expected in [("cbios build qemu-test-p", "qemu-test-peer"),
                             ("cbios pxe serve --profile comp", "compute"),
                             ("cbios pro", "profile")]:
-        proc = subprocess.run(["bash", "-c", complete.format(words=words)], capture_output=True, text=True,
-                              cwd=REPO, check=False)
+        proc = subprocess.run(["bash", "-c", complete], capture_output=True, text=True, cwd=REPO, check=False,
+                              env={**os.environ, "WORDS": words})
         assert proc.stdout.split() == [expected], (words, proc.stdout, proc.stderr)
