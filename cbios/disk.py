@@ -15,9 +15,11 @@ from cbios import manifest
 from cbios.artifacts import DISK, RECORD, WORK, built
 from cbios.boot import kernel_boot_spec
 from cbios.errors import StepError
+from cbios.flasher_watch import FlasherWatch
 from cbios.machine import Machine
 from cbios.profile import Profile, parse_size
 from cbios.profile import template as slot_template
+from cbios.progress import StatusLine
 from cbios.project import Project
 from cbios.qemu import VmSpec
 from cbios.run import run
@@ -83,10 +85,12 @@ def flasher_spec(project: Project, profile: Profile, out: Path, target: Path, me
     return spec
 
 
-def flash(spec: VmSpec, logdir: Path, name: str) -> str:
-    """Run the flasher; return its report line (FLASHED or FAILED ...)."""
-    with Machine(spec, logdir, name=name) as machine:
-        line = machine.wait_report(("FLASHED", "FAILED"), FLASH_TIMEOUT)
+def flash(spec: VmSpec, logdir: Path, name: str, *, target: Path | None = None) -> str:
+    """Run the flasher, its progress shown (and TARGET's growth, if given); return its report
+    line (FLASHED or FAILED ...)."""
+    with Machine(spec, logdir, name=name) as machine, StatusLine(name) as status:
+        watch = FlasherWatch(machine.console_log, status, target=target)
+        line = machine.wait_report(("FLASHED", "FAILED"), FLASH_TIMEOUT, on_poll=watch.poll)
         if not machine.wait_exit(120):
             raise machine.error("the flasher did not power off within 120 s")
         return line
@@ -119,7 +123,7 @@ def make_disk(project: Project, profile: Profile, *, force: bool = False) -> Pat
     run(["qemu-img", "create", "-q", "-f", "qcow2", tmp, str(disk_size(project, profile))],
         step="qemu-img create", log_file=work / "logs" / "disk.log")
     log.info("‣ Flashing %s with the initrd's flasher in QEMU", project.display(disk))
-    line = flash(flasher_spec(project, profile, out, tmp, media), work / "vm", "flasher")
+    line = flash(flasher_spec(project, profile, out, tmp, media), work / "vm", "flasher", target=tmp)
     if not line.startswith("FLASHED"):
         raise StepError("flasher", line)
     # Compact: the flasher's zeroed blocks need not be stored.

@@ -99,14 +99,20 @@ class Machine:
         """Wait for the guest's READY line; return it. FAILED, an exit or the bound: VmError."""
         return self.wait_report(("READY",), timeout)
 
-    def wait_report(self, accept: tuple[str, ...], timeout: float, *, skip_failed: bool = False) -> str:
+    def wait_report(self, accept: tuple[str, ...], timeout: float, *, skip_failed: bool = False,
+                    on_poll: Callable[[], None] | None = None) -> str:
         """Wait for the next line on the report port that starts with one of ACCEPT.
 
         A FAILED line raises, unless SKIP_FAILED (a guest that reboots after a failed boot
-        reports again). Lines are consumed: the next call sees only later ones."""
+        reports again). Lines are consumed: the next call sees only later ones. ON_POLL is
+        called before each look (to show the console's progress meanwhile)."""
         assert self.spec.ready_file is not None
         deadline = time.monotonic() + timeout
         while True:
+            # Looked at before the file: a guest that reports and powers off at once is heard.
+            gone = self.proc is not None and self.proc.poll() is not None
+            if on_poll is not None:
+                on_poll()  # before the report: what led to it is shown first
             text = self.spec.ready_file.read_text(errors="replace") if self.spec.ready_file.exists() else ""
             lines = text.splitlines(keepends=True)
             complete = [line.strip() for line in lines if line.endswith("\n")]
@@ -119,7 +125,8 @@ class Machine:
                     return line
                 if line.startswith("FAILED") and not skip_failed:
                     raise self.error(f"the guest reported: {line}")
-            self._check_running(f"waiting for {'/'.join(accept)}")
+            if gone:
+                self._check_running(f"waiting for {'/'.join(accept)}")
             if time.monotonic() > deadline:
                 raise self.error(f"no {'/'.join(accept)} within {timeout:.0f} s")
             time.sleep(0.5)

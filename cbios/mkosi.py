@@ -7,11 +7,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from cbios.progress import StatusLine
 from cbios.run import complete_step, run
+
+STEP_MARK = "‣"  # mkosi 24 starts the line of each step it begins with it
+ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 @dataclass(frozen=True)
@@ -41,8 +46,22 @@ def build(image: MkosiImage, *, log_file: Path, extra_trees: Sequence[Path] = ()
     if source_date_epoch is not None:
         argv += ["--source-date-epoch", str(source_date_epoch)]
     argv += ["--force", "build"]
-    with complete_step(f"Building the {image.name} image with mkosi (log: {log_file})"):
-        run(argv, step=f"mkosi {image.name}", log_file=log_file)
+    with complete_step(f"Building the {image.name} image with mkosi (log: {log_file})"), \
+            StatusLine(f"mkosi {image.name}") as status:
+        run(argv, step=f"mkosi {image.name}", log_file=log_file, on_line=lambda line: show_step(status, line))
+
+
+def step_of(line: str) -> str | None:
+    """The step a line of mkosi's output begins ("‣  Installing Debian": "Installing Debian"), or None."""
+    line = ESCAPE.sub("", line)
+    if not line.startswith(STEP_MARK):
+        return None
+    return line.removeprefix(STEP_MARK).strip() or None
+
+
+def show_step(status: StatusLine, line: str) -> None:
+    if (step := step_of(line)) is not None:
+        status.note(step)
 
 
 def packages(manifest: Path) -> list[dict[str, str]]:

@@ -44,6 +44,7 @@ class Transfer:
     offset: int = 0  # where in the file it starts (a Range request)
     done: bool = False  # every byte sent; decided once the transfer has ended
     started: float = field(default_factory=time.monotonic)
+    finished: float | None = None  # time.monotonic() when the server was through with it
     # Set when the server is through with it: a client can have read the last byte before then.
     ended: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
 
@@ -138,6 +139,12 @@ class BundleServer(ThreadingHTTPServer):
         with self._lock:
             return sum(t.sent for t in self.transfers if name is None or t.name == name) + \
                 sum(sent for n, sent in self.forgotten.items() if name is None or n == name)
+
+    def snapshot(self) -> list[Transfer]:
+        """The transfers kept, oldest first, as they stand: for a display that reads them
+        (their `sent`, `finished`, `ended`) while they go on."""
+        with self._lock:
+            return list(self.transfers)
 
     def transfers_done(self) -> int:
         """Transfers sent whole so far."""
@@ -260,8 +267,9 @@ class Handler(BaseHTTPRequestHandler):
                 break
             transfer.sent += sent
         transfer.done = transfer.sent == transfer.size
+        transfer.finished = time.monotonic()
         transfer.ended.set()
-        seconds = time.monotonic() - transfer.started
+        seconds = transfer.finished - transfer.started
         if transfer.done:
             log.info("  %s %s: %s sent, %d bytes in %.1f s", transfer.mac, transfer.client, name, transfer.size,
                      seconds)

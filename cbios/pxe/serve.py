@@ -25,7 +25,9 @@ from cbios.errors import CbiosError, StepError
 from cbios.node import contract
 from cbios.node.bootserver import dnsmasq
 from cbios.node.httpd import BundleServer
+from cbios.progress import TransferBoard
 from cbios.pxe.bundle import FILES, check_bundle
+from cbios.pxe.transfers import node_rows
 from cbios.qemu import GUEST_FORWARD
 
 log = logging.getLogger("cbios")
@@ -169,10 +171,12 @@ def serve(bundle: Path, interface: str, *, http_port: int, receipts: Path, mode:
         log.info("  receipts and dnsmasq's log: %s. Ctrl-C stops.", receipts)
         if ready is not None:
             ready.set()
-        while not stop.wait(0.5):
-            if not dnsmasq.running():
-                raise StepError("pxe serve", "dnsmasq exited: " + " / ".join(dnsmasq.lines[-3:]),
-                                hint=f"log: {dnsmasq.log_file}")
+        with TransferBoard() as board:
+            while not stop.wait(0.5):
+                board.update(node_rows(httpd.snapshot(), time.monotonic()))
+                if not dnsmasq.running():
+                    raise StepError("pxe serve", "dnsmasq exited: " + " / ".join(dnsmasq.lines[-3:]),
+                                    hint=f"log: {dnsmasq.log_file}")
     finally:
         httpd.stop()
         dnsmasq.stop()

@@ -5,6 +5,7 @@ It reads the options the harness passes, then acts out what $FAKE_QEMU says:
   ready   - write console lines, report READY, serve a real bash on the shell socket
   crash   - write console lines and exit 1
   hang    - do nothing until killed
+  flash   - write the console lines in $FAKE_QEMU_CONSOLE, report FLASHED and exit at once
 Its argv is recorded in $FAKE_QEMU_ARGV."""
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def main() -> int:
     if mode == "hang":
         time.sleep(3600)
     console = option("-serial").removeprefix("file:")
+    if mode == "flash":
+        return flash(console)
     with open(console, "w") as f:
         f.writelines(f"[    {n}.000000] console line {n}\n" for n in range(40))
     if mode == "crash":
@@ -46,6 +49,18 @@ def main() -> int:
         f.write("READY profile=fake version=1\n")
     conn, _ = server.accept()
     subprocess.run(["bash", "--noprofile", "--norc"], stdin=conn, stdout=conn, stderr=conn, check=False)
+    return 0
+
+
+def flash(console: str) -> int:
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(chardev("shell"))
+    server.listen(1)
+    server.accept()  # the harness connects before it waits for the verdict
+    with open(console, "w") as f:
+        f.write(open(os.environ["FAKE_QEMU_CONSOLE"]).read())
+    with open(chardev("ready"), "w") as f:
+        f.write("FLASHED install fake 1.0 on /dev/vda\n")
     return 0
 
 

@@ -12,19 +12,6 @@ from cbios import machine, qemu
 from cbios.machine import Machine, VmError
 from cbios.qemu import VmSpec, choose_accel
 
-FAKE = Path(__file__).parent / "fake_qemu.py"
-
-
-@pytest.fixture
-def fake_qemu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    (bindir / qemu.QEMU).symlink_to(FAKE)
-    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
-    argv_file = tmp_path / "argv"
-    monkeypatch.setenv("FAKE_QEMU_ARGV", str(argv_file))
-    return argv_file
-
 
 def spec(**kw: object) -> VmSpec:
     base: dict[str, object] = {"memory": 512, "cpus": 1, "accel": "tcg", "kernel": Path("/k"),
