@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from cbios.pxe.bundle import make_bundle
-from cbios.pxe.serve import IPXE_DIR
+from cbios.pxe.service import IPXE_DIR
 from tests.unit.test_pxe_bundle import fake_build
 
 SERVER_IP, CLIENT_IP = "10.77.0.1", "10.77.0.2"
