@@ -4,6 +4,7 @@
     invoke disk --profile qemu-test
     invoke boot --profile qemu-test [--check] [--disk [--persist]]
     invoke pxe-serve --profile qemu-test --interface eth1 [--mode install]
+    invoke pxe-pack --profile qemu-test [--output FILE]
     invoke test [--unit | --vm | -k EXPR]
     invoke bench --profile qemu-test [--cold] [--power-cuts 20]
     invoke bench-pxe --profile qemu-test [--clients 1,10,50,100]
@@ -73,6 +74,16 @@ def pxe_serve(c: Context, profile: str = "qemu-test", interface: str = "", mode:
     _cbios("build", profile)
     _cbios("pxe", "serve", "--profile", profile, "--interface", interface, "--http-port", str(http_port),
            *(["--mode", mode] if mode else []))
+
+
+@task(help={"profile": "profile whose field kit to write (built first if needed); required",
+            "output": "where (default: build/PROFILE/PROFILE-VERSION.cbios-kit.pyz)"})
+def pxe_pack(c: Context, profile: str = "", output: str = "") -> None:
+    """One file that serves a build over PXE from a laptop with python3, dnsmasq-base and ipxe."""
+    if not profile:
+        raise Exit("pxe-pack: --profile NAME is required: the build to pack (profiles/NAME.yaml)", code=2)
+    _cbios("build", profile)
+    _cbios("pxe", "pack", profile, *(["--output", output] if output else []))
 
 
 @task(help={"profile": "profile whose release file to write (built first if needed)",

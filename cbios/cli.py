@@ -111,6 +111,32 @@ def cmd_pxe_serve(args: argparse.Namespace, project: Project) -> int:
     return serve(bundle, args.interface, http_port=args.http_port, receipts=receipts, mode=args.mode)
 
 
+def cmd_pxe_pack(args: argparse.Namespace, project: Project) -> int:
+    from cbios.node import ed25519
+    from cbios.pxe.kitfile import Kit
+    from cbios.pxe.pack import pack
+
+    if not args.profile and not args.bundle:
+        raise CbiosError("pxe pack: name the firmware: PROFILE (a build) or --bundle DIR")
+    bundle = _bundle(args, project)
+    if args.key:
+        try:
+            key = Path(args.key).read_bytes()
+        except OSError as e:
+            raise CbiosError(f"--key {args.key}: {e.strerror}") from None
+    elif args.profile:
+        from cbios import signing
+
+        key = signing.public_key(signing.key_of(project, _profile(project, args.profile)))
+    else:
+        raise CbiosError("pxe pack --bundle: name the public key that verifies its manifest: --key PEMFILE")
+    path = pack(bundle, key, Path(args.output) if args.output else None, key_source=args.key or "the signing key")
+    log.info("‣ Field kit: %s (%d MiB), key %s. On a laptop: python3 %s check; sudo python3 %s serve --interface IF",
+             project.display(path), path.stat().st_size >> 20, ed25519.fingerprint(Kit(path).key()), path.name,
+             path.name)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cbios", description=__doc__)
     p.add_argument("--debug", action="store_true", help="show commands as they run, and tracebacks")
@@ -173,6 +199,17 @@ def parser() -> argparse.ArgumentParser:
     pp.add_argument("--address", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     pp.add_argument("--port", type=int, default=8086, help="HTTP port (default 8086)")
     pp.set_defaults(func=cmd_pxe_publish)
+    pk = pxsub.add_parser("pack", help="one file that serves a build over PXE from a laptop (python3, dnsmasq, ipxe)",
+                          description="Write the field kit: a Python zipapp with a build's bundle, the public key "
+                                      "that verifies it and the PXE server; on a laptop: python3 KIT check, "
+                                      "python3 KIT serve --interface IF.")
+    pk.add_argument("profile", nargs="?", metavar="PROFILE", help="pack build/PROFILE/pxe")
+    pk.add_argument("--bundle", metavar="DIR", help="pack this bundle folder instead (needs --key)")
+    pk.add_argument("--key", metavar="PEMFILE",
+                    help="the public key that verifies the manifest (default: the profile's signing key's)")
+    pk.add_argument("--output", "-o", metavar="FILE",
+                    help="where (default: PROFILE-VERSION.cbios-kit.pyz beside the bundle: build/PROFILE/)")
+    pk.set_defaults(func=cmd_pxe_pack)
     return p
 
 
