@@ -7,6 +7,7 @@
     invoke pxe-serve --profile compute --interface eth1 [--mode install]
     invoke publish --profile compute [--address 0.0.0.0]
     invoke release --profile compute [--output FILE]
+    invoke pxe-pack --profile compute [--output FILE]
     invoke test [--unit | --vm | -k EXPR]
     invoke bench --profile qemu-test [--cold] [--power-cuts 20]
     invoke bench-pxe --profile qemu-test [--clients 1,10,50,100]
@@ -101,6 +102,18 @@ def pxe_serve(c: Context, profile: str = "", bundle: str = "", interface: str = 
         _cbios("build", "--profile", profile)
     _cbios("pxe", "serve", *_options(profile=profile, bundle=bundle, interface=interface, http_port=http_port,
                                      mode=mode, receipts=receipts))
+
+
+@task(auto_shortflags=False,
+      help={"profile": "profile whose field kit to write, built first if needed (or --bundle)",
+            "bundle": "pack this bundle folder instead (needs --key)",
+            "key": "the public key that verifies the manifest (default: the profile's signing key's)",
+            "output": "where (default: build/PROFILE/PROFILE-VERSION.cbios-kit.pyz)"})
+def pxe_pack(c: Context, profile: str = "", bundle: str = "", key: str = "", output: str = "") -> None:
+    """One file that serves a build over PXE from a laptop with python3, dnsmasq-base and ipxe (cbios pxe pack)."""
+    if profile:
+        _cbios("build", "--profile", profile)
+    _cbios("pxe", "pack", *_options(profile=profile, bundle=bundle, key=key, output=output))
 
 
 @task(help={"profile": "profile whose release file to write, built first if needed",

@@ -20,6 +20,7 @@ WORK = "work"
 
 def build_files() -> list[tuple[str, str]]:
     """What build/NAME/ holds, each with what it is: the README's table (cbios/docs.py)."""
+    from cbios.pxe import pack
     from cbios.pxe.bundle import PXE_DIR
     from cbios.release import SUFFIX
 
@@ -46,6 +47,8 @@ def build_files() -> list[tuple[str, str]]:
         (RECORD, "`cbios disk`'s record of that disk: its sha256 and size, and the build it holds"),
         (f"NAME-VERSION{SUFFIX}", "`cbios release`: the update in one file, for `cbios update FILE` on a node "
                                   "and `slot image add` on a management node"),
+        (f"NAME-VERSION{pack.SUFFIX}", "`cbios pxe pack`: the field kit, one file with the PXE bundle, its "
+                                       "public key and a PXE server (`python3 KIT serve`)"),
         (f"{WORK}/", "rendered configuration, mkosi's outputs, logs (`work/logs/`), VM consoles (`work/vm/`)"),
     ]
 

@@ -172,6 +172,30 @@ def _verb(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, h
                           epilog=_epilog(*examples), formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
+def cmd_pxe_pack(args: argparse.Namespace, project: Project) -> int:
+    from cbios.node import ed25519
+    from cbios.pxe.kitfile import Kit
+    from cbios.pxe.pack import pack
+
+    bundle = _bundle(args, project)
+    if args.key:
+        try:
+            key = Path(args.key).read_bytes()
+        except OSError as e:
+            raise CbiosError(f"--key {args.key}: {e.strerror}") from None
+    elif args.profile:
+        from cbios import signing
+
+        key = signing.public_key(signing.key_of(project, _profile(project, args.profile)))
+    else:
+        raise CbiosError("pxe pack --bundle: name the public key that verifies its manifest: --key PEMFILE")
+    path = pack(bundle, key, Path(args.output) if args.output else None, key_source=args.key or "the signing key")
+    log.info("‣ Field kit: %s (%d MiB), key %s. On a laptop: python3 %s check; sudo python3 %s serve --interface IF",
+             project.display(path), path.stat().st_size >> 20, ed25519.fingerprint(Kit(path).key()), path.name,
+             path.name)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cbios", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -252,6 +276,17 @@ def parser() -> argparse.ArgumentParser:
     pp.add_argument("--address", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     pp.add_argument("--port", type=int, default=8086, help="HTTP port (default 8086)")
     pp.set_defaults(func=cmd_pxe_publish)
+    pk = _verb(pxsub, "pack", "one file that serves a build over PXE from a laptop (python3, dnsmasq, ipxe)",
+               "cbios pxe pack --profile compute", "cbios pxe pack --bundle /srv/pxe --key release.pub -o kit.pyz",
+               description="Write the field kit: a Python zipapp with a build's bundle, the public key that "
+                           "verifies it and the PXE server; on a laptop: python3 KIT check, "
+                           "python3 KIT serve --interface IF.")
+    _firmware_options(pk, "pack")
+    pk.add_argument("--key", metavar="PEMFILE",
+                    help="the public key that verifies the manifest (default: the profile's signing key's)")
+    pk.add_argument("--output", "-o", metavar="FILE",
+                    help="where (default: PROFILE-VERSION.cbios-kit.pyz beside the bundle: build/PROFILE/)")
+    pk.set_defaults(func=cmd_pxe_pack)
 
     comp = _verb(sub, "completion", "a shell completion script for cbios, on stdout",
                  "cbios completion bash > /etc/bash_completion.d/cbios",
@@ -285,12 +320,12 @@ def _profile_arguments(p: argparse.ArgumentParser) -> None:
                    help="the same, as an option (as invoke's tasks take it)").complete = PROFILE_COMPLETION  # type: ignore[attr-defined]
 
 
-def _firmware_options(p: argparse.ArgumentParser) -> None:
+def _firmware_options(p: argparse.ArgumentParser, verb: str = "serve") -> None:
     """Which firmware a serving verb serves: no default, so that no test firmware is served by
     a forgotten option."""
     p.add_argument("--profile", metavar="NAME",
-                   help="serve build/NAME/pxe, a build of profiles/NAME.yaml").complete = PROFILE_COMPLETION  # type: ignore[attr-defined]
-    p.add_argument("--bundle", metavar="DIR", help="serve this bundle folder instead (a copy of build/NAME/pxe)")
+                   help=f"{verb} build/NAME/pxe, a build of profiles/NAME.yaml").complete = PROFILE_COMPLETION  # type: ignore[attr-defined]
+    p.add_argument("--bundle", metavar="DIR", help=f"{verb} this bundle folder instead (a copy of build/NAME/pxe)")
 
 
 def reporting(call: Callable[[], int], *, debug: bool = False) -> int:

@@ -118,13 +118,25 @@ class BundleServer(ThreadingHTTPServer):
         path = self.bundle / name
         return path if name in self.files and path.is_file() else None
 
+    def open_file(self, name: str) -> tuple[BinaryIO, int, int] | None:
+        """The file that holds the path NAME, open, and where in it NAME's bytes are (offset,
+        size); None: not served here. One file a name, but for a server that keeps its files
+        in an archive (the field kit's)."""
+        if (path := self.locate(name)) is None:
+            return None
+        f = open(path, "rb")
+        return f, 0, os.fstat(f.fileno()).st_size
+
     def script(self, name: str, host: str, mac: str, query: dict[str, list[str]]) -> bytes | None:
         """An iPXE script made for this request, or None: NAME is a plain file. HOST is the
         server as the client named it."""
-        if name != "boot.ipxe" or (path := self.locate(name)) is None:
+        if name != "boot.ipxe" or (opened := self.open_file(name)) is None:
             return None
+        f, base, size = opened
+        with f:
+            text = os.pread(f.fileno(), size, base)
         preset = f"set cbios-server http://{host}/\n{self.preset}"
-        return path.read_bytes().replace(b"\n", b"\n" + preset.encode(), 1)
+        return text.replace(b"\n", b"\n" + preset.encode(), 1)
 
     def keep_receipt(self, receipt: dict[str, object], name: str) -> Path:
         """A receipt the flasher (or a diskless boot) sent to NAME, kept; where."""
@@ -220,13 +232,13 @@ class Handler(BaseHTTPRequestHandler):
             if body:
                 log.info("  %s %s: %s", self._mac(), self.client_address[0], name)
             return
-        path = self.server.locate(name)
-        if path is None:
+        opened = self.server.open_file(name)
+        if opened is None:
             self._reply(HTTPStatus.NOT_FOUND, b"not served here\n")
             log.info("  %s %s: %s not found", self._mac(), self.client_address[0], name or "/")
             return
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+        f, base, size = opened
+        with f:
             span = byte_range(self.headers.get("Range"), size)
             if span is None:
                 self._reply(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE, b"no such range\n", body=body,
@@ -241,11 +253,11 @@ class Handler(BaseHTTPRequestHandler):
                 self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
             self.end_headers()
             if body:
-                self._send_file(f, name, size, start, end)
+                self._send_file(f, name, size, start, end, base)
 
-    def _send_file(self, f: BinaryIO, name: str, size: int, start: int, end: int) -> None:
-        """Bytes START..END of F from the page cache to the socket (sendfile), a slice at a
-        time so that stop() and a hold are seen between slices."""
+    def _send_file(self, f: BinaryIO, name: str, size: int, start: int, end: int, base: int = 0) -> None:
+        """Bytes START..END of NAME, which begins at BASE in F, from the page cache to the
+        socket (sendfile), a slice at a time so that stop() and a hold are seen between slices."""
         transfer = Transfer(self.client_address[0], self._mac(), name, end - start, offset=start)
         self.server.track(transfer)
         log.info("  %s %s: %s (%d MiB%s) ...", transfer.mac, transfer.client, name, size >> 20,
@@ -260,7 +272,7 @@ class Handler(BaseHTTPRequestHandler):
                     self.server.released.wait()
                     break
             try:
-                sent = self.connection.sendfile(f, start + transfer.sent, count)
+                sent = self.connection.sendfile(f, base + start + transfer.sent, count)
             except OSError:
                 break
             if sent == 0:

@@ -2,13 +2,19 @@
 own artifacts (no copies of the large files). The flasher reads manifest.json and its
 signature, then grub.cfg and root.img, each checked against the signed manifest; iPXE reads
 boot.ipxe, vmlinuz and initrd.img. SHA256SUMS is for people (sha256sum -c); nothing trusts
-it. The slots' images travel inside root.img (/usr/lib/cbios/slot-images)."""
+it. The slots' images travel inside root.img (/usr/lib/cbios/slot-images).
+
+Standard library only: the field kit (cbios/pxe/kit.py) carries it and checks its own
+copy of a bundle with check_members."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Protocol
 
 from cbios import manifest
 from cbios.errors import CbiosError
@@ -16,6 +22,7 @@ from cbios.errors import CbiosError
 PXE_DIR = "pxe"
 FILES = ["boot.ipxe", "vmlinuz", "initrd.img", "root.img", "grub.cfg", "SHA256SUMS",
          manifest.MANIFEST, manifest.SIGNATURE]
+SIGNED = [n for n in FILES if n not in ("SHA256SUMS", manifest.MANIFEST, manifest.SIGNATURE)]  # in the manifest
 
 
 def make_bundle(out: Path) -> Path:
@@ -38,25 +45,65 @@ def make_bundle(out: Path) -> Path:
     return out / PXE_DIR
 
 
-def check_bundle(bundle: Path) -> dict[str, object]:
+class Members(Protocol):
+    """A bundle's files wherever they are kept: a folder, a field kit."""
+
+    def where(self, name: str) -> str:
+        """NAME as a person finds it."""
+
+    def size(self, name: str) -> int | None:
+        """NAME's size, or None: it is not there."""
+
+    def sha256(self, name: str) -> str: ...
+
+
+class Folder:
+    """A bundle's folder (build/NAME/pxe or a copy of it)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def where(self, name: str) -> str:
+        return str(self.path / name)
+
+    def size(self, name: str) -> int | None:
+        return (self.path / name).stat().st_size if (self.path / name).is_file() else None
+
+    def sha256(self, name: str) -> str:
+        return manifest.sha256_file(self.path / name)
+
+
+def parse_manifest(raw: bytes, where: str) -> dict[str, Any]:
+    """The manifest in RAW, with the artifacts it lists; WHERE names it in the error."""
+    try:
+        data = json.loads(raw)
+        if not isinstance(data, dict) or not isinstance(data["artifacts"], dict):
+            raise TypeError("no artifacts")
+    except (ValueError, KeyError, TypeError) as e:
+        raise CbiosError(f"{where}: unreadable manifest ({e})") from None
+    return data
+
+
+def check_members(members: Members, data: dict[str, Any],
+                  checked: Callable[[str, int], None] = lambda name, size: None) -> None:
+    """Every file the bundle serves is there and matches DATA (its manifest), each one CHECKED as it is."""
+    for name in SIGNED:
+        meta = data["artifacts"].get(name)
+        if meta is None:
+            raise CbiosError(f"{members.where(manifest.MANIFEST)}: the manifest does not list {name}")
+        size = members.size(name)
+        if size is None:
+            raise CbiosError(f"{members.where(name)}: missing from the bundle")
+        if size != meta["size"] or members.sha256(name) != meta["sha256"]:
+            raise CbiosError(f"{members.where(name)}: does not match its sha256 in the manifest")
+        checked(name, size)
+
+
+def check_bundle(bundle: Path) -> dict[str, Any]:
     """The bundle's manifest, once every file it serves is there and matches it."""
     if not (bundle / manifest.MANIFEST).is_file():
         raise CbiosError(f"{bundle}: not a PXE bundle (no {manifest.MANIFEST})",
                          hint="build the profile first: cbios build NAME")
-    try:
-        data = manifest.read(bundle / manifest.MANIFEST)
-        artifacts = data["artifacts"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise CbiosError(f"{bundle / manifest.MANIFEST}: unreadable manifest ({e})") from None
-    for name in FILES:
-        if name in (manifest.MANIFEST, "SHA256SUMS", manifest.SIGNATURE):
-            continue
-        meta = artifacts.get(name)
-        path = bundle / name
-        if meta is None:
-            raise CbiosError(f"{bundle}: the manifest does not list {name}")
-        if not path.is_file():
-            raise CbiosError(f"{path}: missing from the bundle")
-        if path.stat().st_size != meta["size"] or manifest.sha256_file(path) != meta["sha256"]:
-            raise CbiosError(f"{path}: does not match its sha256 in the manifest")
+    data = parse_manifest((bundle / manifest.MANIFEST).read_bytes(), str(bundle / manifest.MANIFEST))
+    check_members(Folder(bundle), data)
     return data

@@ -1,191 +1,41 @@
-"""`cbios pxe serve`: a build's PXE bundle served to real nodes on one interface.
-
-dnsmasq answers PXE clients as a proxy-DHCP server (the site's DHCP server keeps giving
-the addresses) and serves iPXE over TFTP; iPXE is then sent to the bundle's script on the
-HTTP server here, which also takes the flasher's receipts. It runs until Ctrl-C or
-SIGTERM, then stops both and says what it served."""
+"""`cbios pxe serve` and `cbios pxe publish`: a build's PXE bundle (its folder) served to real
+nodes on one interface (cbios/pxe/service.py: proxy-DHCP, TFTP and HTTP), or over HTTP only
+for `cbios update URL` on running nodes. Both run until Ctrl-C or SIGTERM, then stop and say
+what they served."""
 
 from __future__ import annotations
 
-import ipaddress
-import json
 import logging
-import shutil
-import signal
-import subprocess
-import tempfile
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 
-from cbios.errors import CbiosError, StepError
-from cbios.node import contract
-from cbios.node.bootserver import dnsmasq
+from cbios.errors import CbiosError
 from cbios.node.httpd import BundleServer
 from cbios.progress import TransferBoard
+from cbios.pxe import service
 from cbios.pxe.bundle import FILES, check_bundle
 from cbios.pxe.transfers import node_rows
 from cbios.qemu import GUEST_FORWARD
 
 log = logging.getLogger("cbios")
 
-IPXE_DIR, IPXE_FILES = dnsmasq.IPXE_DIR, dnsmasq.IPXE_FILES
-DNSMASQ = "dnsmasq"
-START_TIMEOUT = 10.0
-STOP_TIMEOUT = 5.0
-MODES = contract.BOOT_MODES
 RELEASE_PORT = 8086  # `cbios pxe publish`; QEMU VMs of `cbios boot` reach it at VM_RELEASE_SERVER
 VM_RELEASE_SERVER = GUEST_FORWARD
-
-
-@dataclass(frozen=True)
-class Address:
-    ip: str
-    network: str  # the interface's IPv4 network, for dhcp-range=...,proxy
-
-
-def interface_address(interface: str) -> Address:
-    """The first IPv4 address of INTERFACE, or a clear error."""
-    proc = subprocess.run(["ip", "-j", "-4", "addr", "show", "dev", interface], capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL, check=False)
-    if proc.returncode != 0:
-        raise CbiosError(f"--interface {interface}: no such interface",
-                         hint="'ip -br addr' lists them; pick the one on the nodes' network")
-    for link in json.loads(proc.stdout or "[]"):
-        for info in link.get("addr_info", []):
-            net = ipaddress.ip_interface(f"{info['local']}/{info['prefixlen']}")
-            return Address(ip=str(net.ip), network=str(net.network.network_address))
-    raise CbiosError(f"--interface {interface}: has no IPv4 address",
-                     hint="give it one on the nodes' network (or let the site's DHCP server do so)")
-
-
-def dnsmasq_conf(*, profile: str, version: str, interface: str, network: str, tftp_root: Path,
-                 script_url: str) -> str:
-    """Proxy-DHCP: the site's DHCP server keeps giving the addresses."""
-    return dnsmasq.conf(title=f"CBIOS {profile} {version}", interface=interface, network=network,
-                        tftp_root=tftp_root, script_url=script_url)
-
-
-def tftp_tree(dest: Path) -> None:
-    """iPXE for BIOS and UEFI clients, readable by dnsmasq once it drops root."""
-    dest.mkdir(parents=True, exist_ok=True)
-    dest.chmod(0o755)
-    for name in IPXE_FILES:
-        if not (IPXE_DIR / name).is_file():
-            raise StepError("pxe serve", f"{IPXE_DIR / name} is missing", hint="install Debian's ipxe package "
-                            "('make deps')")
-        shutil.copyfile(IPXE_DIR / name, dest / name)
-        (dest / name).chmod(0o644)
-
-
-class Dnsmasq:
-    """dnsmasq in the foreground, its log lines relayed: who asked for what."""
-
-    def __init__(self, conf: Path, log_file: Path) -> None:
-        self.conf = conf
-        self.log_file = log_file
-        self.proc: subprocess.Popen[str] | None = None
-        self.started = threading.Event()
-        self.lines: list[str] = []
-        self._reader: threading.Thread | None = None
-
-    def start(self) -> None:
-        if shutil.which(DNSMASQ) is None:
-            raise StepError("pxe serve", "dnsmasq is not installed", hint="run 'make deps' (dnsmasq-base)")
-        argv = [DNSMASQ, "--keep-in-foreground", f"--conf-file={self.conf}", "--log-facility=-", "--pid-file="]
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)
-        self._reader = threading.Thread(target=self._read, name="dnsmasq-log", daemon=True)
-        self._reader.start()
-        deadline = time.monotonic() + START_TIMEOUT
-        while not self.started.wait(0.1):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise StepError("pxe serve", "dnsmasq did not start: " + " / ".join(self.lines[-5:]),
-                                hint=f"is another DHCP proxy or TFTP server running here? (log: {self.log_file})")
-
-    def _read(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        with open(self.log_file, "a") as out:
-            for raw in self.proc.stdout:
-                line = raw.rstrip("\n")
-                out.write(line + "\n")
-                out.flush()
-                self.lines.append(line)
-                if "TFTP root is" in line:
-                    self.started.set()
-                if " PXE(" in line or "sent /" in line or "failed" in line or "error" in line.lower():
-                    log.info("  dnsmasq: %s", line.split(": ", 1)[-1])
-
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self._reader is not None:
-            self._reader.join(STOP_TIMEOUT)
 
 
 def serve(bundle: Path, interface: str, *, http_port: int, receipts: Path, mode: str | None = None,
           ready: threading.Event | None = None, stop: threading.Event | None = None) -> int:
     """Serve BUNDLE on INTERFACE until SIGINT/SIGTERM (or STOP is set); 0 on a clean stop."""
     data = check_bundle(bundle)
-    if mode is not None and mode not in MODES:
-        raise CbiosError(f"--mode {mode}: one of {', '.join(MODES)}")
-    address = interface_address(interface)
-    stop = stop or threading.Event()
-    runtime = Path(tempfile.mkdtemp(prefix="cbios-pxe-"))
-    runtime.chmod(0o755)
-    try:
-        httpd = BundleServer((address.ip, http_port), bundle, FILES, receipts, preset_mode=mode)
-    except OSError as e:
-        shutil.rmtree(runtime, ignore_errors=True)
-        raise CbiosError(f"cannot serve HTTP on {address.ip}:{http_port}: {e.strerror}",
-                         hint="pick another --http-port") from None
-    script_url = f"http://{address.ip}:{httpd.port}/boot.ipxe"
-    tftp_tree(runtime / "tftp")
-    conf = runtime / "dnsmasq.conf"
-    conf.write_text(dnsmasq_conf(profile=str(data["profile"]), version=str(data["version"]), interface=interface,
-                                 network=address.network, tftp_root=runtime / "tftp", script_url=script_url))
-    receipts.mkdir(parents=True, exist_ok=True)
-    dnsmasq = Dnsmasq(conf, receipts / "dnsmasq.log")
-    previous = {sig: signal.signal(sig, _stopper(stop)) for sig in (signal.SIGINT, signal.SIGTERM)} \
-        if threading.current_thread() is threading.main_thread() else {}
-    try:
-        httpd.start()
-        dnsmasq.start()
-        log.info("‣ Serving CBIOS %s %s on %s (%s): proxy-DHCP and TFTP (dnsmasq), %s%s",
-                 data["profile"], data["version"], interface, address.ip, script_url,
-                 f"; every node: {mode}" if mode else "; nodes choose in iPXE's menu (default: boot)")
-        log.info("  receipts and dnsmasq's log: %s. Ctrl-C stops.", receipts)
-        if ready is not None:
-            ready.set()
-        with TransferBoard() as board:
-            while not stop.wait(0.5):
-                board.update(node_rows(httpd.snapshot(), time.monotonic()))
-                if not dnsmasq.running():
-                    raise StepError("pxe serve", "dnsmasq exited: " + " / ".join(dnsmasq.lines[-3:]),
-                                    hint=f"log: {dnsmasq.log_file}")
-    finally:
-        httpd.stop()
-        dnsmasq.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        shutil.rmtree(runtime, ignore_errors=True)
-    log.info("‣ Stopped: %d transfers (%d MiB), %d receipts", httpd.transfers_done(), httpd.bytes_sent() >> 20,
-             len(httpd.received))
-    return 0
+
+    def make_server(address: tuple[str, int], receipts: Path, mode: str | None) -> BundleServer:
+        return BundleServer(address, bundle, FILES, receipts, preset_mode=mode)
+
+    with TransferBoard() as board:
+        return service.run(make_server, profile=str(data["profile"]), version=str(data["version"]),
+                           interface=interface, http_port=http_port, receipts=receipts, mode=mode, ready=ready,
+                           stop=stop, on_tick=lambda httpd: board.update(node_rows(httpd.snapshot(), time.monotonic())))
 
 
 def publish(bundle: Path, *, address: str, port: int, stop: threading.Event | None = None,
@@ -197,28 +47,19 @@ def publish(bundle: Path, *, address: str, port: int, stop: threading.Event | No
         httpd = BundleServer((address, port), bundle, FILES, bundle.resolve().parent / "receipts")
     except OSError as e:
         raise CbiosError(f"cannot serve HTTP on {address}:{port}: {e.strerror}", hint="pick another --port") from None
-    previous = {sig: signal.signal(sig, _stopper(stop)) for sig in (signal.SIGINT, signal.SIGTERM)} \
-        if threading.current_thread() is threading.main_thread() else {}
-    try:
+    with service.stopped_by_signals(stop):
         httpd.start()
-        log.info("‣ Publishing CBIOS %s %s on http://%s:%d/ (%s). On a node: cbios update http://%s:%d/",
-                 data["profile"], data["version"], address, httpd.port, bundle, address, httpd.port)
-        if address == "127.0.0.1" and port == RELEASE_PORT:
-            log.info("  VMs of 'cbios boot' reach it as http://%s/ (give ctl an address in 10.0.2.0/24 first)",
-                     VM_RELEASE_SERVER)
-        log.info("  Ctrl-C stops.")
-        if ready is not None:
-            ready.set()
-        stop.wait()
-    finally:
-        httpd.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        try:
+            log.info("‣ Publishing CBIOS %s %s on http://%s:%d/ (%s). On a node: cbios update http://%s:%d/",
+                     data["profile"], data["version"], address, httpd.port, bundle, address, httpd.port)
+            if address == "127.0.0.1" and port == RELEASE_PORT:
+                log.info("  VMs of 'cbios boot' reach it as http://%s/ (give ctl an address in 10.0.2.0/24 first)",
+                         VM_RELEASE_SERVER)
+            log.info("  Ctrl-C stops.")
+            if ready is not None:
+                ready.set()
+            stop.wait()
+        finally:
+            httpd.stop()
     log.info("‣ Stopped: %d transfers (%d MiB)", httpd.transfers_done(), httpd.bytes_sent() >> 20)
     return 0
-
-
-def _stopper(stop: threading.Event) -> Callable[[int, FrameType | None], None]:
-    def handler(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-    return handler

@@ -127,7 +127,7 @@ def test_completion_knows_every_verb(shell: str) -> None:
 INVOKE = [str(Path(sys.executable).with_name("invoke"))]
 
 
-@pytest.mark.parametrize("argv", [["pxe-serve", "--interface", "lo"], ["publish"], ["release"]])
+@pytest.mark.parametrize("argv", [["pxe-serve", "--interface", "lo"], ["publish"], ["release"], ["pxe-pack"]])
 def test_a_task_that_serves_or_flashes_nodes_has_no_default_firmware(argv: list[str]) -> None:
     proc = subprocess.run([*INVOKE, *argv], capture_output=True, text=True, cwd=REPO, check=False,
                           stdin=subprocess.DEVNULL)
@@ -142,7 +142,7 @@ def test_tasks_take_the_options_of_the_verbs_they_wrap() -> None:
     import tasks
 
     wrapped = {"build": ("build",), "disk": ("disk",), "boot": ("boot",), "release": ("release",),
-               "pxe_serve": ("pxe", "serve"), "publish": ("pxe", "publish")}
+               "pxe_serve": ("pxe", "serve"), "publish": ("pxe", "publish"), "pxe_pack": ("pxe", "pack")}
     subs = verbs(parser())
     for task_name, words in wrapped.items():
         body = getattr(tasks, task_name).body

@@ -20,7 +20,8 @@ from cbios import manifest
 from cbios.errors import CbiosError
 from cbios.node.httpd import BundleServer
 from cbios.pxe.bundle import FILES, PXE_DIR, check_bundle, make_bundle
-from cbios.pxe.serve import dnsmasq_conf, publish
+from cbios.pxe.serve import publish
+from cbios.pxe.service import dnsmasq_conf
 
 BIG = 3 << 20
 

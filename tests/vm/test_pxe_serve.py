@@ -1,6 +1,8 @@
 """`cbios pxe serve` for real: dnsmasq and the HTTP server on one side of a veth pair in
 network namespaces, a PXE client's exchanges (DHCP, the boot-server request, TFTP, HTTP)
-from the other side. Needs root and dnsmasq; no VM."""
+from the other side. The same for the field kit (`cbios pxe pack`), run as on a laptop:
+python3 -I, from a folder where the cbios package cannot be imported, no venv. Needs root
+and dnsmasq; no VM."""
 
 from __future__ import annotations
 
@@ -17,7 +19,9 @@ from pathlib import Path
 import pytest
 
 from cbios.pxe.bundle import make_bundle
-from cbios.pxe.serve import IPXE_DIR
+from cbios.pxe.pack import pack
+from cbios.pxe.service import IPXE_DIR
+from tests.unit.test_kit import CLEAN_ENV, PYTHON, laptop_in, signed_build
 from tests.unit.test_pxe_bundle import fake_build
 
 SERVER_IP, CLIENT_IP = "10.77.0.1", "10.77.0.2"
@@ -60,15 +64,28 @@ def probe(ns: str, *args: str) -> dict[str, object]:
     return answer
 
 
-def test_pxe_serve_answers_a_pxe_client_then_stops_cleanly(link: tuple[str, str], tmp_path: Path) -> None:
+def server(how: str, bundle: Path, public_key: Path, interface: str, receipts: Path,
+           tmp_path: Path) -> tuple[list[str], Path, dict[str, str] | None]:
+    """The command that serves BUNDLE on INTERFACE, where it runs, its environment: `cbios
+    pxe serve` from the checkout, or the bundle's field kit on a "laptop"."""
+    if how == "cbios pxe serve":
+        return [sys.executable, "-m", "cbios.cli", "pxe", "serve", "--bundle", str(bundle), "--interface", interface,
+                "--receipts", str(receipts)], REPO, None
+    kit = pack(bundle, public_key.read_bytes(), tmp_path / "field.pyz")
+    return [PYTHON, "-I", str(kit), "serve", "--interface", interface, "--receipts", str(receipts)], \
+        laptop_in(tmp_path / "laptop"), CLEAN_ENV
+
+
+@pytest.mark.parametrize("how", ["cbios pxe serve", "field kit"])
+def test_pxe_serve_answers_a_pxe_client_then_stops_cleanly(link: tuple[str, str], tmp_path: Path, how: str) -> None:
     srv, cli = link
-    bundle = make_bundle(fake_build(tmp_path / "build"))
+    bundle, public_key = signed_build(tmp_path / "build")
     receipts = tmp_path / "receipts"
     log = tmp_path / "serve.log"
+    argv, cwd, env = server(how, bundle, public_key, srv, receipts, tmp_path)
     with open(log, "w") as out:
-        proc = subprocess.Popen(["ip", "netns", "exec", srv, sys.executable, "-m", "cbios.cli", "pxe", "serve",
-                                 "--bundle", str(bundle), "--interface", srv, "--receipts", str(receipts)],
-                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO)
+        proc = subprocess.Popen(["ip", "netns", "exec", srv, *argv], stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, cwd=cwd, env=env)
     try:
         deadline = time.monotonic() + 20
         while "Serving CBIOS" not in log.read_text():
@@ -94,6 +111,9 @@ def test_pxe_serve_answers_a_pxe_client_then_stops_cleanly(link: tuple[str, str]
         assert script.splitlines()[:2] == ["#!ipxe", f"set cbios-server http://{SERVER_IP}:8080/"]
         kernel = in_ns(cli, "curl", "-fsS", "--max-time", "10", f"http://{SERVER_IP}:8080/vmlinuz?mac={MAC}")
         assert kernel == (bundle / "vmlinuz").read_text()
+        root = subprocess.run(["ip", "netns", "exec", cli, "curl", "-fsS", "--max-time", "20",
+                               f"http://{SERVER_IP}:8080/root.img?mac={MAC}"], capture_output=True, check=True).stdout
+        assert hashlib.sha256(root).hexdigest() == hashlib.sha256((bundle / "root.img").read_bytes()).hexdigest()
         receipt = json.dumps({"result": "FLASHED", "mode": "install", "mac": MAC, "object_id": "31000040010"})
         in_ns(cli, "curl", "-fsS", "--max-time", "10", "--data-binary", receipt, f"http://{SERVER_IP}:8080/receipt")
 
@@ -108,7 +128,8 @@ def test_pxe_serve_answers_a_pxe_client_then_stops_cleanly(link: tuple[str, str]
     assert "sent /" in text and f"undionly.kpxe to {CLIENT_IP}" in text
     assert f"{MAC} {CLIENT_IP}: vmlinuz sent" in text
     assert f"Receipt from {MAC} (31000040010): FLASHED install" in text
-    assert "Stopped: 1 transfers" in text
+    assert f"{MAC} {CLIENT_IP}: root.img sent" in text
+    assert "Stopped: 2 transfers (3 MiB), 1 receipts" in text
     assert len(list(receipts.glob("*-525400aabbcc.json"))) == 1
     assert subprocess.run(["pgrep", "-f", "cbios-pxe-.*/dnsmasq.conf"], check=False).returncode == 1
 
