@@ -10,9 +10,9 @@ from typing import Any
 # Named here too for the build's modules: manifest.MANIFEST, manifest.SIGNATURE.
 from cbios.node.contract import MANIFEST as MANIFEST
 from cbios.node.contract import SIGNATURE as SIGNATURE
+from cbios.node.contract import SUMS as SUMS
 
 FORMAT = 1
-SUMS = "SHA256SUMS"  # the artifacts' sha256s, for people (sha256sum -c); nothing trusts it
 
 
 def sha256_file(path: Path) -> str:

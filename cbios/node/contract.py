@@ -15,6 +15,7 @@ from typing import Any
 
 MANIFEST = "manifest.json"  # a build's, a bundle's, a release's: the artifacts and their hashes
 SIGNATURE = MANIFEST + ".sig"  # Ed25519 over the manifest's bytes
+SUMS = "SHA256SUMS"  # the artifacts' sha256s, for people (sha256sum -c); nothing trusts it
 UPDATE_KEY = Path("/usr/lib/cbios/update-key.pem")  # in the root and the initrd: what verifies SIGNATURE
 TEMPLATES = Path("/usr/lib/cbios/slot-templates")
 SLOTS = Path("/usr/lib/cbios/slots.json")

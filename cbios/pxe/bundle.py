@@ -10,6 +10,7 @@ copy of a bundle with check_members."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from collections.abc import Callable
@@ -19,10 +20,12 @@ from typing import Any, Protocol
 from cbios import manifest
 from cbios.errors import CbiosError
 
+log = logging.getLogger("cbios")
+
 PXE_DIR = "pxe"
-FILES = ["boot.ipxe", "vmlinuz", "initrd.img", "root.img", "grub.cfg", "SHA256SUMS",
+FILES = ["boot.ipxe", "vmlinuz", "initrd.img", "root.img", "grub.cfg", manifest.SUMS,
          manifest.MANIFEST, manifest.SIGNATURE]
-SIGNED = [n for n in FILES if n not in ("SHA256SUMS", manifest.MANIFEST, manifest.SIGNATURE)]  # in the manifest
+SIGNED = [n for n in FILES if n not in (manifest.SUMS, manifest.MANIFEST, manifest.SIGNATURE)]  # in the manifest
 
 
 def make_bundle(out: Path) -> Path:
@@ -97,6 +100,9 @@ def check_members(members: Members, data: dict[str, Any],
         if size != meta["size"] or members.sha256(name) != meta["sha256"]:
             raise CbiosError(f"{members.where(name)}: does not match its sha256 in the manifest")
         checked(name, size)
+    if data.get("test"):
+        log.warning("‣ %s %s is a TEST firmware (the public test key, an empty root password, the tests' back "
+                    "door): for QEMU and labs, never for real nodes", data.get("profile"), data.get("version"))
 
 
 def check_bundle(bundle: Path) -> dict[str, Any]:

@@ -29,7 +29,7 @@ BIG = 3 << 20
 def fake_build(out: Path) -> Path:
     """A published build's files (small stand-ins), with its manifest."""
     out.mkdir(parents=True, exist_ok=True)
-    names = [n for n in FILES if n not in ("SHA256SUMS", manifest.MANIFEST, manifest.SIGNATURE)]
+    names = [n for n in FILES if n not in (manifest.SUMS, manifest.MANIFEST, manifest.SIGNATURE)]
     for name in names:
         (out / name).write_bytes(os.urandom(BIG) if name == "root.img" else f"{name}\n".encode())
     (out / "boot.ipxe").write_text("#!ipxe\necho hello\n")
@@ -75,6 +75,16 @@ def test_bundle_links_the_builds_files_and_is_remade_whole(tmp_path: Path) -> No
     make_bundle(out)
     assert (pxe / "grub.cfg").read_text() == "changed\n"
     assert not list(out.glob(".pxe*"))
+
+
+def test_a_test_firmware_is_named_as_one_wherever_it_is_served(tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    out = fake_build(tmp_path / "build")
+    assert check_bundle(make_bundle(out)) and "TEST firmware" not in caplog.text
+    data = manifest.read(out / manifest.MANIFEST)
+    manifest.write(out / manifest.MANIFEST, {**data, "test": True})
+    check_bundle(make_bundle(out))
+    assert "qemu-test 1.0.0 is a TEST firmware" in caplog.text and "never for real nodes" in caplog.text
 
 
 @pytest.mark.parametrize("damage, message", [

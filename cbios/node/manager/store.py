@@ -121,7 +121,7 @@ def _unpack(source: IO[bytes], staging: Path, store: Path, key: Path, where: str
         with tarfile.open(fileobj=bounded, mode="r|", bufsize=CHUNK) as tar:  # type: ignore[call-overload]
             for member in tar:
                 name = member.name
-                if name == "SHA256SUMS" and name not in taken:  # for people (sha256sum -c); nothing trusts it
+                if name == contract.SUMS and name not in taken:  # for people (sha256sum -c); nothing trusts it
                     taken.add(name)
                     continue
                 if name not in contract.STORE_FILES or name in taken or not member.isfile():
