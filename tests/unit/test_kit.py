@@ -281,3 +281,4 @@ def test_cbios_pxe_pack_of_a_build_carries_its_profiles_key(tmp_project: Project
     kit = out / f"qemu-test-1.0.0{SUFFIX}"  # the manifest's profile and version
     assert Kit(kit).read("update-key.pem") == signing.public_key(private)
     assert f"key {ed25519.fingerprint(Kit(kit).key())}" in caplog.text
+    assert f"sha256 {hashlib.sha256(kit.read_bytes()).hexdigest()}" in caplog.text
