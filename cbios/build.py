@@ -214,10 +214,13 @@ def _drop_trees(outputs: Path) -> None:
     """mkosi's directory outputs (the root's and the lxc-system slots' trees), once root.img
     holds them: a gigabyte or more per profile, that mkosi makes again from its cache on the
     next build. Its files (initrd, kernel, manifests) stay."""
-    for out in outputs.iterdir():
-        for path in out.iterdir():
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
+    try:
+        for out in (p for p in outputs.iterdir() if p.is_dir()):
+            for path in out.iterdir():
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+    except OSError as e:  # the build is published whole already: this only costs disk
+        log.warning("‣ %s: mkosi's trees not removed (%s)", outputs, e)
 
 
 def _place_slot_images(trees: dict[str, Path], tree: Path) -> dict[str, dict[str, object]]:

@@ -143,10 +143,11 @@ def cmd_pxe_publish(args: argparse.Namespace, project: Project) -> int:
 
 
 def cmd_pxe_serve(args: argparse.Namespace, project: Project) -> int:
+    from cbios.pxe import service
     from cbios.pxe.serve import serve
 
     bundle = _bundle(args, project)
-    receipts = Path(args.receipts) if args.receipts else bundle.resolve().parent / "receipts"
+    receipts = Path(args.receipts) if args.receipts else bundle.resolve().parent / service.RECEIPTS
     return serve(bundle, args.interface, http_port=args.http_port, receipts=receipts, mode=args.mode)
 
 
@@ -356,7 +357,7 @@ def reporting(call: Callable[[], int], *, debug: bool = False) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = pipes.parsed(lambda: parser().parse_args(argv))
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(message)s",
                         stream=sys.stderr)
     return reporting(lambda: pipes.quietly(lambda: int(args.func(args, Project.find()))), debug=args.debug)

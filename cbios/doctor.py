@@ -24,7 +24,7 @@ from cbios.project import Project
 
 Status = Literal["ok", "warn", "fail"]
 
-VERBS = ("build", "disk", "boot", "pxe-serve", "pxe-publish", "release", "test")
+VERBS = ("build", "disk", "boot", "pxe-serve", "pxe-pack", "release", "test")  # pxe publish needs Python alone
 MKOSI_MIN = 24
 GIB = 1 << 30
 # Free space where builds write (build/, .cache/, mkosi's workspace in /var/tmp): a build of
@@ -77,11 +77,14 @@ class Result:
 
 
 def _mkosi_version(host: Host) -> Finding:
-    proc = subprocess.run(["mkosi", "--version"], capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                          check=False, timeout=60)
+    fix = f"{FIX_DEPS} (mkosi {MKOSI_MIN} from bookworm-backports)"
+    try:
+        proc = subprocess.run(["mkosi", "--version"], capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                              check=False, timeout=60)
+    except subprocess.TimeoutExpired:
+        return Finding("fail", "`mkosi --version` did not answer within 60 s", fix)
     said = (proc.stdout or proc.stderr).strip()
     m = re.search(r"(\d+)(\.\d+)*", said)
-    fix = f"{FIX_DEPS} (mkosi {MKOSI_MIN} from bookworm-backports)"
     if proc.returncode != 0 or m is None:
         return Finding("fail", f"`mkosi --version` said {said!r}", fix)
     if int(m[1]) < MKOSI_MIN:
@@ -161,7 +164,7 @@ CHECKS: tuple[Check, ...] = (
     Check("zstd", BUILD, commands={"zstd": "zstd"}),
     Check("xz", BUILD, commands={"xz": "xz-utils"}),
     Check("cpio", BUILD, commands={"cpio": "cpio"}),
-    Check("openssl", BUILD, commands={"openssl": "openssl"}),
+    Check("openssl", (*BUILD, "pxe-pack"), commands={"openssl": "openssl"}),
     Check("mkfs.ext4", ("disk", "test"), commands={"mkfs.ext4": "e2fsprogs"}),
     Check("qemu", QEMU, commands={qemu.QEMU: "qemu-system-x86", "qemu-img": "qemu-utils"}),
     Check("kvm", QEMU, probe=_kvm),

@@ -8,6 +8,7 @@ import re
 import time
 from pathlib import Path
 
+from cbios.node.printable import printable
 from cbios.progress import Clock, StatusLine, rate, size
 
 TAG = "cbios-flash: "
@@ -41,7 +42,7 @@ class GrowingFile:
 def flasher_says(console_line: str) -> str | None:
     """What a console line has the flasher say, if it is one of its steps or measures."""
     _, tag, said = console_line.partition(TAG)
-    said = said.strip()
+    said = printable(said.strip())  # the guest's words: no control character reaches the terminal
     return said if tag and said and not said.startswith(UNSHOWN) else None
 
 

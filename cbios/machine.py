@@ -121,6 +121,8 @@ class Machine:
                 self._reports_seen += 1
                 self.reports.append(line)
                 if line.startswith(accept):
+                    if on_poll is not None:
+                        on_poll()  # what the guest printed between the last look and its report
                     log.info("  %s after %.1f s: %s", self.name, self.uptime(), line)
                     return line
                 if line.startswith("FAILED") and not skip_failed:

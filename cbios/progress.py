@@ -91,9 +91,13 @@ class Display:
     def __enter__(self) -> Self:
         if self.console.is_interactive and _live_lock.acquire(blocking=False):
             self.live = True
-            self._stack.enter_context(_logs_above(self.console))
-            self._stack.enter_context(Live(self, console=self.console, refresh_per_second=REFRESH_PER_SECOND,
-                                           transient=True, redirect_stdout=False, redirect_stderr=False))
+            try:
+                self._stack.enter_context(_logs_above(self.console))
+                self._stack.enter_context(Live(self, console=self.console, refresh_per_second=REFRESH_PER_SECOND,
+                                               transient=True, redirect_stdout=False, redirect_stderr=False))
+            except BaseException:
+                self.__exit__(None, None, None)  # the log handlers back, the lock free
+                raise
         return self
 
     def __exit__(self, typ: type[BaseException] | None, exc: BaseException | None,

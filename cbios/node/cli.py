@@ -295,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("slots-up", help="start CB-Manager (cbios-slots.service)").set_defaults(func=cmd_slots_up)
     sub.add_parser("slots-down", help="stop every slot, CB-Manager last (cbios-slots.service)").set_defaults(
         func=cmd_slots_down)
-    args = p.parse_args(argv)
+    args = pipes.parsed(lambda: p.parse_args(argv))
     try:
         status_code: int = pipes.quietly(lambda: args.func(args))
         return status_code

@@ -32,7 +32,7 @@ def _add(p: Point, q: Point) -> Point:
 
 
 def _multiply(scalar: int, p: Point) -> Point:
-    out: Point = (0, 1, 1, 0)  # the neutral element
+    out: Point = (0, 1, 1, 0)  # NEUTRAL
     while scalar:
         if scalar & 1:
             out = _add(out, p)
@@ -71,18 +71,30 @@ _BASE_Y = 4 * pow(5, -1, P) % P
 BASE = _decode(_BASE_Y.to_bytes(32, "little"))
 
 
+def _encode(p: Point) -> bytes:
+    z = pow(p[2], -1, P)
+    x, y = p[0] * z % P, p[1] * z % P
+    return (y | (x & 1) << 255).to_bytes(32, "little")
+
+
+NEUTRAL: Point = (0, 1, 1, 0)
+
+
 def verify(public: bytes, message: bytes, signature: bytes) -> bool:
-    """Whether SIGNATURE is PUBLIC's (32 bytes) Ed25519 signature of MESSAGE."""
+    """Whether SIGNATURE is PUBLIC's (32 bytes) Ed25519 signature of MESSAGE, as OpenSSL (on
+    the node) decides it: S below L, and the encoding of [S]B - [k]A equal to R byte for byte
+    (no cofactor). A key of small order, which any signature with R = [S]B would satisfy, is
+    no key."""
     assert BASE is not None
     if len(public) != 32 or len(signature) != 64:
         return False
-    a, r = _decode(public), _decode(signature[:32])
+    a = _decode(public)
     s = int.from_bytes(signature[32:], "little")
-    if a is None or r is None or s >= L:
+    if a is None or s >= L or _equal(_multiply(8, a), NEUTRAL):
         return False
     k = int.from_bytes(hashlib.sha512(signature[:32] + public + message).digest(), "little") % L
-    # [8][S]B = [8]R + [8][k]A: the cofactored check the RFC gives.
-    return _equal(_multiply(8 * s, BASE), _multiply(8, _add(r, _multiply(k, a))))
+    minus_a = (P - a[0], a[1], a[2], P - a[3])
+    return _encode(_add(_multiply(s, BASE), _multiply(k, minus_a))) == signature[:32]
 
 
 def public_key_der(pem: str) -> bytes:
@@ -98,6 +110,13 @@ def public_key_der(pem: str) -> bytes:
     if len(der) != len(SPKI_PREFIX) + 32 or not der.startswith(SPKI_PREFIX):
         raise ValueError("not an Ed25519 public key")
     return der
+
+
+def pem(der: bytes) -> str:
+    """The PEM of a public key's DER, as openssl writes it."""
+    body = base64.b64encode(der).decode()
+    lines = [body[i:i + 64] for i in range(0, len(body), 64)]
+    return "\n".join([f"-----BEGIN {PEM_LABEL}-----", *lines, f"-----END {PEM_LABEL}-----", ""])
 
 
 def raw_key(der: bytes) -> bytes:

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import parse_qs, urlsplit
 
+from cbios.node.printable import printable
+
 log = logging.getLogger("cbios")
 
 SLICE = 1 << 20  # sendfile's bytes per call: a stop or a hold is seen within one
@@ -235,7 +237,7 @@ class Handler(BaseHTTPRequestHandler):
         opened = self.server.open_file(name)
         if opened is None:
             self._reply(HTTPStatus.NOT_FOUND, b"not served here\n")
-            log.info("  %s %s: %s not found", self._mac(), self.client_address[0], name or "/")
+            log.info("  %s %s: %s not found", self._mac(), self.client_address[0], printable(name or "/"))
             return
         f, base, size = opened
         with f:
@@ -312,9 +314,9 @@ class Handler(BaseHTTPRequestHandler):
         receipt["client"] = self.client_address[0]
         self.server.received.append(receipt)
         path = self.server.keep_receipt(receipt, self._name())
-        log.info("‣ Receipt from %s (%s): %s %s %s %s %s; %s", receipt["mac"], receipt.get("object_id"),
-                 receipt.get("result"), receipt.get("mode"), receipt.get("profile"), receipt.get("version"),
-                 receipt.get("reason") or f"root.img {str(receipt.get('root_sha256'))[:12]}", path)
+        shown = [printable(receipt.get(k)) for k in ("mac", "object_id", "result", "mode", "profile", "version")]
+        log.info("‣ Receipt from %s (%s): %s %s %s %s %s; %s", *shown,
+                 printable(receipt.get("reason") or f"root.img {str(receipt.get('root_sha256'))[:12]}"), path)
         self._reply(HTTPStatus.OK, b"receipt taken\n")
 
     def _reply(self, status: HTTPStatus, data: bytes, *, body: bool = True, content_type: str = "text/plain",

@@ -8,6 +8,9 @@ import os
 import select
 import sys
 from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 def stdout_closed(exc: BaseException) -> bool:
@@ -22,6 +25,17 @@ def stdout_closed(exc: BaseException) -> bool:
     poll.register(fd, select.POLLOUT)
     # The write end of a pipe with no reader left polls as an error.
     return any(events & select.POLLERR for _, events in poll.poll(0))
+
+
+def parsed(parse: Callable[[], T]) -> T:
+    """PARSE's result (argparse's parse_args); its --help and --version, printed into a pipe
+    whose reader went away, end as quietly as a command's output (argparse itself ignores
+    the failed write, and Python's flush at exit would not)."""
+    try:
+        return parse()
+    except SystemExit:
+        quietly(lambda: 0)
+        raise
 
 
 def quietly(call: Callable[[], int]) -> int:

@@ -296,7 +296,7 @@ def _wait_ready(timeout: int) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     try:
-        args = parser.parse_intermixed_args(argv)
+        args = pipes.parsed(lambda: parser.parse_intermixed_args(argv))
         return pipes.quietly(lambda: run(args))
     except Usage as e:
         print(f"slot: {e}", file=sys.stderr)

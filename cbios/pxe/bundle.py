@@ -19,12 +19,12 @@ from typing import Any, Protocol
 
 from cbios import manifest
 from cbios.errors import CbiosError
+from cbios.node import contract
 
 log = logging.getLogger("cbios")
 
 PXE_DIR = "pxe"
-FILES = ["boot.ipxe", "vmlinuz", "initrd.img", "root.img", "grub.cfg", manifest.SUMS,
-         manifest.MANIFEST, manifest.SIGNATURE]
+FILES = [*contract.STORE_FILES, contract.SUMS]  # what a node asks for, and SHA256SUMS for people
 SIGNED = [n for n in FILES if n not in (manifest.SUMS, manifest.MANIFEST, manifest.SIGNATURE)]  # in the manifest
 
 
@@ -82,6 +82,9 @@ def parse_manifest(raw: bytes, where: str) -> dict[str, Any]:
         data = json.loads(raw)
         if not isinstance(data, dict) or not isinstance(data["artifacts"], dict):
             raise TypeError("no artifacts")
+        for name, meta in data["artifacts"].items():
+            if not (isinstance(meta, dict) and type(meta.get("size")) is int and isinstance(meta.get("sha256"), str)):
+                raise TypeError(f"artifact {name!r} has no size and sha256")
     except (ValueError, KeyError, TypeError) as e:
         raise CbiosError(f"{where}: unreadable manifest ({e})") from None
     return data

@@ -42,7 +42,11 @@ def cmd_check(args: argparse.Namespace, kit: Kit) -> int:
     data = kit.check_signature(key)
     print(f"manifest.json: signature good: CBIOS {data['profile']} {data['version']}", flush=True)
     data = kit.check(key, lambda name, size: print(f"{name}: {_size(size)}, sha256 good", flush=True))
-    print(f"good: this kit serves CBIOS {data['profile']} {data['version']}, as signed")
+    print(f"good: this kit is whole and serves CBIOS {data['profile']} {data['version']}, as signed"
+          + (" (a TEST firmware: never for real nodes)" if data.get("test") else ""))
+    # This is the kit's own code speaking: a forged kit could print the same.
+    print("that the kit is the release engineer's, only 'sha256sum KIT' against the value published "
+          "with it shows")
     return 0
 
 
@@ -51,12 +55,13 @@ def cmd_info(args: argparse.Namespace, kit: Kit) -> int:
     files = {name: span.size for name, span in kit.spans.items() if name != KEY}
     size, key = kit.path.stat().st_size, ed25519.fingerprint(kit.key())
     if args.json:
-        print(json.dumps({"profile": data.get("profile"), "version": data.get("version"), "kit": str(kit.path),
+        print(json.dumps({"profile": data.get("profile"), "version": data.get("version"),
+                          "test": bool(data.get("test")), "kit": str(kit.path),
                           "kit_size": size, "bundle_size": sum(files.values()), "files": files,
                           "key_fingerprint": key}, indent=2))
         return 0
-    print(f"CBIOS {data.get('profile')} {data.get('version')}: field kit {kit.path} ({_size(size)}; "
-          f"the bundle {_size(sum(files.values()))})")
+    print(f"CBIOS {data.get('profile')} {data.get('version')}" + (" (TEST firmware)" if data.get("test") else "")
+          + f": field kit {kit.path} ({_size(size)}; the bundle {_size(sum(files.values()))})")
     print(f"  key {key} (not checked here: 'check' does)")
     for name, size in files.items():
         print(f"  {name:18} {_size(size)}")
@@ -68,7 +73,7 @@ def cmd_serve(args: argparse.Namespace, kit: Kit) -> int:
     key, source = _key(kit, args.key)
     log.info("‣ Checking %s with key %s, %s ...", kit.path, ed25519.fingerprint(key), source)
     data = kit.check(key)
-    receipts = Path(args.receipts) if args.receipts else kit.path.resolve().parent / "receipts"
+    receipts = Path(args.receipts) if args.receipts else kit.path.resolve().parent / service.RECEIPTS
 
     def make_server(address: tuple[str, int], receipts: Path, mode: str | None) -> KitServer:
         return KitServer(address, kit, receipts, preset_mode=mode)
@@ -123,6 +128,6 @@ def reporting(call: Callable[[], int]) -> int:
 def main(argv: Sequence[str] | None = None, kit: Path | None = None) -> int:
     """The kit's command line; KIT: the kit file (default: the program run, sys.argv[0])."""
     path = kit or Path(sys.argv[0])
-    args = parser(f"python3 {path.name}").parse_args(argv)
+    args = pipes.parsed(lambda: parser(f"python3 {path.name}").parse_args(argv))
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     return reporting(lambda: int(args.func(args, Kit(path))))

@@ -43,17 +43,26 @@ class Kit:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.spans: dict[str, Span] = {}
+        self.spans: dict[str, Span] = {}  # the bundle's files
+        self.key_span: Span | None = None
         try:
-            with open(path, "rb") as f, zipfile.ZipFile(f) as archive:
+            # Kept open: what is checked and what is served are the bytes of this one file,
+            # even if the path is copied over or removed while the kit serves.
+            self._file = open(path, "rb")
+            with zipfile.ZipFile(self._file) as archive:
+                names = [info.filename for info in archive.infolist()]
+                if len(set(names)) != len(names):
+                    raise ValueError("a name is in it twice")
                 for info in archive.infolist():
-                    if info.filename.startswith(BUNDLE) or info.filename == KEY:
-                        self.spans[info.filename.removeprefix(BUNDLE)] = _span(f, info)
+                    if info.filename.startswith(BUNDLE):
+                        self.spans[info.filename.removeprefix(BUNDLE)] = _span(self._file, info)
+                    elif info.filename == KEY:
+                        self.key_span = _span(self._file, info)
         except FileNotFoundError:
             raise CbiosError(f"{path}: no such file") from None
-        except (OSError, zipfile.BadZipFile, ValueError) as e:
+        except (OSError, zipfile.BadZipFile, ValueError, NotImplementedError, EOFError, struct.error) as e:
             raise CbiosError(f"{path}: not a field kit, or a damaged one ({e})") from None
-        if contract.MANIFEST not in self.spans or KEY not in self.spans:
+        if contract.MANIFEST not in self.spans or self.key_span is None:
             raise CbiosError(f"{path}: not a field kit (no {BUNDLE}{contract.MANIFEST} or {KEY} in it)")
 
     def where(self, name: str) -> str:
@@ -63,27 +72,28 @@ class Kit:
         return self.spans[name].size if name in self.spans else None
 
     def open(self, name: str) -> tuple[BinaryIO, Span]:
-        return open(self.path, "rb"), self.spans[name]
+        """The kit opened again (its own file position, for one transfer), and NAME's span."""
+        return open(f"/proc/self/fd/{self._file.fileno()}", "rb"), self.spans[name]
 
     def read(self, name: str) -> bytes:
-        f, span = self.open(name)
-        with f:
-            return os.pread(f.fileno(), span.size, span.offset)
+        return self._read(self.spans[name])
+
+    def _read(self, span: Span) -> bytes:
+        return os.pread(self._file.fileno(), span.size, span.offset)
 
     def sha256(self, name: str) -> str:
         h = hashlib.sha256()
-        f, span = self.open(name)
-        with f:
-            done = 0
-            while done < span.size and (chunk := os.pread(f.fileno(), min(CHUNK, span.size - done),
-                                                          span.offset + done)):
-                h.update(chunk)
-                done += len(chunk)
+        span, done = self.spans[name], 0
+        while done < span.size and (chunk := os.pread(self._file.fileno(), min(CHUNK, span.size - done),
+                                                      span.offset + done)):
+            h.update(chunk)
+            done += len(chunk)
         return h.hexdigest()
 
     def key(self) -> bytes:
         """The DER of the kit's own key."""
-        return key_der(self.read(KEY), self.where(KEY))
+        assert self.key_span is not None
+        return key_der(self._read(self.key_span), self.where(KEY))
 
     def manifest(self) -> dict[str, Any]:
         """The manifest, unverified (what `info` shows)."""
@@ -108,7 +118,11 @@ class Kit:
 
 
 def key_der(pem: bytes, where: str) -> bytes:
-    """The DER of the Ed25519 public key in PEM, or a clear error naming WHERE."""
+    """The DER of the Ed25519 public key in PEM, or a clear error naming WHERE. A file that
+    holds a private key too is refused: it is never to travel in a kit."""
+    if b"PRIVATE KEY" in pem:
+        raise CbiosError(f"{where}: holds a private key", hint="give the public key alone: openssl pkey -in KEY "
+                         "-pubout")
     try:
         return ed25519.public_key_der(pem.decode("ascii", errors="replace"))
     except ValueError as e:

@@ -16,7 +16,7 @@ from typing import Protocol, Self
 
 from cbios.errors import StepError
 from cbios.node.httpd import BundleServer, ipxe_presets
-from cbios.pxe import newer_ipxe
+from cbios.pxe import newer_ipxe, service
 from cbios.pxe.bundle import FILES
 from cbios.pxe.nginx import Nginx
 from cbios.qemu import GUEST_FORWARD
@@ -80,7 +80,7 @@ class PxeLab(Site):
         HOLD_AFTER: (file, bytes) after which that transfer waits for the server to stop."""
         super().__init__(workdir)
         self.taken: list[dict[str, object]] = []
-        self.server = BundleServer(("127.0.0.1", 0), bundle, FILES, workdir / "receipts",
+        self.server = BundleServer(("127.0.0.1", 0), bundle, FILES, workdir / service.RECEIPTS,
                                    preset_mode=mode, preset_args=kernel_args, hold_after=hold_after)
 
     def wait_receipt(self, timeout: float = 60) -> dict[str, object]:

@@ -12,6 +12,7 @@ import zipfile
 from pathlib import Path
 
 from cbios.errors import CbiosError
+from cbios.node import ed25519
 from cbios.pxe import kit
 from cbios.pxe.bundle import FILES, check_bundle
 from cbios.pxe.kitfile import BUNDLE, KEY, Kit, key_der
@@ -49,7 +50,7 @@ def pack(bundle: Path, key_pem: bytes, dest: Path | None = None, *, key_source: 
                 archive.writestr("__main__.py", MAIN, zipfile.ZIP_DEFLATED)
                 for arcname, path in sorted(kit_modules().items()):
                     archive.write(path, arcname, zipfile.ZIP_DEFLATED)
-                archive.writestr(KEY, key_pem, zipfile.ZIP_STORED)
+                archive.writestr(KEY, ed25519.pem(key), zipfile.ZIP_STORED)  # the key checked, and only it
                 for file in FILES:  # stored: served from where they are in the kit
                     archive.write(bundle / file, BUNDLE + file, zipfile.ZIP_STORED)
         Kit(tmp).check(key)  # what the laptop will check, before the kit is anywhere to be found

@@ -44,7 +44,7 @@ def publish(bundle: Path, *, address: str, port: int, stop: threading.Event | No
     data = check_bundle(bundle)
     stop = stop or threading.Event()
     try:
-        httpd = BundleServer((address, port), bundle, FILES, bundle.resolve().parent / "receipts")
+        httpd = BundleServer((address, port), bundle, FILES, bundle.resolve().parent / service.RECEIPTS)
     except OSError as e:
         raise CbiosError(f"cannot serve HTTP on {address}:{port}: {e.strerror}", hint="pick another --port") from None
     with service.stopped_by_signals(stop):

@@ -35,6 +35,7 @@ IPXE_DIR, IPXE_FILES = dnsmasq.IPXE_DIR, dnsmasq.IPXE_FILES
 DNSMASQ = "dnsmasq"
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
+RECEIPTS = "receipts"  # the default folder of the flasher's receipts, beside what is served
 MODES = contract.BOOT_MODES
 
 
@@ -169,7 +170,7 @@ def run(make_server: ServerMaker, *, profile: str, version: str, interface: str,
         raise CbiosError(f"cannot serve HTTP on {address.ip}:{http_port}: {e.strerror}",
                          hint="pick another --http-port") from None
     script_url = f"http://{address.ip}:{httpd.port}/boot.ipxe"
-    with _runtime() as runtime, stopped_by_signals(stop):
+    with _socket_closed(httpd), _runtime() as runtime, stopped_by_signals(stop):
         httpd.start()
         dnsmasq = Dnsmasq(runtime / "dnsmasq.conf", receipts / "dnsmasq.log")
         try:
@@ -196,6 +197,16 @@ def run(make_server: ServerMaker, *, profile: str, version: str, interface: str,
     log.info("‣ Stopped: %d transfers (%d MiB), %d receipts", httpd.transfers_done(), httpd.bytes_sent() >> 20,
              len(httpd.received))
     return 0
+
+
+@contextmanager
+def _socket_closed(httpd: BundleServer) -> Iterator[None]:
+    """HTTPD's socket closed at the end, whatever fails before it serves (stop() closes it
+    too: closing twice is harmless)."""
+    try:
+        yield
+    finally:
+        httpd.server_close()
 
 
 @contextmanager

@@ -125,3 +125,18 @@ def test_an_initrd_whose_files_did_not_change_packs_to_the_same_bytes(tmp_path: 
     assert (out / "etc/a").stat().st_ino == (out / "etc/b").stat().st_ino
     with pytest.raises(StepError, match="not a newc cpio archive at byte 0"):
         image.reproducible_cpio(b"garbage", 0)
+
+
+def test_mkosis_trees_go_once_published_and_its_files_stay(tmp_path: Path) -> None:
+    outputs = tmp_path / "out"
+    for image_dir, tree in (("root", "root"), ("slot-service", "service")):
+        (outputs / image_dir / tree / "usr" / "bin").mkdir(parents=True)
+        (outputs / image_dir / tree / "usr" / "bin" / "sh").write_text("x")
+        (outputs / image_dir / f"{tree}.manifest").write_text("{}")
+    (outputs / "root" / "root.vmlinuz").write_text("kernel")
+    (outputs / "root" / "link").symlink_to(outputs / "root" / "root")
+    (outputs / "stray-file").write_text("not an image's folder")
+    build_mod._drop_trees(outputs)
+    left = sorted(str(p.relative_to(outputs)) for p in outputs.rglob("*"))
+    assert left == ["root", "root/link", "root/root.manifest", "root/root.vmlinuz", "slot-service",
+                    "slot-service/service.manifest", "stray-file"]

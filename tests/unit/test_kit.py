@@ -89,7 +89,9 @@ def test_the_kit_checks_itself_where_cbios_cannot_be_imported(kit: Path, laptop:
     lines = proc.stdout.splitlines()
     assert lines[0].startswith(f"key sha256:{hashlib.sha256(der).hexdigest()}, the kit's")
     assert "root.img: 3.0 MiB, sha256 good" in lines
-    assert lines[-1] == "good: this kit serves CBIOS qemu-test 1.0.0, as signed"
+    assert lines[-2:] == ["good: this kit is whole and serves CBIOS qemu-test 1.0.0, as signed",
+                          "that the kit is the release engineer's, only 'sha256sum KIT' against the value "
+                          "published with it shows"]
     assert not list(kit.parent.glob(".*.tmp"))
 
 
@@ -173,8 +175,8 @@ def test_a_key_held_apart_decides_and_a_wrong_one_is_refused(kit: Path, laptop: 
     assert len(proc.stderr.splitlines()) == 1
     proc = run_kit(kit, "check", "--key", str(tmp_path / "signing.pem"), cwd=laptop)  # a private key
     assert proc.returncode == 2 and proc.stderr.splitlines() == [
-        f"cbios-kit: --key {tmp_path / 'signing.pem'}: not a PEM public key (no '-----BEGIN PUBLIC KEY-----') "
-        "(hint: a public key: openssl pkey -in KEY -pubout)"]
+        f"cbios-kit: --key {tmp_path / 'signing.pem'}: holds a private key "
+        "(hint: give the public key alone: openssl pkey -in KEY -pubout)"]
 
 
 def test_a_damaged_kit_is_refused_in_one_line(kit: Path, laptop: Path) -> None:
@@ -260,6 +262,34 @@ def test_ed25519_agrees_with_openssl(tmp_path: Path) -> None:
         assert not ed25519.verify(key, data, sig[:63])
 
 
+IDENTITY = (1).to_bytes(32, "little")  # the neutral point's encoding (y = 1)
+ORDER_TWO = (2**255 - 19 - 1).to_bytes(32, "little")  # (0, -1)
+
+
+@pytest.mark.parametrize("public", [IDENTITY, ORDER_TWO], ids=["identity", "order 2"])
+def test_ed25519_refuses_a_key_of_small_order(public: bytes) -> None:
+    """With such a key, R = [S]B makes a 'signature' of every message (S = 0, R the neutral
+    point): it must be no key at all."""
+    for message in (b"", b"any manifest"):
+        assert not ed25519.verify(public, message, IDENTITY + bytes(32))
+
+
+def test_ed25519_refuses_an_r_that_is_not_the_signers(tmp_path: Path) -> None:
+    """R is compared byte for byte, as OpenSSL (on the node) compares it: the point with the
+    other x, or R's y off by one, is refused."""
+    private, public = new_key(tmp_path)
+    key = ed25519.raw_key(ed25519.public_key_der(public.read_text()))
+    message = tmp_path / "message"
+    message.write_bytes(b"m")
+    sig = openssl("pkeyutl", "-sign", "-rawin", "-inkey", str(private), "-in", str(message))
+    assert ed25519.verify(key, b"m", sig)
+    r = int.from_bytes(sig[:32], "little")
+    sign, y = r >> 255, r & ((1 << 255) - 1)
+    assert not ed25519.verify(key, b"m", ((y ^ 1) | sign << 255).to_bytes(32, "little") + sig[32:])
+    bad_r = (y | (sign ^ 1) << 255).to_bytes(32, "little")  # the other x: another point
+    assert not ed25519.verify(key, b"m", bad_r + sig[32:])
+
+
 def test_serve_on_a_missing_interface_says_so_in_one_line(kit: Path, laptop: Path) -> None:
     proc = run_kit(kit, "serve", "--interface", "cbios-nonesuch", cwd=laptop)
     assert proc.returncode == 2 and proc.stderr.splitlines()[-1] == (
@@ -279,6 +309,34 @@ def test_cbios_pxe_pack_of_a_build_carries_its_profiles_key(tmp_project: Project
     make_bundle(out)
     assert main(["pxe", "pack", "--profile", "base"]) == 0
     kit = out / f"qemu-test-1.0.0{SUFFIX}"  # the manifest's profile and version
-    assert Kit(kit).read("update-key.pem") == signing.public_key(private)
+    assert ed25519.pem(Kit(kit).key()).encode() == signing.public_key(private)
     assert f"key {ed25519.fingerprint(Kit(kit).key())}" in caplog.text
     assert f"sha256 {hashlib.sha256(kit.read_bytes()).hexdigest()}" in caplog.text
+
+
+def test_pack_never_carries_a_private_key(tmp_path: Path) -> None:
+    bundle, public = signed_build(tmp_path / "build")
+    both = (tmp_path / "signing.pem").read_bytes() + public.read_bytes()  # passes for a public key's PEM
+    with pytest.raises(CbiosError, match="holds a private key"):
+        pack(bundle, both)
+    kit = pack(bundle, public.read_bytes() + b"# a comment after the key\n")
+    with zipfile.ZipFile(kit) as archive:
+        assert archive.read("update-key.pem") == public.read_bytes()  # the key checked, written again
+
+
+def test_a_kit_with_a_name_twice_is_refused(kit: Path) -> None:
+    with zipfile.ZipFile(kit, "a") as archive, pytest.warns(UserWarning, match="Duplicate name"):
+        archive.writestr("bundle/root.img", b"another root", zipfile.ZIP_STORED)
+    with pytest.raises(CbiosError, match="a name is in it twice"):
+        Kit(kit)
+
+
+def test_a_kit_serves_the_file_it_checked_even_if_its_path_is_copied_over(kit: Path, tmp_path: Path) -> None:
+    opened = Kit(kit)
+    before = opened.sha256("root.img")
+    kit.unlink()
+    kit.write_bytes(b"something else")
+    assert opened.sha256("root.img") == before
+    f, span = opened.open("root.img")
+    with f:
+        assert hashlib.sha256(os.pread(f.fileno(), span.size, span.offset)).hexdigest() == before

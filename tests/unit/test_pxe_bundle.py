@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import http.server
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -338,3 +339,15 @@ def test_a_server_keeps_the_last_transfers_and_the_sums_of_the_rest(server: Bund
         assert server.transfers[-1].ended.wait(10)
     assert len(server.transfers) <= 4 and server.bytes_sent("root.img") == 10 and server.transfers_done() == 10
     assert server.bytes_sent("vmlinuz") == 0
+
+
+def test_what_a_client_sends_reaches_the_log_without_control_characters(server: BundleServer,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="cbios")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:  # http.client refuses these
+        raw.sendall(b"GET /x\x1b]0;owned\x07 HTTP/1.0\r\n\r\n")
+        assert raw.makefile("rb").readline().split()[1] == b"404"
+    receipt = {"result": "FLASHED\x1b[31m", "mode": "install", "mac": "52:54:00:aa:bb:cc", "reason": "a\rb"}
+    assert request(server, "POST", "/receipt", body=json.dumps(receipt).encode())[0] == 200
+    assert "\x1b" not in caplog.text and "\r" not in caplog.text and "\x07" not in caplog.text
+    assert "\\x1b]0;owned\\x07 not found" in caplog.text and "FLASHED\\x1b[31m" in caplog.text
