@@ -59,6 +59,11 @@ class BuildDirs:
     def logs(self) -> Path:
         return self.work / "logs"
 
+    @property
+    def outputs(self) -> Path:
+        """mkosi's outputs, a folder per image."""
+        return self.work / "out"
+
 
 def build(project: Project, profile: Profile, *, force: bool = False) -> Path:
     """Build PROFILE; return build/NAME. Skips all work when nothing changed."""
@@ -101,7 +106,7 @@ def build(project: Project, profile: Profile, *, force: bool = False) -> Path:
         images[name] = mkosi.MkosiImage(
             name=name,
             config_dir=dirs.work / "mkosi" / name,
-            output_dir=dirs.work / "out" / name,
+            output_dir=dirs.outputs / name,
             cache_dir=cache_dir(project, name, files),
             package_cache_dir=package_cache_dir(project, slot_template.NODE_ARCHITECTURE),
         )
@@ -165,7 +170,7 @@ def build(project: Project, profile: Profile, *, force: bool = False) -> Path:
     }
     _publish(dirs, data, key)
     make_bundle(dirs.out)
-    _drop_trees(dirs.work / "out")
+    _drop_trees(dirs.outputs)
     log.info("‣ Built %s %s in %.0f s: %s", profile.name, profile.version,
              time.monotonic() - start, project.display(dirs.out))
     return dirs.out
@@ -200,7 +205,7 @@ def _slot_images(project: Project, profile: Profile, dirs: BuildDirs,
         img = mkosi.MkosiImage(
             name=f"slot {name}",
             config_dir=dirs.work / "mkosi" / f"slot-{name}",
-            output_dir=dirs.work / "out" / f"slot-{name}",
+            output_dir=dirs.outputs / f"slot-{name}",
             cache_dir=cache_dir(project, f"slot-{name}", files),
             package_cache_dir=package_cache_dir(project, templates[name].architecture),
         )

@@ -109,6 +109,18 @@ def semantic_problems(project: Project, profile: Profile) -> list[tuple[KeyPath,
 TEST_OVERLAY_PREFIX = "test-"
 
 
+def _is_test_key(project: Project, key: Path) -> bool:
+    """KEY is one of the test keys, where they are or copied elsewhere."""
+    tests = [p for p in project.test_keys.glob("*") if p.is_file()] if project.test_keys.is_dir() else []
+    if key.resolve().is_relative_to(project.test_keys.resolve()):
+        return True
+    try:
+        body = key.read_bytes()
+    except OSError:
+        return False  # said already: no such file
+    return any(body == test.read_bytes() for test in tests)
+
+
 def _test_material(project: Project, profile: Profile) -> list[tuple[KeyPath, str]]:
     """What only a `test: true` profile may carry: a real node's firmware never inherits a
     public key, a back door or an empty password from the profile it extends."""
@@ -118,7 +130,7 @@ def _test_material(project: Project, profile: Profile) -> list[tuple[KeyPath, st
         if overlay.startswith(TEST_OVERLAY_PREFIX):
             out.append((("overlays", i), f"overlay '{overlay}' {why}"))
     key = profile.update.signing_key
-    if key is not None and (project.root / key).resolve().is_relative_to(project.test_keys.resolve()):
+    if key is not None and _is_test_key(project, project.root / key):
         out.append((("update", "signing_key"), f"{key}, a public test key, {why}"))
     for i, user in enumerate(profile.users):
         if user.password_hash == "":

@@ -312,6 +312,10 @@ def test_only_a_test_profile_carries_test_material(tmp_project: Project, monkeyp
     assert any("overlay 'test-door'" in p for p in problems)
     assert any("profiles/keys/test.pem, a public test key" in p for p in problems)
     assert any("an empty password" in p for p in problems)
+    (tmp_project.root / "copied.pem").write_text("key\n")  # the test key, copied out of profiles/keys/
+    (tmp_project.profiles / "copy.yaml").write_text('extends: base\nupdate: {signing_key: copied.pem}\n')
+    with pytest.raises(ProfileError, match=r"copied\.pem, a public test key"):
+        load_profile(tmp_project, "copy")
 
 
 def test_the_shipped_real_profiles_are_not_test_profiles(project: Project) -> None:
