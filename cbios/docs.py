@@ -16,16 +16,22 @@ BEGIN = "<!-- {name}: made by 'invoke docs' from the code; edit the code, not th
 END = "<!-- end {name} -->"
 
 
-def subcommands(p: argparse.ArgumentParser) -> Iterator[tuple[str, argparse.ArgumentParser, str]]:
-    """(words, parser, help) of every leaf command under P, in the parser's order."""
+def commands(p: argparse.ArgumentParser, prefix: tuple[str, ...] = ()
+             ) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser, str]]:
+    """(words, parser, help) of every command under P, each before its own, in the parser's order."""
     for action in p._actions:
         if isinstance(action, argparse._SubParsersAction):
             helps = {c.dest: c.help or "" for c in action._choices_actions}
             for name, sub in action.choices.items():
-                if any(isinstance(a, argparse._SubParsersAction) for a in sub._actions):
-                    yield from subcommands(sub)
-                else:
-                    yield sub.prog, sub, helps[name]
+                yield (*prefix, name), sub, helps[name]
+                yield from commands(sub, (*prefix, name))
+
+
+def subcommands(p: argparse.ArgumentParser) -> Iterator[tuple[str, argparse.ArgumentParser, str]]:
+    """(prog, parser, help) of every leaf command under P: the ones that take no further word."""
+    for _, sub, help in commands(p):
+        if not any(isinstance(a, argparse._SubParsersAction) for a in sub._actions):
+            yield sub.prog, sub, help
 
 
 def _usage(sub: argparse.ArgumentParser) -> str:

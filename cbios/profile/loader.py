@@ -111,14 +111,13 @@ TEST_OVERLAY_PREFIX = "test-"
 
 def _is_test_key(project: Project, key: Path) -> bool:
     """KEY is one of the test keys, where they are or copied elsewhere."""
-    tests = [p for p in project.test_keys.glob("*") if p.is_file()] if project.test_keys.is_dir() else []
     if key.resolve().is_relative_to(project.test_keys.resolve()):
         return True
     try:
         body = key.read_bytes()
     except OSError:
         return False  # said already: no such file
-    return any(body == test.read_bytes() for test in tests)
+    return any(test.is_file() and body == test.read_bytes() for test in project.test_keys.glob("*"))
 
 
 def _test_material(project: Project, profile: Profile) -> list[tuple[KeyPath, str]]:

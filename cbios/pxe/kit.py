@@ -16,7 +16,7 @@ from pathlib import Path
 
 from cbios.errors import CbiosError
 from cbios.node import ed25519, pipes
-from cbios.pxe import service
+from cbios.pxe import bundle, service
 from cbios.pxe.kitfile import KEY, Kit, KitServer, key_der
 
 log = logging.getLogger("cbios")
@@ -41,7 +41,7 @@ def cmd_check(args: argparse.Namespace, kit: Kit) -> int:
           flush=True)
     data = kit.check_signature(key)
     print(f"manifest.json: signature good: CBIOS {data['profile']} {data['version']}", flush=True)
-    data = kit.check(key, lambda name, size: print(f"{name}: {_size(size)}, sha256 good", flush=True))
+    bundle.check_members(kit, data, lambda name, size: print(f"{name}: {_size(size)}, sha256 good", flush=True))
     print(f"good: this kit is whole and serves CBIOS {data['profile']} {data['version']}, as signed"
           + (" (a TEST firmware: never for real nodes)" if data.get("test") else ""))
     # This is the kit's own code speaking: a forged kit could print the same.

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from cbios import docs
 from cbios.cli import parser
 from cbios.errors import EXIT_CODES
 from cbios.node import pipes
@@ -27,15 +28,9 @@ def cbios(*argv: str, project: Path = REPO) -> subprocess.CompletedProcess[str]:
                           stdin=subprocess.DEVNULL)
 
 
-def verbs(p: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], argparse.ArgumentParser]:
+def verbs(p: argparse.ArgumentParser) -> dict[tuple[str, ...], argparse.ArgumentParser]:
     """Every command and subcommand of P, by its words."""
-    out = {}
-    for action in p._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for name, sub in action.choices.items():
-                out[(*prefix, name)] = sub
-                out.update(verbs(sub, (*prefix, name)))
-    return out
+    return {words: sub for words, sub, _ in docs.commands(p)}
 
 
 def test_profile_list_json_lists_every_profile(project: Project) -> None:
